@@ -1,0 +1,532 @@
+// Fused log-softmax + NLL (cross-entropy) on the CPU.
+//
+// Forward reads each row once: per tile of kTile classes, a max pass and an exp-sum pass while the
+// tile sits in L1, merged across tiles by the online-softmax rule. It writes the loss and the row's
+// logsumexp (lse); backward rebuilds softmax = exp(x - lse) and writes the gradient in one pass.
+// The maths is in docs/cross_entropy.md.
+//
+// Work is split into (row, tile) units, and partial results are merged in a fixed order, so the
+// result does not depend on the number of threads: many short rows parallelize over rows, a few
+// long rows over tiles within a row.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/util/irange.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "cpu/huge_pages.h"
+#include "cpu/vec_io.h"
+
+namespace fused_mlp::cpu {
+namespace {
+
+// Classes per tile: a float tile (16 KiB) stays in L1 between its two passes.
+constexpr int64_t kTile = 4096;
+// Elements per parallel task, so short rows are not one task each.
+constexpr int64_t kGrainElements = 32768;
+
+enum Reduction : int64_t { kNone = 0, kMean = 1, kSum = 2 };
+
+// The logsumexp state of part of a row, relative to its max m (the online-softmax state), with
+// the sums the label-smoothing and probability-target terms need:
+//   sumexp = sum exp(x - m),  coef_sum = sum coef,  coef_dot = sum coef * (x - m),
+// where coef is the class weight (smoothing) or weight * smoothed target (probability targets).
+// A part whose values are all -inf has m = -inf, sumexp = 0 and coef_dot = sum coef * x.
+template <typename acc_t>
+struct RowPartial {
+  acc_t max = -std::numeric_limits<acc_t>::infinity();
+  acc_t sumexp = 0;
+  acc_t coef_sum = 0;
+  acc_t coef_dot = 0;
+};
+
+template <typename acc_t>
+RowPartial<acc_t> merge(const RowPartial<acc_t>& a, const RowPartial<acc_t>& b) {
+  constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
+  if (a.max == -kInf || b.max == -kInf) {
+    // An all -inf part adds nothing to sumexp; its coef_dot is already +-inf or NaN (or 0 without
+    // coefficients), so it needs no shift.
+    return {a.max == -kInf ? b.max : a.max, a.sumexp + b.sumexp, a.coef_sum + b.coef_sum,
+            a.coef_dot + b.coef_dot};
+  }
+  if (!std::isfinite(a.max) || !std::isfinite(b.max)) {
+    const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
+    return {nan, nan, nan, nan};
+  }
+  const acc_t m = std::max(a.max, b.max);
+  return {m, a.sumexp * std::exp(a.max - m) + b.sumexp * std::exp(b.max - m),
+          a.coef_sum + b.coef_sum,
+          a.coef_dot + a.coef_sum * (a.max - m) + b.coef_dot + b.coef_sum * (b.max - m)};
+}
+
+// Per-class coefficients of the smoothing / probability-target terms, vectorized.
+// kind NoCoef: not needed. UnitCoef: 1. WeightCoef: w[c]. ProbCoef: w[c] * (t[c] (1 - eps) + eps / C).
+enum class Coef { kNone, kUnit, kWeight, kProb };
+
+template <typename scalar_t, Coef kCoef>
+struct CoefLoader {
+  using IO = VecIO<scalar_t>;
+  using acc_t = typename IO::acc_t;
+  using Vec = typename IO::Vec;
+  const scalar_t* weight;  // may be null (ProbCoef without weight)
+  const scalar_t* target;  // this row's target distribution (ProbCoef)
+  acc_t keep;              // 1 - eps
+  acc_t spread;            // eps / C
+
+  Vec load(int64_t c, int64_t n) const {
+    const bool full = n == IO::kWidth;
+    if constexpr (kCoef == Coef::kUnit) {
+      return full ? Vec(acc_t(1)) : Vec::set(Vec(acc_t(0)), Vec(acc_t(1)), n);
+    } else if constexpr (kCoef == Coef::kWeight) {
+      return full ? IO::load(weight + c) : IO::load(weight + c, n);
+    } else {
+      Vec t = full ? IO::load(target + c) : IO::load(target + c, n);
+      Vec coef = at::vec::fmadd(t, Vec(keep), Vec(spread));
+      if (weight != nullptr) coef = coef * (full ? IO::load(weight + c) : IO::load(weight + c, n));
+      return full ? coef : Vec::set(Vec(acc_t(0)), coef, n);
+    }
+  }
+};
+
+// The RowPartial of n contiguous values: a max pass, then an exp-sum pass over the same L1-resident
+// tile. `coef` supplies coefficients for the classes [c0, c0 + n) of the row.
+template <typename scalar_t, Coef kCoef>
+RowPartial<at::opmath_type<scalar_t>> tile_partial(const scalar_t* x, int64_t c0, int64_t n,
+                                                    const CoefLoader<scalar_t, kCoef>& coef) {
+  using IO = VecIO<scalar_t>;
+  using acc_t = typename IO::acc_t;
+  using Vec = typename IO::Vec;
+  constexpr int64_t W = IO::kWidth;
+  constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
+
+  Vec vmax(-kInf);
+  int64_t c = 0;
+  for (; c + W <= n; c += W) vmax = at::vec::maximum(vmax, IO::load(x + c));
+  if (c < n) vmax = at::vec::maximum(vmax, Vec::set(Vec(-kInf), IO::load(x + c, n - c), n - c));
+  const acc_t m = at::vec::vec_reduce_all<acc_t>(
+      [](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vmax);
+
+  RowPartial<acc_t> out;
+  out.max = m;
+  if (std::isnan(m) || m == kInf) {
+    const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
+    return {m, nan, nan, nan};
+  }
+  const Vec ref(m == -kInf ? acc_t(0) : m);  // an all -inf tile: exp gives 0, coef_dot = sum coef*x
+  Vec vsum(acc_t(0)), vcoef_sum(acc_t(0)), vcoef_dot(acc_t(0));
+  for (c = 0; c < n; c += W) {
+    const int64_t len = std::min(W, n - c);
+    Vec d = (len == W ? IO::load(x + c) : IO::load(x + c, len)) - ref;
+    Vec e = vec_exp<acc_t>(d);
+    if (len < W) {
+      e = Vec::set(Vec(acc_t(0)), e, len);
+      d = Vec::set(Vec(acc_t(0)), d, len);
+    }
+    vsum = vsum + e;
+    if constexpr (kCoef != Coef::kNone) {
+      const Vec cf = coef.load(c0 + c, len);
+      vcoef_sum = vcoef_sum + cf;
+      vcoef_dot = at::vec::fmadd(cf, d, vcoef_dot);
+    }
+  }
+  auto add = [](Vec& a, Vec& b) { return a + b; };
+  out.sumexp = at::vec::vec_reduce_all<acc_t>(add, vsum);
+  if constexpr (kCoef != Coef::kNone) {
+    out.coef_sum = at::vec::vec_reduce_all<acc_t>(add, vcoef_sum);
+    out.coef_dot = at::vec::vec_reduce_all<acc_t>(add, vcoef_dot);
+  }
+  return out;
+}
+
+// The row's logsumexp, in double: at |logits| ~ 1e4 a float lse would be off by up to 5e-4, and
+// every softmax value rebuilt from it by as much, relatively. -inf (every logit -inf), +inf and
+// NaN rows give NaN, as log_softmax does.
+template <typename acc_t>
+double logsumexp_of(const RowPartial<acc_t>& p) {
+  return std::isfinite(p.max) ? static_cast<double>(p.max) + std::log(static_cast<double>(p.sumexp))
+                              : std::numeric_limits<double>::quiet_NaN();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Argument checks shared by forward and backward.
+
+struct Problem {
+  int64_t rows, classes;
+  bool prob_target;
+  Reduction reduction;
+  int64_t ignore_index;
+  double label_smoothing;
+};
+
+Problem check_problem(const at::Tensor& input, const at::Tensor& target,
+                      const c10::optional<at::Tensor>& weight, int64_t reduction,
+                      int64_t ignore_index, double label_smoothing, const char* op) {
+  TORCH_CHECK(input.dim() == 2, op, ": expected input of shape (rows, classes), got shape ",
+              input.sizes());
+  TORCH_CHECK(at::isFloatingType(input.scalar_type()), op,
+              ": expected a floating-point input, got ", input.scalar_type());
+  TORCH_CHECK(reduction >= 0 && reduction <= 2, op,
+              ": reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
+  TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0, op,
+              ": label_smoothing must be in [0, 1], got ", label_smoothing);
+  TORCH_CHECK(input.size(1) > 0, op, ": input must have at least one class, got shape ",
+              input.sizes());
+  TORCH_CHECK(target.device() == input.device(), op, ": target is on ", target.device(),
+              " but input is on ", input.device());
+  const bool prob = at::isFloatingType(target.scalar_type());
+  if (prob) {
+    TORCH_CHECK(target.sizes() == input.sizes(), op,
+                ": a probability target must have the input's shape ", input.sizes(), ", got ",
+                target.sizes());
+    TORCH_CHECK(target.scalar_type() == input.scalar_type(), op,
+                ": a probability target must have the input's dtype ", input.scalar_type(),
+                ", got ", target.scalar_type());
+  } else {
+    TORCH_CHECK(target.scalar_type() == at::kLong, op,
+                ": expected int64 class indices or a floating-point probability target, got ",
+                target.scalar_type());
+    TORCH_CHECK(target.dim() == 1 && target.size(0) == input.size(0), op,
+                ": class-index target must have shape (", input.size(0), "), got ",
+                target.sizes());
+  }
+  if (weight.has_value()) {
+    const at::Tensor& w = *weight;
+    TORCH_CHECK(w.device() == input.device(), op, ": weight is on ", w.device(),
+                " but input is on ", input.device());
+    TORCH_CHECK(w.dim() == 1 && w.size(0) == input.size(1), op,
+                ": weight must be a 1-D tensor with one entry per class (", input.size(1),
+                "), got shape ", w.sizes());
+    TORCH_CHECK(w.scalar_type() == input.scalar_type(), op, ": weight must have the input's dtype ",
+                input.scalar_type(), ", got ", w.scalar_type());
+  }
+  return {input.size(0), input.size(1), prob, static_cast<Reduction>(reduction), ignore_index,
+          label_smoothing};
+}
+
+// Raises IndexError for a class index outside [0, C) that is not ignore_index.
+void check_target_range(const int64_t* target, const Problem& pb, const char* op) {
+  for (const auto i : c10::irange(pb.rows)) {
+    const int64_t t = target[i];
+    if (t != pb.ignore_index && (t < 0 || t >= pb.classes)) {
+      TORCH_CHECK_INDEX(false, op, ": target[", i, "] = ", t, " is out of bounds: expected a class",
+                        " index in [0, ", pb.classes, ") or ignore_index (", pb.ignore_index, ")");
+    }
+  }
+}
+
+// The divisor of reduction='mean': the summed weight of the non-ignored targets (their count
+// without weights), or the number of rows for probability targets. Summed in a fixed order, so
+// forward and backward agree bit for bit.
+template <typename scalar_t>
+double mean_divisor(const int64_t* target, const scalar_t* weight, const Problem& pb) {
+  if (pb.prob_target) return static_cast<double>(pb.rows);
+  double total = 0;
+  for (const auto i : c10::irange(pb.rows)) {
+    const int64_t t = target[i];
+    if (t == pb.ignore_index) continue;
+    total += weight ? static_cast<double>(weight[t]) : 1.0;
+  }
+  return total;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward.
+
+template <typename scalar_t, Coef kCoef>
+void forward_rows(const scalar_t* x, const int64_t* target, const scalar_t* prob_target,
+                  const scalar_t* weight, const Problem& pb, at::opmath_type<scalar_t>* row_loss,
+                  double* lse_out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t C = pb.classes;
+  const int64_t tiles = (C + kTile - 1) / kTile;
+  const acc_t eps = static_cast<acc_t>(pb.label_smoothing);
+  const acc_t keep = acc_t(1) - eps;
+  const acc_t spread = eps / static_cast<acc_t>(C);
+
+  auto coef_for_row = [&](int64_t row) {
+    return CoefLoader<scalar_t, kCoef>{weight, prob_target ? prob_target + row * C : nullptr, keep,
+                                       spread};
+  };
+  auto finish_row = [&](int64_t row, const RowPartial<acc_t>& p) {
+    lse_out[row] = logsumexp_of(p);
+    // lse - m, and lse - x_t as (m - x_t) + (lse - m): exact where it matters, unlike a float lse.
+    const acc_t log_sum = std::isfinite(p.max) ? std::log(p.sumexp) : std::numeric_limits<acc_t>::quiet_NaN();
+    acc_t loss;
+    if (pb.prob_target) {
+      // sum_c coef_c (lse - x_c) = coef_sum * (lse - m) - sum_c coef_c (x_c - m)
+      loss = p.coef_sum * log_sum - p.coef_dot;
+    } else {
+      const int64_t t = target[row];
+      if (t == pb.ignore_index) {
+        loss = 0;
+      } else {
+        const acc_t w = weight ? static_cast<acc_t>(weight[t]) : acc_t(1);
+        loss = w * ((p.max - static_cast<acc_t>(x[row * C + t])) + log_sum);
+        if constexpr (kCoef != Coef::kNone) {
+          loss = keep * loss + spread * (p.coef_sum * log_sum - p.coef_dot);
+        }
+      }
+    }
+    row_loss[row] = loss;
+  };
+
+  const int64_t tile_len = std::min(C, kTile);
+  const int64_t grain = std::max<int64_t>(1, kGrainElements / tile_len);
+  if (tiles == 1) {
+    at::parallel_for(0, pb.rows, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        finish_row(row, tile_partial<scalar_t, kCoef>(x + row * C, 0, C, coef_for_row(row)));
+      }
+    });
+    return;
+  }
+  // Long rows: every (row, tile) unit independently, then each row's tiles merged in order.
+  std::vector<RowPartial<acc_t>> partials(pb.rows * tiles);
+  at::parallel_for(0, pb.rows * tiles, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t row = unit / tiles, c0 = (unit % tiles) * kTile;
+      partials[unit] = tile_partial<scalar_t, kCoef>(x + row * C + c0, c0, std::min(kTile, C - c0),
+                                                     coef_for_row(row));
+    }
+  });
+  at::parallel_for(0, pb.rows, std::max<int64_t>(1, 4096 / tiles), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      RowPartial<acc_t> p = partials[row * tiles];
+      for (int64_t k = 1; k < tiles; ++k) p = merge(p, partials[row * tiles + k]);
+      finish_row(row, p);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_cpu(
+    const at::Tensor& input_, const at::Tensor& target_, const c10::optional<at::Tensor>& weight_,
+    int64_t reduction, int64_t ignore_index, double label_smoothing) {
+  constexpr const char* op = "fused_mlp::cross_entropy_forward";
+  const Problem pb = check_problem(input_, target_, weight_, reduction, ignore_index,
+                                   label_smoothing, op);
+  const at::Tensor input = input_.contiguous();
+  const at::Tensor target = target_.contiguous();
+  const at::Tensor weight = weight_.has_value() ? weight_->contiguous() : at::Tensor();
+  at::Tensor lse = at::empty({pb.rows}, input.options().dtype(at::kDouble));
+  at::Tensor loss = pb.reduction == kNone ? at::empty({pb.rows}, input.options())
+                                          : at::empty({}, input.options());
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "cross_entropy_forward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* x = input.const_data_ptr<scalar_t>();
+    const scalar_t* w = weight.defined() ? weight.const_data_ptr<scalar_t>() : nullptr;
+    const int64_t* t = pb.prob_target ? nullptr : target.const_data_ptr<int64_t>();
+    const scalar_t* pt = pb.prob_target ? target.const_data_ptr<scalar_t>() : nullptr;
+    if (t) check_target_range(t, pb, op);
+
+    std::vector<acc_t> row_loss_buf;
+    acc_t* row_loss;
+    at::Tensor row_loss_tensor;
+    if (pb.reduction == kNone && std::is_same_v<scalar_t, acc_t>) {
+      row_loss = reinterpret_cast<acc_t*>(loss.mutable_data_ptr<scalar_t>());
+    } else {
+      row_loss_buf.resize(pb.rows);
+      row_loss = row_loss_buf.data();
+    }
+    double* lse_ptr = lse.mutable_data_ptr<double>();
+    if (pb.prob_target) {
+      forward_rows<scalar_t, Coef::kProb>(x, t, pt, w, pb, row_loss, lse_ptr);
+    } else if (pb.label_smoothing > 0 && w) {
+      forward_rows<scalar_t, Coef::kWeight>(x, t, pt, w, pb, row_loss, lse_ptr);
+    } else if (pb.label_smoothing > 0) {
+      forward_rows<scalar_t, Coef::kUnit>(x, t, pt, w, pb, row_loss, lse_ptr);
+    } else {
+      forward_rows<scalar_t, Coef::kNone>(x, t, pt, w, pb, row_loss, lse_ptr);
+    }
+
+    scalar_t* out = loss.mutable_data_ptr<scalar_t>();
+    if (pb.reduction == kNone) {
+      if (!std::is_same_v<scalar_t, acc_t>) {
+        for (const auto i : c10::irange(pb.rows)) out[i] = static_cast<scalar_t>(row_loss[i]);
+      }
+      return;
+    }
+    double total = 0;  // a fixed-order sum: the same bits at any thread count
+    for (const auto i : c10::irange(pb.rows)) total += static_cast<double>(row_loss[i]);
+    if (pb.reduction == kMean) total /= mean_divisor<scalar_t>(t, w, pb);  // 0/0 = NaN, as PyTorch
+    *out = static_cast<scalar_t>(total);
+  });
+  return {loss, lse};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward: grad[j] = scale * (softmax_j * a - b_j), where for a class-index target y
+//   a = (1 - eps) w_y + (eps / C) sum_c w_c,   b_j = (1 - eps) w_y [j == y] + (eps / C) w_j,
+// and for a probability target (smoothed: t'_j = (1 - eps) t_j + eps / C)
+//   a = sum_c w_c t'_c,                        b_j = w_j t'_j.
+
+// The double lse as hi + lo in acc_t: x - hi is exact for the x that matter (those near lse),
+// so softmax = exp((x - hi) - lo) keeps acc_t's full precision at any magnitude of the logits.
+template <typename acc_t>
+struct SplitLse {
+  acc_t hi, lo;
+  explicit SplitLse(double lse)
+      : hi(static_cast<acc_t>(lse)), lo(static_cast<acc_t>(lse - static_cast<double>(hi))) {}
+  acc_t softmax(acc_t x) const { return std::exp((x - hi) - lo); }
+};
+
+template <typename scalar_t, Coef kCoef>
+void backward_tile(const scalar_t* x, scalar_t* grad, int64_t c0, int64_t n,
+                   SplitLse<at::opmath_type<scalar_t>> lse, at::opmath_type<scalar_t> scale_a,
+                   at::opmath_type<scalar_t> scale, const CoefLoader<scalar_t, kCoef>& coef) {
+  using IO = VecIO<scalar_t>;
+  using acc_t = typename IO::acc_t;
+  using Vec = typename IO::Vec;
+  constexpr int64_t W = IO::kWidth;
+  const Vec vhi(lse.hi), vlo(lse.lo), va(scale_a), vscale(scale);
+  for (int64_t c = 0; c < n; c += W) {
+    const int64_t len = std::min(W, n - c);
+    const Vec xv = len == W ? IO::load(x + c) : IO::load(x + c, len);
+    Vec g = vec_exp<acc_t>((xv - vhi) - vlo) * va;
+    if constexpr (kCoef != Coef::kNone) g = g - vscale * coef.load(c0 + c, len);
+    IO::store(grad + c, g, len);
+  }
+}
+
+template <typename scalar_t, Coef kCoef>
+void backward_rows(const scalar_t* grad_loss, int64_t grad_stride, const scalar_t* x,
+                   const int64_t* target, const scalar_t* prob_target, const scalar_t* weight,
+                   const double* lse, const Problem& pb, double divisor,
+                   scalar_t* grad) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t C = pb.classes;
+  const acc_t eps = static_cast<acc_t>(pb.label_smoothing);
+  const acc_t keep = acc_t(1) - eps;
+  const acc_t spread = eps / static_cast<acc_t>(C);
+
+  // sum_c w_c, needed for the smoothing term of class-index targets.
+  acc_t weight_total = static_cast<acc_t>(C);
+  if (weight) {
+    double s = 0;
+    for (const auto c : c10::irange(C)) s += static_cast<double>(weight[c]);
+    weight_total = static_cast<acc_t>(s);
+  }
+  // Probability targets: a = sum_c w_c t'_c per row, one pass over each target row.
+  std::vector<acc_t> prob_mass;
+  if (pb.prob_target) {
+    prob_mass.resize(pb.rows);
+    at::parallel_for(0, pb.rows, std::max<int64_t>(1, kGrainElements / C), [&](int64_t b, int64_t e) {
+      using Vec = typename VecIO<scalar_t>::Vec;
+      constexpr int64_t W = VecIO<scalar_t>::kWidth;
+      for (int64_t row = b; row < e; ++row) {
+        const CoefLoader<scalar_t, kCoef> coef{weight, prob_target + row * C, keep, spread};
+        Vec acc(acc_t(0));
+        for (int64_t c = 0; c < C; c += W) acc = acc + coef.load(c, std::min(W, C - c));
+        prob_mass[row] = at::vec::vec_reduce_all<acc_t>([](Vec& u, Vec& v) { return u + v; }, acc);
+      }
+    });
+  }
+
+  const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
+  const int64_t tiles = (C + kTile - 1) / kTile;
+  const int64_t grain = std::max<int64_t>(1, kGrainElements / std::min(C, kTile));
+  at::parallel_for(0, pb.rows * tiles, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t row = unit / tiles, c0 = (unit % tiles) * kTile, n = std::min(kTile, C - c0);
+      const scalar_t* xr = x + row * C + c0;
+      scalar_t* gr = grad + row * C + c0;
+      if (std::isnan(lse[row])) {  // NaN / inf logits: NaN gradient, as log_softmax's backward gives
+        std::fill(gr, gr + n, static_cast<scalar_t>(nan));
+        continue;
+      }
+      const int64_t t = target ? target[row] : 0;
+      if (target && t == pb.ignore_index) {
+        std::fill(gr, gr + n, static_cast<scalar_t>(0));
+        continue;
+      }
+      const SplitLse<acc_t> row_lse(lse[row]);
+      acc_t scale = static_cast<acc_t>(grad_loss[pb.reduction == kNone ? row * grad_stride : 0]);
+      if (pb.reduction == kMean) scale = static_cast<acc_t>(scale / divisor);
+      const CoefLoader<scalar_t, kCoef> coef{weight, prob_target ? prob_target + row * C : nullptr,
+                                             keep, spread};
+      if (pb.prob_target) {
+        backward_tile<scalar_t, kCoef>(xr, gr, c0, n, row_lse, scale * prob_mass[row], scale, coef);
+        continue;
+      }
+      const acc_t w_t = weight ? static_cast<acc_t>(weight[t]) : acc_t(1);
+      const acc_t a = keep * w_t + spread * weight_total;
+      backward_tile<scalar_t, kCoef>(xr, gr, c0, n, row_lse, scale * a, scale * spread, coef);
+      if (t >= c0 && t < c0 + n) {
+        // The target class, recomputed in acc_t so it is rounded once.
+        const acc_t p = row_lse.softmax(static_cast<acc_t>(xr[t - c0]));
+        const acc_t b = keep * w_t + spread * w_t * (kCoef == Coef::kNone ? acc_t(0) : acc_t(1));
+        gr[t - c0] = static_cast<scalar_t>(scale * (p * a - b));
+      }
+    }
+  });
+}
+
+at::Tensor cross_entropy_backward_cpu(const at::Tensor& grad_loss_, const at::Tensor& input_,
+                                      const at::Tensor& target_,
+                                      const c10::optional<at::Tensor>& weight_,
+                                      const at::Tensor& lse_, int64_t reduction,
+                                      int64_t ignore_index, double label_smoothing) {
+  constexpr const char* op = "fused_mlp::cross_entropy_backward";
+  const Problem pb = check_problem(input_, target_, weight_, reduction, ignore_index,
+                                   label_smoothing, op);
+  TORCH_CHECK(lse_.dim() == 1 && lse_.size(0) == pb.rows && lse_.scalar_type() == at::kDouble, op,
+              ": logsumexp must be the forward's (shape (", pb.rows, "), dtype float64",
+              "), got shape ", lse_.sizes(), " and dtype ", lse_.scalar_type());
+  if (pb.reduction == kNone) {
+    TORCH_CHECK(grad_loss_.dim() == 1 && grad_loss_.size(0) == pb.rows, op,
+                ": grad_loss must have shape (", pb.rows, ") for reduction none, got ",
+                grad_loss_.sizes());
+  } else {
+    TORCH_CHECK(grad_loss_.dim() == 0, op, ": grad_loss must be a scalar for reduction mean/sum, got shape ",
+                grad_loss_.sizes());
+  }
+  TORCH_CHECK(grad_loss_.scalar_type() == input_.scalar_type(), op,
+              ": grad_loss must have the input's dtype ", input_.scalar_type(), ", got ",
+              grad_loss_.scalar_type());
+
+  const at::Tensor input = input_.contiguous();
+  const at::Tensor target = target_.contiguous();
+  const at::Tensor weight = weight_.has_value() ? weight_->contiguous() : at::Tensor();
+  const at::Tensor lse = lse_.contiguous();
+  at::Tensor grad = at::empty_like(input, at::MemoryFormat::Contiguous);
+  advise_huge_pages(grad.data_ptr(), grad.nbytes());
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "cross_entropy_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* x = input.const_data_ptr<scalar_t>();
+    const scalar_t* w = weight.defined() ? weight.const_data_ptr<scalar_t>() : nullptr;
+    const int64_t* t = pb.prob_target ? nullptr : target.const_data_ptr<int64_t>();
+    const scalar_t* pt = pb.prob_target ? target.const_data_ptr<scalar_t>() : nullptr;
+    if (t) check_target_range(t, pb, op);
+    const double divisor = pb.reduction == kMean ? mean_divisor<scalar_t>(t, w, pb) : 1.0;
+    const scalar_t* g = grad_loss_.const_data_ptr<scalar_t>();
+    const int64_t g_stride = pb.reduction == kNone ? grad_loss_.stride(0) : 0;
+    const double* l = lse.const_data_ptr<double>();
+    scalar_t* out = grad.mutable_data_ptr<scalar_t>();
+    if (pb.prob_target) {
+      backward_rows<scalar_t, Coef::kProb>(g, g_stride, x, t, pt, w, l, pb, divisor, out);
+    } else if (pb.label_smoothing > 0 && w) {
+      backward_rows<scalar_t, Coef::kWeight>(g, g_stride, x, t, pt, w, l, pb, divisor, out);
+    } else if (pb.label_smoothing > 0) {
+      backward_rows<scalar_t, Coef::kUnit>(g, g_stride, x, t, pt, w, l, pb, divisor, out);
+    } else {
+      backward_rows<scalar_t, Coef::kNone>(g, g_stride, x, t, pt, w, l, pb, divisor, out);
+    }
+  });
+  return grad;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fused_mlp, CPU, m) {
+  m.impl("cross_entropy_forward", &cross_entropy_forward_cpu);
+  m.impl("cross_entropy_backward", &cross_entropy_backward_cpu);
+}
+
+}  // namespace fused_mlp::cpu
