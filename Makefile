@@ -31,7 +31,7 @@ train: install
 	$(PY) examples/train_fashion.py $(ARGS)
 
 bench: install
-	$(PY) -m pytest benchmarks $(ARGS)
+	$(PY) -m benchmarks.bench_cross_entropy $(ARGS)
 
 clean:
 	rm -rf build *.egg-info fused_mlp/_C*.so fused_mlp/_build_info.py $(STAMPS)

@@ -144,15 +144,6 @@ RowPartial<at::opmath_type<scalar_t>> tile_partial(const scalar_t* x, int64_t c0
   return out;
 }
 
-// The row's logsumexp, in double: at |logits| ~ 1e4 a float lse would be off by up to 5e-4, and
-// every softmax value rebuilt from it by as much, relatively. -inf (every logit -inf), +inf and
-// NaN rows give NaN, as log_softmax does.
-template <typename acc_t>
-double logsumexp_of(const RowPartial<acc_t>& p) {
-  return std::isfinite(p.max) ? static_cast<double>(p.max) + std::log(static_cast<double>(p.sumexp))
-                              : std::numeric_limits<double>::quiet_NaN();
-}
-
 // ---------------------------------------------------------------------------------------------
 // Argument checks shared by forward and backward.
 
@@ -236,6 +227,75 @@ double mean_divisor(const int64_t* target, const scalar_t* weight, const Problem
 }
 
 // ---------------------------------------------------------------------------------------------
+// Rows of few classes (C <= kSmallClasses): a horizontal reduction per row would cost more than the
+// row's arithmetic, so a block of kWidth rows is transposed into registers-sized columns, one row per
+// vector lane, and the reductions run down the columns.
+
+constexpr int64_t kSmallClasses = 32;
+
+template <typename scalar_t>
+struct RowBlock {
+  using IO = VecIO<scalar_t>;
+  using acc_t = typename IO::acc_t;
+  using Vec = typename IO::Vec;
+  static constexpr int64_t W = IO::kWidth;
+  alignas(64) acc_t col[kSmallClasses][W];  // col[c][lane] = x[row0 + lane][c]
+
+  // Loads rows [row0, row0 + rows) (rows <= W); lanes past the last row hold 0.
+  void load(const scalar_t* x, int64_t row0, int64_t rows, int64_t C) {
+    for (int64_t lane = 0; lane < rows; ++lane) {
+      const scalar_t* xr = x + (row0 + lane) * C;
+      for (int64_t c = 0; c < C; ++c) col[c][lane] = static_cast<acc_t>(xr[c]);
+    }
+    for (int64_t lane = rows; lane < W; ++lane) {
+      for (int64_t c = 0; c < C; ++c) col[c][lane] = acc_t(0);
+    }
+  }
+  void store(scalar_t* out, int64_t row0, int64_t rows, int64_t C) const {
+    for (int64_t lane = 0; lane < rows; ++lane) {
+      scalar_t* orow = out + (row0 + lane) * C;
+      for (int64_t c = 0; c < C; ++c) orow[c] = static_cast<scalar_t>(col[c][lane]);
+    }
+  }
+  Vec column(int64_t c) const { return Vec::loadu(col[c]); }
+};
+
+// The RowPartial of each row of a block, as tile_partial computes it for a whole row. Coefficients
+// are per class (kUnit, kWeight), the same for every row.
+template <typename scalar_t, Coef kCoef>
+void block_partials(const RowBlock<scalar_t>& blk, int64_t C, const scalar_t* weight,
+                    RowPartial<at::opmath_type<scalar_t>>* out, int64_t rows) {
+  using B = RowBlock<scalar_t>;
+  using acc_t = typename B::acc_t;
+  using Vec = typename B::Vec;
+  constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
+  Vec vmax(-kInf);
+  for (int64_t c = 0; c < C; ++c) vmax = at::vec::maximum(vmax, blk.column(c));
+  const Vec ref = Vec::blendv(vmax, Vec(acc_t(0)), vmax == Vec(-kInf));
+  Vec vsum(acc_t(0)), vcoef_sum(acc_t(0)), vcoef_dot(acc_t(0));
+  for (int64_t c = 0; c < C; ++c) {
+    const Vec d = blk.column(c) - ref;
+    vsum = vsum + vec_exp<acc_t>(d);
+    if constexpr (kCoef != Coef::kNone) {
+      const Vec cf(kCoef == Coef::kWeight ? static_cast<acc_t>(weight[c]) : acc_t(1));
+      vcoef_sum = vcoef_sum + cf;
+      vcoef_dot = at::vec::fmadd(cf, d, vcoef_dot);
+    }
+  }
+  alignas(64) acc_t m[B::W], sum[B::W], cs[B::W], cd[B::W];
+  vmax.store(m);
+  vsum.store(sum);
+  vcoef_sum.store(cs);
+  vcoef_dot.store(cd);
+  const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
+  for (int64_t lane = 0; lane < rows; ++lane) {
+    const bool poisoned = std::isnan(m[lane]) || m[lane] == kInf;  // as in tile_partial
+    out[lane] = poisoned ? RowPartial<acc_t>{m[lane], nan, nan, nan}
+                         : RowPartial<acc_t>{m[lane], sum[lane], cs[lane], cd[lane]};
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Forward.
 
 template <typename scalar_t, Coef kCoef>
@@ -253,10 +313,13 @@ void forward_rows(const scalar_t* x, const int64_t* target, const scalar_t* prob
     return CoefLoader<scalar_t, kCoef>{weight, prob_target ? prob_target + row * C : nullptr, keep,
                                        spread};
   };
-  auto finish_row = [&](int64_t row, const RowPartial<acc_t>& p) {
-    lse_out[row] = logsumexp_of(p);
-    // lse - m, and lse - x_t as (m - x_t) + (lse - m): exact where it matters, unlike a float lse.
-    const acc_t log_sum = std::isfinite(p.max) ? std::log(p.sumexp) : std::numeric_limits<acc_t>::quiet_NaN();
+  // log_sum = log(p.sumexp) = lse - m. The loss uses lse - x_t as (m - x_t) + log_sum, exact where
+  // it matters; the saved lse is m + log_sum in double: at |logits| ~ 1e4 a float lse would be off
+  // by up to 5e-4, and every softmax value rebuilt from it by as much, relatively. Rows of -inf
+  // only, or with +inf or NaN, give NaN, as log_softmax does.
+  auto finish_row = [&](int64_t row, const RowPartial<acc_t>& p, acc_t log_sum) {
+    if (!std::isfinite(p.max)) log_sum = std::numeric_limits<acc_t>::quiet_NaN();
+    lse_out[row] = static_cast<double>(p.max) + static_cast<double>(log_sum);
     acc_t loss;
     if (pb.prob_target) {
       // sum_c coef_c (lse - x_c) = coef_sum * (lse - m) - sum_c coef_c (x_c - m)
@@ -278,10 +341,31 @@ void forward_rows(const scalar_t* x, const int64_t* target, const scalar_t* prob
 
   const int64_t tile_len = std::min(C, kTile);
   const int64_t grain = std::max<int64_t>(1, kGrainElements / tile_len);
+  if constexpr (kCoef != Coef::kProb) {
+    if (C <= kSmallClasses) {
+      constexpr int64_t W = VecIO<scalar_t>::kWidth;
+      const int64_t blocks = (pb.rows + W - 1) / W;
+      at::parallel_for(0, blocks, std::max<int64_t>(1, grain / W), [&](int64_t begin, int64_t end) {
+        RowBlock<scalar_t> blk;
+        RowPartial<acc_t> parts[W];
+        for (int64_t b = begin; b < end; ++b) {
+          const int64_t row0 = b * W, rows = std::min(W, pb.rows - row0);
+          blk.load(x, row0, rows, C);
+          block_partials<scalar_t, kCoef>(blk, C, weight, parts, rows);
+          alignas(64) acc_t sums[W], log_sums[W];
+          for (int64_t lane = 0; lane < W; ++lane) sums[lane] = lane < rows ? parts[lane].sumexp : acc_t(1);
+          at::vec::Vectorized<acc_t>::loadu(sums).log().store(log_sums);
+          for (int64_t lane = 0; lane < rows; ++lane) finish_row(row0 + lane, parts[lane], log_sums[lane]);
+        }
+      });
+      return;
+    }
+  }
   if (tiles == 1) {
     at::parallel_for(0, pb.rows, grain, [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
-        finish_row(row, tile_partial<scalar_t, kCoef>(x + row * C, 0, C, coef_for_row(row)));
+        const auto p = tile_partial<scalar_t, kCoef>(x + row * C, 0, C, coef_for_row(row));
+        finish_row(row, p, std::log(p.sumexp));
       }
     });
     return;
@@ -299,7 +383,7 @@ void forward_rows(const scalar_t* x, const int64_t* target, const scalar_t* prob
     for (int64_t row = begin; row < end; ++row) {
       RowPartial<acc_t> p = partials[row * tiles];
       for (int64_t k = 1; k < tiles; ++k) p = merge(p, partials[row * tiles + k]);
-      finish_row(row, p);
+      finish_row(row, p, std::log(p.sumexp));
     }
   });
 }
@@ -428,7 +512,85 @@ void backward_rows(const scalar_t* grad_loss, int64_t grad_stride, const scalar_
     });
   }
 
+  // Everything one row's gradient needs: grad_j = scale_a * softmax_j - scale_coef * coef_j, and
+  // for a class-index target t, grad_t recomputed whole (rounded once).
+  struct RowTerms {
+    enum Kind { kValue, kZero, kNaN } kind = kZero;
+    SplitLse<acc_t> lse{0.0};
+    acc_t scale = 0, scale_a = 0, scale_coef = 0, w_t = 0;
+    int64_t t = -1;
+  };
+  acc_t reduced_scale = 0;  // reduction mean / sum: the same scale for every row
+  if (pb.reduction != kNone) {
+    reduced_scale = static_cast<acc_t>(static_cast<acc_t>(grad_loss[0]) / (pb.reduction == kMean ? divisor : 1.0));
+  }
+  auto row_terms = [&](int64_t row) {
+    RowTerms r;
+    if (std::isnan(lse[row])) {  // NaN / inf logits: NaN gradient, as log_softmax's backward gives
+      r.kind = RowTerms::kNaN;
+      return r;
+    }
+    r.t = target ? target[row] : -1;
+    if (target && r.t == pb.ignore_index) return r;  // kZero
+    r.kind = RowTerms::kValue;
+    r.lse = SplitLse<acc_t>(lse[row]);
+    r.scale = pb.reduction == kNone ? static_cast<acc_t>(grad_loss[row * grad_stride]) : reduced_scale;
+    r.scale_coef = r.scale * (pb.prob_target ? acc_t(1) : spread);
+    if (pb.prob_target) {
+      r.scale_a = r.scale * prob_mass[row];
+    } else {
+      r.w_t = weight ? static_cast<acc_t>(weight[r.t]) : acc_t(1);
+      r.scale_a = r.scale * (keep * r.w_t + spread * weight_total);
+    }
+    return r;
+  };
+  // The target's extra term: grad_t = scale_a * softmax_t - scale_coef * coef_t - target_term.
+  auto target_term = [&](const RowTerms& r) { return r.scale * keep * r.w_t; };
+
   const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
+  if constexpr (kCoef != Coef::kProb) {
+    if (C <= kSmallClasses) {
+      using Vec = typename VecIO<scalar_t>::Vec;
+      constexpr int64_t W = VecIO<scalar_t>::kWidth;
+      const int64_t blocks = (pb.rows + W - 1) / W;
+      at::parallel_for(0, blocks, std::max<int64_t>(1, kGrainElements / (C * W)), [&](int64_t begin, int64_t end) {
+        RowBlock<scalar_t> blk;
+        RowTerms terms[W];
+        alignas(64) acc_t hi[W], lo[W], sa[W], sc[W], tt[W], tc[W];
+        for (int64_t b = begin; b < end; ++b) {
+          const int64_t row0 = b * W, rows = std::min(W, pb.rows - row0);
+          blk.load(x, row0, rows, C);
+          for (int64_t lane = 0; lane < W; ++lane) {
+            terms[lane] = lane < rows ? row_terms(row0 + lane) : RowTerms{};
+            const RowTerms& r = terms[lane];
+            hi[lane] = r.lse.hi, lo[lane] = r.lse.lo, sa[lane] = r.scale_a, sc[lane] = r.scale_coef;
+            // The target class as a float (exact for C <= kSmallClasses), -1 for none.
+            tc[lane] = r.kind == RowTerms::kValue ? static_cast<acc_t>(r.t) : acc_t(-1);
+            tt[lane] = r.kind == RowTerms::kValue ? target_term(r) : acc_t(0);
+          }
+          const Vec vhi = Vec::loadu(hi), vlo = Vec::loadu(lo), vsa = Vec::loadu(sa), vsc = Vec::loadu(sc);
+          const Vec vtc = Vec::loadu(tc), vtt = Vec::loadu(tt), zero(acc_t(0));
+          for (int64_t c = 0; c < C; ++c) {
+            Vec g = vec_exp<acc_t>((blk.column(c) - vhi) - vlo) * vsa;
+            if constexpr (kCoef != Coef::kNone) {
+              g = g - vsc * Vec(kCoef == Coef::kWeight ? static_cast<acc_t>(weight[c]) : acc_t(1));
+            }
+            g = g - Vec::blendv(zero, vtt, vtc == Vec(static_cast<acc_t>(c)));
+            g.store(blk.col[c]);
+          }
+          for (int64_t lane = 0; lane < rows; ++lane) {
+            const RowTerms& r = terms[lane];
+            if (r.kind != RowTerms::kValue) {
+              for (int64_t c = 0; c < C; ++c) blk.col[c][lane] = r.kind == RowTerms::kNaN ? nan : acc_t(0);
+            }
+          }
+          blk.store(grad, row0, rows, C);
+        }
+      });
+      return;
+    }
+  }
+
   const int64_t tiles = (C + kTile - 1) / kTile;
   const int64_t grain = std::max<int64_t>(1, kGrainElements / std::min(C, kTile));
   at::parallel_for(0, pb.rows * tiles, grain, [&](int64_t begin, int64_t end) {
@@ -436,32 +598,19 @@ void backward_rows(const scalar_t* grad_loss, int64_t grad_stride, const scalar_
       const int64_t row = unit / tiles, c0 = (unit % tiles) * kTile, n = std::min(kTile, C - c0);
       const scalar_t* xr = x + row * C + c0;
       scalar_t* gr = grad + row * C + c0;
-      if (std::isnan(lse[row])) {  // NaN / inf logits: NaN gradient, as log_softmax's backward gives
-        std::fill(gr, gr + n, static_cast<scalar_t>(nan));
+      const RowTerms r = row_terms(row);
+      if (r.kind != RowTerms::kValue) {
+        std::fill(gr, gr + n, static_cast<scalar_t>(r.kind == RowTerms::kNaN ? nan : acc_t(0)));
         continue;
       }
-      const int64_t t = target ? target[row] : 0;
-      if (target && t == pb.ignore_index) {
-        std::fill(gr, gr + n, static_cast<scalar_t>(0));
-        continue;
-      }
-      const SplitLse<acc_t> row_lse(lse[row]);
-      acc_t scale = static_cast<acc_t>(grad_loss[pb.reduction == kNone ? row * grad_stride : 0]);
-      if (pb.reduction == kMean) scale = static_cast<acc_t>(scale / divisor);
       const CoefLoader<scalar_t, kCoef> coef{weight, prob_target ? prob_target + row * C : nullptr,
                                              keep, spread};
-      if (pb.prob_target) {
-        backward_tile<scalar_t, kCoef>(xr, gr, c0, n, row_lse, scale * prob_mass[row], scale, coef);
-        continue;
-      }
-      const acc_t w_t = weight ? static_cast<acc_t>(weight[t]) : acc_t(1);
-      const acc_t a = keep * w_t + spread * weight_total;
-      backward_tile<scalar_t, kCoef>(xr, gr, c0, n, row_lse, scale * a, scale * spread, coef);
-      if (t >= c0 && t < c0 + n) {
-        // The target class, recomputed in acc_t so it is rounded once.
-        const acc_t p = row_lse.softmax(static_cast<acc_t>(xr[t - c0]));
-        const acc_t b = keep * w_t + spread * w_t * (kCoef == Coef::kNone ? acc_t(0) : acc_t(1));
-        gr[t - c0] = static_cast<scalar_t>(scale * (p * a - b));
+      backward_tile<scalar_t, kCoef>(xr, gr, c0, n, r.lse, r.scale_a, r.scale_coef, coef);
+      if (!pb.prob_target && r.t >= c0 && r.t < c0 + n) {
+        // The target class, recomputed whole in acc_t so it is rounded once.
+        const acc_t coef_t = kCoef == Coef::kNone ? acc_t(0) : r.w_t;
+        gr[r.t - c0] = static_cast<scalar_t>(r.lse.softmax(static_cast<acc_t>(xr[r.t - c0])) * r.scale_a -
+                                             r.scale_coef * coef_t - target_term(r));
       }
     }
   });

@@ -1,0 +1,59 @@
+"""Timing and memory measurement shared by the benchmarks.
+
+The implementations being compared run interleaved, round by round, in one process, so a machine
+whose speed drifts during the run affects them alike; the medians are what is reported.
+"""
+
+import platform
+import statistics
+import time
+
+import torch
+
+
+def interleaved_medians(cases, rounds, warmup=2):
+    """cases: {name: zero-argument callable}. Returns {name: median seconds per call}."""
+    for fn in cases.values():
+        for _ in range(warmup):
+            fn()
+    samples = {name: [] for name in cases}
+    for _ in range(rounds):
+        for name, fn in cases.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def saved_activation_bytes(fn, exclude=()):
+    """Bytes of the tensors autograd saves for backward while `fn()` runs, each storage counted
+    once, leaving out the storages of the tensors in `exclude` (inputs and parameters, which
+    exist whether or not anything is saved)."""
+    excluded = {t.untyped_storage().data_ptr() for t in exclude}
+    seen = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in excluded:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return sum(seen.values())
+
+
+def machine_description():
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    import os
+    return (f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, "
+            f"torch {torch.__version__}, Python {platform.python_version()}")
