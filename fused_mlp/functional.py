@@ -18,18 +18,16 @@ class _CrossEntropy(torch.autograd.Function):
     """Cross-entropy over the rows of a 2-D input. Saved for backward: the logits the caller
     already holds, the target, and one logsumexp per row; never the log-probabilities."""
 
+    # forward(ctx, ...) rather than forward + setup_context: the latter makes every apply() bind
+    # the arguments with inspect.signature, which costs more than the whole op at small sizes.
     @staticmethod
-    def forward(input, target, weight, reduction, ignore_index, label_smoothing):
-        return ops.cross_entropy_forward(input, target, weight, reduction, ignore_index,
-                                         label_smoothing)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        input, target, weight, reduction, ignore_index, label_smoothing = inputs
-        _, logsumexp = output
+    def forward(ctx, input, target, weight, reduction, ignore_index, label_smoothing):
+        loss, logsumexp = ops.cross_entropy_forward(input, target, weight, reduction, ignore_index,
+                                                    label_smoothing)
         ctx.save_for_backward(input, target, weight, logsumexp)
         ctx.mark_non_differentiable(logsumexp)
         ctx.options = (reduction, ignore_index, label_smoothing)
+        return loss, logsumexp
 
     @staticmethod
     @once_differentiable

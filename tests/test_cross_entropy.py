@@ -272,7 +272,7 @@ def test_torch_compile_fullgraph_matches_eager():
         logits = inp * 2.0
         return cross_entropy(logits, target, weight, label_smoothing=0.1)
 
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(step, fullgraph=True)
     for rows in (32, 48):  # a second batch size: traced with a dynamic batch, not a recompile error
         xi, target, weight = make_case((rows, 10), "index", torch.float32, True, True, seed=rows)
         xa, xb = xi.clone().requires_grad_(), xi.clone().requires_grad_()

@@ -200,27 +200,21 @@ Problem check_problem(const at::Tensor& input, const at::Tensor& target,
           label_smoothing};
 }
 
-// Raises IndexError for a class index outside [0, C) that is not ignore_index.
-void check_target_range(const int64_t* target, const Problem& pb, const char* op) {
-  for (const auto i : c10::irange(pb.rows)) {
-    const int64_t t = target[i];
-    if (t != pb.ignore_index && (t < 0 || t >= pb.classes)) {
-      TORCH_CHECK_INDEX(false, op, ": target[", i, "] = ", t, " is out of bounds: expected a class",
-                        " index in [0, ", pb.classes, ") or ignore_index (", pb.ignore_index, ")");
-    }
-  }
-}
-
-// The divisor of reduction='mean': the summed weight of the non-ignored targets (their count
-// without weights), or the number of rows for probability targets. Summed in a fixed order, so
-// forward and backward agree bit for bit.
+// One pass over the class-index targets: raises IndexError for an index outside [0, C) that is not
+// ignore_index, and returns the divisor of reduction='mean': the summed weight of the non-ignored
+// targets (their count without weights), or the number of rows for probability targets. Summed in
+// a fixed order, so forward and backward agree bit for bit.
 template <typename scalar_t>
-double mean_divisor(const int64_t* target, const scalar_t* weight, const Problem& pb) {
+double scan_targets(const int64_t* target, const scalar_t* weight, const Problem& pb, const char* op) {
   if (pb.prob_target) return static_cast<double>(pb.rows);
   double total = 0;
   for (const auto i : c10::irange(pb.rows)) {
     const int64_t t = target[i];
     if (t == pb.ignore_index) continue;
+    if (t < 0 || t >= pb.classes) {
+      TORCH_CHECK_INDEX(false, op, ": target[", i, "] = ", t, " is out of bounds: expected a class",
+                        " index in [0, ", pb.classes, ") or ignore_index (", pb.ignore_index, ")");
+    }
     total += weight ? static_cast<double>(weight[t]) : 1.0;
   }
   return total;
@@ -407,7 +401,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_cpu(
     const scalar_t* w = weight.defined() ? weight.const_data_ptr<scalar_t>() : nullptr;
     const int64_t* t = pb.prob_target ? nullptr : target.const_data_ptr<int64_t>();
     const scalar_t* pt = pb.prob_target ? target.const_data_ptr<scalar_t>() : nullptr;
-    if (t) check_target_range(t, pb, op);
+    const double divisor = scan_targets<scalar_t>(t, w, pb, op);
 
     std::vector<acc_t> row_loss_buf;
     acc_t* row_loss;
@@ -438,7 +432,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_cpu(
     }
     double total = 0;  // a fixed-order sum: the same bits at any thread count
     for (const auto i : c10::irange(pb.rows)) total += static_cast<double>(row_loss[i]);
-    if (pb.reduction == kMean) total /= mean_divisor<scalar_t>(t, w, pb);  // 0/0 = NaN, as PyTorch
+    if (pb.reduction == kMean) total /= divisor;  // 0/0 = NaN, as PyTorch
     *out = static_cast<scalar_t>(total);
   });
   return {loss, lse};
@@ -652,8 +646,7 @@ at::Tensor cross_entropy_backward_cpu(const at::Tensor& grad_loss_, const at::Te
     const scalar_t* w = weight.defined() ? weight.const_data_ptr<scalar_t>() : nullptr;
     const int64_t* t = pb.prob_target ? nullptr : target.const_data_ptr<int64_t>();
     const scalar_t* pt = pb.prob_target ? target.const_data_ptr<scalar_t>() : nullptr;
-    if (t) check_target_range(t, pb, op);
-    const double divisor = pb.reduction == kMean ? mean_divisor<scalar_t>(t, w, pb) : 1.0;
+    const double divisor = scan_targets<scalar_t>(t, w, pb, op);
     const scalar_t* g = grad_loss_.const_data_ptr<scalar_t>();
     const int64_t g_stride = pb.reduction == kNone ? grad_loss_.stride(0) : 0;
     const double* l = lse.const_data_ptr<double>();
