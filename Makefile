@@ -32,6 +32,7 @@ train: install
 
 bench: install
 	$(PY) -m benchmarks.bench_cross_entropy $(ARGS)
+	$(PY) -m benchmarks.bench_linear_bn_relu $(ARGS)
 
 clean:
 	rm -rf build *.egg-info fused_mlp/_C*.so fused_mlp/_build_info.py $(STAMPS)

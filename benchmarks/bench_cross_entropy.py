@@ -4,14 +4,13 @@
     python -m benchmarks.bench_cross_entropy --quick    # tiny shapes, one round: a smoke run
 """
 
-import argparse
-import os
 
 import torch
 import torch.nn.functional as F
 
 import fused_mlp
-from benchmarks.harness import interleaved_medians, machine_description, saved_activation_bytes
+from benchmarks.harness import (interleaved_medians, machine_description, parse_args, publish,
+                                saved_activation_bytes)
 
 SHAPES = [(4096, 10), (4096, 1000), (4096, 32000)]
 QUICK_SHAPES = [(64, 10)]
@@ -65,21 +64,14 @@ def format_table(results):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny shapes, one round")
-    parser.add_argument("--rounds", type=int, default=None)
-    args = parser.parse_args(argv)
+    args = parse_args(argv, __doc__)
     shapes = QUICK_SHAPES if args.quick else SHAPES
-    results = run(shapes, rounds=args.rounds or (1 if args.quick else 15))
+    results = run(shapes, rounds=args.rounds)
     table = format_table(results)
     report = (f"# Cross-entropy, forward + backward, CPU\n\n{machine_description()}\n\n"
               "Median of interleaved rounds; saved for backward = bytes autograd keeps beyond the "
               "logits and targets.\n\n" + table + "\n")
-    print(report)
-    if not args.quick:
-        os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
-        with open(os.path.join(os.path.dirname(__file__), "results", "cross_entropy_cpu.md"), "w") as f:
-            f.write(report)
+    publish(report, "cross_entropy_cpu.md", args.quick)
     return results
 
 

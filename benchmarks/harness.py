@@ -4,6 +4,8 @@ The implementations being compared run interleaved, round by round, in one proce
 whose speed drifts during the run affects them alike; the medians are what is reported.
 """
 
+import argparse
+import os
 import platform
 import statistics
 import time
@@ -57,3 +59,24 @@ def machine_description():
     import os
     return (f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, "
             f"torch {torch.__version__}, Python {platform.python_version()}")
+
+
+def parse_args(argv, doc):
+    """The benchmarks' shared command line: --quick (tiny shapes, one round) and --rounds."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, one round: a smoke run")
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 15)")
+    args = parser.parse_args(argv)
+    args.rounds = args.rounds or (1 if args.quick else 15)
+    return args
+
+
+def publish(report, name, quick):
+    """Prints the report and, unless quick, writes it to benchmarks/results/<name>."""
+    print(report)
+    if quick:
+        return
+    results_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    os.makedirs(results_dir, exist_ok=True)
+    with open(os.path.join(results_dir, name), "w") as f:
+        f.write(report)

@@ -22,4 +22,40 @@ TORCH_LIBRARY(fused_mlp, m) {
   m.def(
       "cross_entropy_backward(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, "
       "Tensor logsumexp, int reduction, int ignore_index, float label_smoothing) -> Tensor");
+
+  // Linear -> BatchNorm1d -> ReLU -> Dropout over a (batch, in_features) input.
+  // use_batch_stats: normalize with the batch's mean and biased variance (training, or
+  // track_running_stats=False); else with running_mean / running_var, folded into the GEMM.
+  // Dropout (p = dropout_p, 0 for none) follows csrc/common/philox.h's mapping; seed_offset is a
+  // CPU int64 tensor (seed, offset). Returns: out; the pre-BN activation z = x W^T + b (batch
+  // statistics; empty otherwise); the per-feature mean and invstd used; the unbiased batch
+  // variance (batch statistics; the running variance otherwise). Mean, invstd and variance are
+  // float32 (float64 for float64 input).
+  m.def(
+      "linear_bn_relu_forward(Tensor input, Tensor weight, Tensor? bias, Tensor? bn_weight, "
+      "Tensor? bn_bias, Tensor? running_mean, Tensor? running_var, bool use_batch_stats, float eps, "
+      "float dropout_p, Tensor seed_offset) -> (Tensor out, Tensor pre_bn, Tensor mean, "
+      "Tensor invstd, Tensor batch_var)");
+  // saved: the forward's pre_bn (batch statistics) or its out (running statistics).
+  // Returns the gradients of input, weight, bias, bn_weight and bn_bias.
+  m.def(
+      "linear_bn_relu_backward(Tensor grad_out, Tensor input, Tensor weight, Tensor? bias, "
+      "Tensor? bn_weight, Tensor? bn_bias, Tensor saved, Tensor mean, Tensor invstd, "
+      "bool use_batch_stats, float dropout_p, Tensor seed_offset) -> (Tensor grad_input, "
+      "Tensor grad_weight, Tensor grad_bias, Tensor grad_bn_weight, Tensor grad_bn_bias)");
+  // running = (1 - factor) * running + factor * batch, in place: BatchNorm's running statistics.
+  m.def(
+      "bn_update_running_stats_(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor batch_mean, "
+      "Tensor batch_var, float factor) -> ()");
+
+  // relu(input weight^T + bias) * dropout: the inference form of the layer once BatchNorm is
+  // folded into weight and bias (no autograd).
+  m.def(
+      "linear_relu_dropout_forward(Tensor input, Tensor weight, Tensor? bias, float dropout_p, "
+      "Tensor seed_offset) -> Tensor");
+  // The dropout generator itself (csrc/common/philox.h), for verification: Philox4x32-10 of each
+  // row of counter ((n, 4) int64 holding 32-bit words) under key ((2,) likewise); and the keep mask
+  // of elements [0, numel) for (seed, offset) and probability p.
+  m.def("philox4x32_10(Tensor counter, Tensor key) -> Tensor");
+  m.def("dropout_mask(Tensor seed_offset, int numel, float p) -> Tensor");
 }

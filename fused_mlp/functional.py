@@ -9,7 +9,7 @@ from torch.autograd.function import once_differentiable
 
 from . import ops
 
-__all__ = ["cross_entropy"]
+__all__ = ["cross_entropy", "fold_batch_norm", "linear_bn_relu"]
 
 _REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 
@@ -133,3 +133,142 @@ def cross_entropy(input, target, weight=None, *, ignore_index=-100, reduction="m
     if reduction == "none":
         loss = loss.reshape(out_shape)
     return loss
+
+
+# --- Linear -> BatchNorm1d -> ReLU -> Dropout --------------------------------------------------------
+
+# (seed, offset) when no dropout is applied; never written.
+_NO_DROPOUT_SEED = torch.zeros(2, dtype=torch.int64)
+
+
+class _LinearBNReLU(torch.autograd.Function):
+    """Saved for backward: the input, the parameters, and with batch statistics the pre-BN
+    activation, the mean and invstd, and the dropout's (seed, offset); the mask is regenerated,
+    never stored. With running statistics the output is saved instead of the pre-BN activation
+    (the next layer keeps it anyway): its zeros are exactly the units ReLU or dropout cut."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                use_batch_stats, eps, dropout_p, seed_offset):
+        out, pre_bn, mean, invstd, batch_var = ops.linear_bn_relu_forward(
+            input, weight, bias, bn_weight, bn_bias, running_mean, running_var, use_batch_stats,
+            eps, dropout_p, seed_offset)
+        saved = pre_bn if use_batch_stats else out
+        ctx.save_for_backward(input, weight, bias, bn_weight, bn_bias, saved, mean, invstd, seed_offset)
+        ctx.options = (use_batch_stats, dropout_p)
+        ctx.mark_non_differentiable(mean, batch_var)
+        return out, mean, batch_var
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out, _grad_mean, _grad_var):
+        input, weight, bias, bn_weight, bn_bias, saved, mean, invstd, seed_offset = ctx.saved_tensors
+        use_batch_stats, dropout_p = ctx.options
+        grads = ops.linear_bn_relu_backward(grad_out.contiguous(), input, weight, bias, bn_weight,
+                                            bn_bias, saved, mean, invstd, use_batch_stats,
+                                            dropout_p, seed_offset)
+        grad_input, grad_weight, grad_bias, grad_bn_weight, grad_bn_bias = grads
+        need = ctx.needs_input_grad
+        return (grad_input if need[0] else None, grad_weight if need[1] else None,
+                grad_bias if need[2] else None, grad_bn_weight if need[3] else None,
+                grad_bn_bias if need[4] else None, None, None, None, None, None, None)
+
+
+def _check_linear_bn_relu_args(input, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                               training, dropout):
+    name = "linear_bn_relu"
+    if not isinstance(input, torch.Tensor) or not input.is_floating_point():
+        raise TypeError(f"{name}: input must be a floating-point tensor")
+    if input.dim() != 2:
+        raise ValueError(f"{name}: input must have shape (batch, in_features), got {tuple(input.shape)}")
+    if weight.dim() != 2:
+        raise ValueError(f"{name}: weight must have shape (out_features, in_features), got {tuple(weight.shape)}")
+    out_features, in_features = weight.shape
+    if input.shape[1] != in_features:
+        raise ValueError(f"{name}: input has {input.shape[1]} features but the layer expects "
+                         f"in_features={in_features}")
+    for arg, t in (("weight", weight), ("bias", bias), ("bn_weight", bn_weight), ("bn_bias", bn_bias),
+                   ("running_mean", running_mean), ("running_var", running_var)):
+        if t is not None and t.device != input.device:
+            raise ValueError(f"{name}: {arg} is on {t.device} but input is on {input.device}")
+    if weight.dtype != input.dtype:
+        raise TypeError(f"{name}: input dtype {input.dtype} does not match the Linear weight dtype "
+                        f"{weight.dtype}")
+    if bias is not None and (bias.shape != (out_features,) or bias.dtype != input.dtype):
+        raise ValueError(f"{name}: bias must have shape ({out_features},) and dtype {input.dtype}, got "
+                         f"{tuple(bias.shape)} {bias.dtype}")
+    for arg, t in (("bn_weight", bn_weight), ("bn_bias", bn_bias), ("running_mean", running_mean),
+                   ("running_var", running_var)):
+        if t is not None and t.shape != (out_features,):
+            raise ValueError(f"{name}: {arg} must have shape ({out_features},), got {tuple(t.shape)}")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"{name}: running_mean and running_var must be given together")
+    if not training and running_mean is None:
+        raise ValueError(f"{name}: running_mean and running_var are required when training=False")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"{name}: dropout must be a probability in [0, 1), got {dropout!r}")
+    if training and input.shape[0] <= 1:
+        raise ValueError("Expected more than 1 value per channel when training, got input size "
+                         f"{input.shape}")
+
+
+def linear_bn_relu(input, weight, bias=None, *, bn_weight=None, bn_bias=None, running_mean=None,
+                   running_var=None, training=True, momentum=0.1, eps=1e-5, dropout=0.0,
+                   generator=None):
+    """``dropout(relu(batch_norm(linear(input))))`` in one fused op.
+
+    training: normalize with the batch's statistics and, when running statistics are given,
+    update them in place with ``momentum`` (as ``F.batch_norm(training=True)``); otherwise
+    normalize with ``running_mean`` / ``running_var`` (required then), BN folded into the GEMM.
+    dropout: the probability of zeroing each output (applied whenever > 0, as
+    ``F.dropout(training=True)``); survivors are scaled by 1 / (1 - dropout). The mask comes from
+    Philox4x32-10 seeded from ``generator`` (default: torch's default CPU generator), so
+    ``torch.manual_seed`` reproduces it.
+
+    Under ``torch.autocast`` the Linear runs in the autocast dtype and BatchNorm keeps its
+    parameters' dtype, as the stock modules behave.
+    """
+    _check_linear_bn_relu_args(input, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                               training, dropout)
+    if torch.is_autocast_enabled(input.device.type):
+        dtype = torch.get_autocast_dtype(input.device.type)
+        input, weight = input.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    if dropout > 0:
+        seed_offset = torch.randint(0, 2**62, (2,), dtype=torch.int64, generator=generator)
+    else:
+        seed_offset = _NO_DROPOUT_SEED
+    out, mean, batch_var = _LinearBNReLU.apply(input, weight, bias, bn_weight, bn_bias, running_mean,
+                                               running_var, bool(training), float(eps),
+                                               float(dropout), seed_offset)
+    if training and running_mean is not None:
+        with torch.no_grad():
+            ops.bn_update_running_stats_(running_mean, running_var, mean, batch_var, float(momentum))
+    return out
+
+
+def fold_batch_norm(weight, bias, bn_weight, bn_bias, running_mean, running_var, eps):
+    """(W', b') with x W'^T + b' == batch_norm(x W^T + b) under the running statistics:
+    W' = W * A per output row, b' = b * A + (beta - mean * A), A = gamma / sqrt(var + eps).
+    Computed in float32 (float64 for float64 weights) and returned in the weight's dtype."""
+    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    a = (running_var.to(acc) + eps).rsqrt()
+    if bn_weight is not None:
+        a = bn_weight.to(acc) * a
+    shift = -running_mean.to(acc) * a
+    if bn_bias is not None:
+        shift = bn_bias.to(acc) + shift
+    folded_bias = shift if bias is None else bias.to(acc) * a + shift
+    return (weight.to(acc) * a[:, None]).to(weight.dtype), folded_bias.to(weight.dtype)
+
+
+def folded_linear_relu_dropout(input, weight, bias, *, dropout=0.0, generator=None):
+    """Inference (no autograd) of the layer with BatchNorm already folded into weight and bias
+    (fold_batch_norm): one GEMM, then ReLU and dropout in place on its output."""
+    if torch.is_autocast_enabled(input.device.type):
+        dtype = torch.get_autocast_dtype(input.device.type)
+        input, weight = input.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    seed_offset = (torch.randint(0, 2**62, (2,), dtype=torch.int64, generator=generator)
+                   if dropout > 0 else _NO_DROPOUT_SEED)
+    return ops.linear_relu_dropout_forward(input, weight, bias, float(dropout), seed_offset)

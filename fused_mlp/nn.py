@@ -4,7 +4,7 @@ import torch
 
 from . import functional as F
 
-__all__ = ["CrossEntropyLoss"]
+__all__ = ["CrossEntropyLoss", "LinearBNReLU"]
 
 
 class CrossEntropyLoss(torch.nn.Module):
@@ -33,3 +33,97 @@ class CrossEntropyLoss(torch.nn.Module):
     def extra_repr(self):
         return (f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
                 f"label_smoothing={self.label_smoothing}")
+
+
+class LinearBNReLU(torch.nn.Module):
+    """``Dropout(ReLU(BatchNorm1d(Linear(x))))`` as one fused op with a hand-written backward.
+
+    The parameters and buffers live in two stock submodules, ``linear`` (``nn.Linear``) and ``bn``
+    (``nn.BatchNorm1d``), so the state_dict is exactly that of
+    ``nn.Sequential(OrderedDict(linear=..., bn=...))`` and loads both ways without any mapping.
+
+    BatchNorm follows ``bn.training`` (batch statistics and a running-statistics update exactly as
+    ``nn.BatchNorm1d``; running statistics, folded into the GEMM, in eval), dropout follows this
+    module's ``training``. Forward hooks registered on ``linear`` or ``bn`` do not fire: the fused
+    forward never calls those submodules.
+    """
+
+    def __init__(self, in_features, out_features, bias=True, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, dropout=0.0, device=None, dtype=None):
+        super().__init__()
+        _check_dropout(dropout)
+        self.linear = torch.nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.bn = torch.nn.BatchNorm1d(out_features, eps=eps, momentum=momentum, affine=affine,
+                                       track_running_stats=track_running_stats, device=device,
+                                       dtype=dtype)
+        self.dropout = dropout
+        self._fold_cache = None
+
+    @classmethod
+    def from_modules(cls, linear, bn, dropout=0.0):
+        """Wraps existing stock modules; the layer shares their parameters and buffers."""
+        if not isinstance(linear, torch.nn.Linear):
+            raise TypeError(f"LinearBNReLU.from_modules: linear must be an nn.Linear, got {type(linear).__name__}")
+        if not isinstance(bn, torch.nn.BatchNorm1d):
+            raise TypeError(f"LinearBNReLU.from_modules: bn must be an nn.BatchNorm1d, got {type(bn).__name__}")
+        if bn.num_features != linear.out_features:
+            raise ValueError(f"LinearBNReLU.from_modules: bn has {bn.num_features} features but linear "
+                             f"has out_features={linear.out_features}")
+        _check_dropout(dropout)
+        layer = cls.__new__(cls)
+        torch.nn.Module.__init__(layer)
+        layer.linear, layer.bn, layer.dropout = linear, bn, dropout
+        layer._fold_cache = None
+        return layer
+
+    def _folded_parameters(self):
+        """(W', b') of BN folded into the Linear, cached until any tensor they derive from is
+        replaced or changed in place (an optimizer step, load_state_dict, ...). Not a buffer:
+        never in the state_dict."""
+        lin, bn = self.linear, self.bn
+        sources = (lin.weight, lin.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+        key = tuple(None if t is None else (t.data_ptr(), t._version, t.dtype, t.device) for t in sources)
+        key += (bn.eps,)
+        if self._fold_cache is None or self._fold_cache[0] != key:
+            with torch.no_grad():
+                folded = F.fold_batch_norm(lin.weight, lin.bias, bn.weight, bn.bias, bn.running_mean,
+                                           bn.running_var, bn.eps)
+            self._fold_cache = (key, *folded)
+        return self._fold_cache[1:]
+
+    def forward(self, input):
+        bn = self.bn
+        # As nn.BatchNorm1d: batch statistics in training, or always without running statistics.
+        use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
+        update = bn.training and bn.track_running_stats and bn.num_batches_tracked is not None
+        running_mean = bn.running_mean if (not bn.training or bn.track_running_stats) else None
+        running_var = bn.running_var if (not bn.training or bn.track_running_stats) else None
+        dropout = self.dropout if self.training else 0.0
+        F._check_linear_bn_relu_args(input, self.linear.weight, self.linear.bias, bn.weight, bn.bias,
+                                     running_mean, running_var, use_batch_stats, dropout)
+        if not use_batch_stats and not self._needs_grad(input) and not torch.compiler.is_compiling():
+            # Inference: one GEMM with the cached folded weights, then ReLU (+ dropout).
+            weight, bias = self._folded_parameters()
+            return F.folded_linear_relu_dropout(input, weight, bias, dropout=dropout)
+        momentum = 0.0
+        if update:  # only once the input is known good: bad input leaves the state untouched
+            bn.num_batches_tracked.add_(1)
+            momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+        return F.linear_bn_relu(input, self.linear.weight, self.linear.bias, bn_weight=bn.weight,
+                                bn_bias=bn.bias, running_mean=running_mean if update or not use_batch_stats else None,
+                                running_var=running_var if update or not use_batch_stats else None,
+                                training=use_batch_stats, momentum=momentum, eps=bn.eps, dropout=dropout)
+
+    def _needs_grad(self, input):
+        if not torch.is_grad_enabled():
+            return False
+        lin, bn = self.linear, self.bn
+        return any(t is not None and t.requires_grad for t in (input, lin.weight, lin.bias, bn.weight, bn.bias))
+
+    def extra_repr(self):
+        return f"dropout={self.dropout}"
+
+
+def _check_dropout(p):
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+        raise ValueError(f"LinearBNReLU: dropout must be a probability in [0, 1), got {p!r}")

@@ -6,6 +6,7 @@ oracle the tests hold the kernels to. They favour clarity over speed: unlike the
 materialize the log-probabilities.
 """
 
+import numpy as np
 import torch
 
 REDUCTION_NONE, REDUCTION_MEAN, REDUCTION_SUM = 0, 1, 2
@@ -112,3 +113,124 @@ def cross_entropy_backward(grad_loss, input, target, weight, logsumexp, reductio
     # NaN / inf logits: a NaN gradient for the whole row, as log_softmax's backward gives.
     grad = torch.where(logsumexp.isnan()[:, None], torch.full_like(grad, float("nan")), grad)
     return grad.to(input.dtype)
+
+
+# --- dropout masks: Philox4x32-10 with the mapping of csrc/common/philox.h ------------------------
+
+_MASK32 = np.uint64(0xFFFFFFFF)
+_PHILOX_MUL = (np.uint64(0xD2511F53), np.uint64(0xCD9E8D57))
+_PHILOX_WEYL = (np.uint64(0x9E3779B9), np.uint64(0xBB67AE85))
+
+
+def philox4x32_10(counter, key):
+    """Philox4x32-10 on numpy arrays: counter = four arrays of 32-bit words (any integer dtype),
+    key = two 32-bit words. Returns the four output words as uint64 arrays holding 32-bit values
+    (a uint64 holds the 32x32-bit products exactly)."""
+    c0, c1, c2, c3 = (np.asarray(c, dtype=np.uint64) & _MASK32 for c in counter)
+    k0, k1 = (np.uint64(k) & _MASK32 for k in key)
+    for _ in range(10):
+        p0 = _PHILOX_MUL[0] * c0
+        p1 = _PHILOX_MUL[1] * c2
+        c0, c1, c2, c3 = (p1 >> np.uint64(32)) ^ c1 ^ k0, p1 & _MASK32, (p0 >> np.uint64(32)) ^ c3 ^ k1, p0 & _MASK32
+        k0 = (k0 + _PHILOX_WEYL[0]) & _MASK32
+        k1 = (k1 + _PHILOX_WEYL[1]) & _MASK32
+    return c0, c1, c2, c3
+
+
+def dropout_keep_mask(seed, offset, numel, p):
+    """The keep mask (bool tensor of numel elements) of dropout with probability p for elements
+    0 .. numel - 1, as every backend computes it."""
+    seed = int(seed) & 0xFFFFFFFFFFFFFFFF
+    offset = int(offset) & 0xFFFFFFFFFFFFFFFF
+    blocks = np.arange((numel + 3) // 4, dtype=np.uint64)
+    words = philox4x32_10((blocks & _MASK32, blocks >> np.uint64(32),
+                           np.full_like(blocks, offset & 0xFFFFFFFF), np.full_like(blocks, offset >> 32)),
+                          (seed & 0xFFFFFFFF, seed >> 32))
+    word = np.stack(words, axis=1).reshape(-1)[:numel]  # element i: word i % 4 of block i // 4
+    keep = (word >> np.uint64(8)).astype(np.float32) * np.float32(2.0 ** -24) >= np.float32(p)
+    return torch.from_numpy(keep)
+
+
+# --- Linear -> BatchNorm1d -> ReLU -> Dropout -------------------------------------------------------
+
+def _bn_affine(bn_weight, bn_bias, mean, invstd):
+    """A, B with gamma * (z - mean) * invstd + beta == z * A + B."""
+    a = invstd if bn_weight is None else bn_weight.to(invstd.dtype) * invstd
+    b = -mean * a if bn_bias is None else bn_bias.to(invstd.dtype) - mean * a
+    return a, b
+
+
+def _dropout_multiplier(shape, dropout_p, seed_offset, acc):
+    if dropout_p <= 0:
+        return None
+    keep = dropout_keep_mask(int(seed_offset[0]), int(seed_offset[1]), shape[0] * shape[1], dropout_p)
+    return keep.reshape(shape).to(acc) * (1.0 / (1.0 - dropout_p))
+
+
+def linear_bn_relu_forward(input, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                           use_batch_stats, eps, dropout_p, seed_offset):
+    acc = _acc_dtype(input.dtype)
+    z = torch.nn.functional.linear(input, weight, bias)
+    if use_batch_stats:
+        if input.shape[0] <= 1:
+            raise ValueError("Expected more than 1 value per channel when training, got input size "
+                             f"{tuple(input.shape)}")
+        zf = z.to(acc)
+        mean = zf.mean(dim=0)
+        invstd = (zf.var(dim=0, unbiased=False) + eps).rsqrt()
+        var = zf.var(dim=0, unbiased=True)
+        pre_bn = z
+    else:
+        mean = running_mean.to(acc).clone()
+        var = running_var.to(acc).clone()
+        invstd = (var + eps).rsqrt()
+        pre_bn = input.new_empty(0)
+    a, b = _bn_affine(bn_weight, bn_bias, mean, invstd)
+    y = torch.relu(z.to(acc) * a + b)
+    mult = _dropout_multiplier(y.shape, dropout_p, seed_offset, acc)
+    if mult is not None:
+        y = y * mult
+    return y.to(input.dtype), pre_bn, mean, invstd, var
+
+
+def linear_bn_relu_backward(grad_out, input, weight, bias, bn_weight, bn_bias, saved, mean, invstd,
+                            use_batch_stats, dropout_p, seed_offset):
+    acc = _acc_dtype(input.dtype)
+    g = grad_out.to(acc)
+    n = input.shape[0]
+    a, b = _bn_affine(bn_weight, bn_bias, mean, invstd)
+    if use_batch_stats:
+        z = saved.to(acc)
+        mult = _dropout_multiplier(z.shape, dropout_p, seed_offset, acc)
+        dy = torch.where(z * a + b > 0, g if mult is None else g * mult, torch.zeros_like(g))
+        zhat = (z - mean) * invstd
+        sum_dy, sum_dy_zhat = dy.sum(dim=0), (dy * zhat).sum(dim=0)
+        dz = a * (dy - sum_dy / n - zhat * sum_dy_zhat / n)
+        grad_bias = torch.zeros_like(sum_dy)
+    else:
+        scale = 1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0
+        dy = torch.where(saved > 0, g * scale, torch.zeros_like(g))
+        z = torch.nn.functional.linear(input, weight, bias).to(acc)
+        sum_dy, sum_dy_zhat = dy.sum(dim=0), (dy * (z - mean) * invstd).sum(dim=0)
+        dz = dy * a
+        grad_bias = dz.sum(dim=0)
+    grad_input = dz @ weight.to(acc)
+    grad_weight = dz.t() @ input.to(acc)
+    param_dtype = lambda t: acc if t is None else t.dtype  # noqa: E731
+    return (grad_input.to(input.dtype), grad_weight.to(weight.dtype), grad_bias.to(input.dtype),
+            sum_dy_zhat.to(param_dtype(bn_weight)), sum_dy.to(param_dtype(bn_bias)))
+
+
+def linear_relu_dropout_forward(input, weight, bias, dropout_p, seed_offset):
+    acc = _acc_dtype(input.dtype)
+    y = torch.relu(torch.nn.functional.linear(input, weight, bias).to(acc))
+    mult = _dropout_multiplier(y.shape, dropout_p, seed_offset, acc)
+    if mult is not None:
+        y = y * mult
+    return y.to(input.dtype)
+
+
+def bn_update_running_stats_(running_mean, running_var, batch_mean, batch_var, factor):
+    with torch.no_grad():
+        running_mean.mul_(1.0 - factor).add_(batch_mean.to(running_mean.dtype), alpha=factor)
+        running_var.mul_(1.0 - factor).add_(batch_var.to(running_var.dtype), alpha=factor)

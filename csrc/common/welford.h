@@ -1,0 +1,26 @@
+// Mean and sum of squared deviations (M2) of a set of values, and the merge of two sets
+// (Chan, Golub and LeVeque): the per-feature statistics of BatchNorm, exact in one pass over each
+// part of the batch, merged in a fixed order. V may be a scalar or a vector type; the counts are
+// scalars (every lane of a vector covers the same rows), and both must be positive.
+#pragma once
+
+#include "common/host_device.h"
+
+namespace fused_mlp {
+
+template <typename V, typename S>
+struct WelfordState {
+  V mean;
+  V m2;
+  S count;
+};
+
+template <typename V, typename S>
+FUSED_MLP_HD WelfordState<V, S> welford_merge(const WelfordState<V, S>& a, const WelfordState<V, S>& b) {
+  const S count = a.count + b.count;
+  const S b_share = b.count / count;
+  const V delta = b.mean - a.mean;
+  return {a.mean + delta * V(b_share), a.m2 + b.m2 + delta * delta * V(a.count * b_share), count};
+}
+
+}  // namespace fused_mlp

@@ -1,0 +1,160 @@
+// Dropout masks on the CPU: the Philox mapping of csrc/common/philox.h, many blocks at a time.
+// With AVX-512 (AVX2), sixteen (eight) Philox blocks run in the lanes of one register; the
+// 32x32 -> 64-bit products come from vpmuludq on the even and the odd lanes. Without either,
+// the scalar function of csrc/common/philox.h runs block by block. All paths give the same bits.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+#endif
+
+#include "common/philox.h"
+
+namespace fused_mlp::cpu {
+
+// keep iff (word >> 8) >= threshold: the integer form of (word >> 8) * 2^-24 >= p, exact since
+// both sides scale by a power of two.
+inline uint32_t dropout_threshold(float p) {
+  return static_cast<uint32_t>(std::ceil(static_cast<double>(p) * 16777216.0));
+}
+
+#if defined(CPU_CAPABILITY_AVX512)
+namespace philox_simd {
+constexpr int kLanes = 16;
+using V = __m512i;
+inline V set1(uint32_t v) { return _mm512_set1_epi32(static_cast<int>(v)); }
+inline V xor3(V a, V b, V c) { return _mm512_xor_si512(_mm512_xor_si512(a, b), c); }
+// hi and lo 32 bits of a * m in each lane.
+inline void mulhilo(V a, V m, V& hi, V& lo) {
+  const V even = _mm512_mul_epu32(a, m);
+  const V odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), m);
+  lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
+  hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
+}
+inline V load(const uint32_t* p) { return _mm512_loadu_si512(p); }
+inline void store(uint32_t* p, V v) { _mm512_storeu_si512(p, v); }
+}  // namespace philox_simd
+#elif defined(CPU_CAPABILITY_AVX2)
+namespace philox_simd {
+constexpr int kLanes = 8;
+using V = __m256i;
+inline V set1(uint32_t v) { return _mm256_set1_epi32(static_cast<int>(v)); }
+inline V xor3(V a, V b, V c) { return _mm256_xor_si256(_mm256_xor_si256(a, b), c); }
+inline void mulhilo(V a, V m, V& hi, V& lo) {
+  const V even = _mm256_mul_epu32(a, m);
+  const V odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), m);
+  lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
+  hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+}
+inline V load(const uint32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const V*>(p)); }
+inline void store(uint32_t* p, V v) { _mm256_storeu_si256(reinterpret_cast<V*>(p), v); }
+}  // namespace philox_simd
+#endif
+
+// The four output words of kLanes consecutive Philox blocks, block0 .. block0 + kLanes - 1:
+// words[w][l] = word w of block block0 + l.
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+inline void philox_blocks(uint64_t seed, uint64_t offset, uint64_t block0,
+                          uint32_t (*words)[philox_simd::kLanes]) {
+  using namespace philox_simd;
+  using namespace philox_detail;
+  // Counter word 0 is the low half of the block index; lanes whose low half wraps past 2^32
+  // carry into word 1, so both are formed per lane.
+  alignas(64) uint32_t lo_words[kLanes], hi_words[kLanes];
+  for (int l = 0; l < kLanes; ++l) {
+    lo_words[l] = static_cast<uint32_t>(block0 + l);
+    hi_words[l] = static_cast<uint32_t>((block0 + l) >> 32);
+  }
+  V c0 = load(lo_words), c1 = load(hi_words);
+  V c2 = set1(static_cast<uint32_t>(offset)), c3 = set1(static_cast<uint32_t>(offset >> 32));
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  const V m0 = set1(kMul0), m1 = set1(kMul1);
+  for (int round = 0; round < 10; ++round) {
+    V hi0, lo0, hi1, lo1;
+    mulhilo(c0, m0, hi0, lo0);
+    mulhilo(c2, m1, hi1, lo1);
+    c0 = xor3(hi1, c1, set1(k0));
+    c1 = lo1;
+    c2 = xor3(hi0, c3, set1(k1));
+    c3 = lo0;
+    k0 += kWeyl0;
+    k1 += kWeyl1;
+  }
+  store(words[0], c0);
+  store(words[1], c1);
+  store(words[2], c2);
+  store(words[3], c3);
+}
+#endif
+
+#if defined(CPU_CAPABILITY_AVX512)
+// The float multipliers of the 64 elements of 16 blocks, in element order: element 4 l + w takes
+// word w of block l, so the four word vectors are interleaved by a 4 x 16 transpose.
+inline void multipliers64(const uint32_t (*words)[16], uint32_t threshold, float scale, float* out) {
+  const __m512i t = _mm512_set1_epi32(static_cast<int>(threshold));
+  const __m512 s = _mm512_set1_ps(scale);
+  __m512 f[4];
+  for (int w = 0; w < 4; ++w) {
+    const __m512i top24 = _mm512_srli_epi32(_mm512_loadu_si512(words[w]), 8);
+    f[w] = _mm512_maskz_mov_ps(_mm512_cmpge_epu32_mask(top24, t), s);
+  }
+  // Within each 128-bit lane k (blocks 4k .. 4k + 3): b_j = the four words of block 4k + j.
+  const auto pd = [](__m512 v) { return _mm512_castps_pd(v); };
+  const __m512 a0 = _mm512_unpacklo_ps(f[0], f[1]), a1 = _mm512_unpackhi_ps(f[0], f[1]);
+  const __m512 a2 = _mm512_unpacklo_ps(f[2], f[3]), a3 = _mm512_unpackhi_ps(f[2], f[3]);
+  const __m512 b0 = _mm512_castpd_ps(_mm512_unpacklo_pd(pd(a0), pd(a2)));
+  const __m512 b1 = _mm512_castpd_ps(_mm512_unpackhi_pd(pd(a0), pd(a2)));
+  const __m512 b2 = _mm512_castpd_ps(_mm512_unpacklo_pd(pd(a1), pd(a3)));
+  const __m512 b3 = _mm512_castpd_ps(_mm512_unpackhi_pd(pd(a1), pd(a3)));
+  // Then a 4 x 4 transpose of 128-bit lanes: output vector k = blocks 4k .. 4k + 3.
+  const __m512 c0 = _mm512_shuffle_f32x4(b0, b1, 0x44), c1 = _mm512_shuffle_f32x4(b0, b1, 0xEE);
+  const __m512 c2 = _mm512_shuffle_f32x4(b2, b3, 0x44), c3 = _mm512_shuffle_f32x4(b2, b3, 0xEE);
+  _mm512_storeu_ps(out, _mm512_shuffle_f32x4(c0, c2, 0x88));
+  _mm512_storeu_ps(out + 16, _mm512_shuffle_f32x4(c0, c2, 0xDD));
+  _mm512_storeu_ps(out + 32, _mm512_shuffle_f32x4(c1, c3, 0x88));
+  _mm512_storeu_ps(out + 48, _mm512_shuffle_f32x4(c1, c3, 0xDD));
+}
+#endif
+
+// out[k] = scale if element begin + k is kept, else 0, for k in [0, n).
+template <typename T>
+void dropout_multipliers(uint64_t seed, uint64_t offset, uint64_t begin, int64_t n, float p, T scale,
+                         T* out) {
+  if (n <= 0) return;
+  const uint64_t end = begin + static_cast<uint64_t>(n);
+  const uint32_t threshold = dropout_threshold(p);
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  constexpr int kLanes = philox_simd::kLanes;
+  alignas(64) uint32_t words[4][kLanes];
+  for (uint64_t block0 = begin / 4; block0 * 4 < end; block0 += kLanes) {
+    philox_blocks(seed, offset, block0, words);
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<T, float>) {
+      if (block0 * 4 >= begin && (block0 + kLanes) * 4 <= end) {
+        multipliers64(words, threshold, scale, out + (block0 * 4 - begin));
+        continue;
+      }
+    }
+#endif
+    const uint64_t first = std::max(begin, block0 * 4);
+    const uint64_t last = std::min(end, (block0 + kLanes) * 4);
+    for (uint64_t i = first; i < last; ++i) {
+      out[i - begin] = (words[i % 4][i / 4 - block0] >> 8) >= threshold ? scale : T(0);
+    }
+  }
+#else
+  for (uint64_t block = begin / 4; block * 4 < end; ++block) {
+    const Philox4x32 r = philox4x32_10(dropout_counter(block * 4, offset), static_cast<uint32_t>(seed),
+                                       static_cast<uint32_t>(seed >> 32));
+    const uint64_t first = std::max(begin, block * 4), last = std::min(end, block * 4 + 4);
+    for (uint64_t i = first; i < last; ++i) out[i - begin] = (r.v[i % 4] >> 8) >= threshold ? scale : T(0);
+  }
+#endif
+}
+
+}  // namespace fused_mlp::cpu

@@ -1,0 +1,572 @@
+// Fused Linear -> BatchNorm1d -> ReLU -> Dropout on the CPU.
+//
+// The GEMMs go through ATen (at::addmm / at::mm); everything around them is fused here:
+//   forward, batch statistics:   z = x W^T + b;  per-feature mean / variance of z (Welford);
+//                                out = relu(z * A + B) * dropout, with A = gamma * invstd and
+//                                B = beta - mean * A, in one write.
+//   forward, running statistics: BN folded into the GEMM (W' = W * A, b' = (b - mean) * A + beta),
+//                                then relu(...) * dropout in place on the GEMM's output.
+//   backward, batch statistics:  one pass for dy (through dropout and ReLU) and the per-feature
+//                                sums of dy and dy * zhat; a second for dz; then two GEMMs.
+//   backward, running statistics: dy from the saved output, its per-feature sum, then GEMMs.
+// The maths, and what is saved for backward, are in docs/linear_bn_relu.md.
+//
+// Reductions over the batch are split into (feature block, row block) units whose partial
+// results are merged in a fixed order: the results do not depend on the number of threads.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/stack.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/relu.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/irange.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "common/welford.h"
+#include "cpu/dropout_mask.h"
+#include "cpu/vec_io.h"
+
+namespace fused_mlp::cpu {
+namespace {
+
+constexpr int64_t kRowBlock = 128;     // rows per reduction unit
+constexpr int64_t kFeatureVecs = 4;    // vectors of features per reduction unit
+constexpr int64_t kGrainElements = 32768;
+
+// The dropout of one layer call: which elements survive, and the scale of the survivors.
+struct Dropout {
+  bool active = false;
+  float p = 0.f;
+  double scale = 1.0;
+  uint64_t seed = 0, offset = 0;
+
+  Dropout(double p_, const at::Tensor& seed_offset) {
+    if (p_ <= 0.0) return;
+    active = true;
+    p = static_cast<float>(p_);
+    scale = 1.0 / (1.0 - p_);
+    const int64_t* so = seed_offset.const_data_ptr<int64_t>();
+    seed = static_cast<uint64_t>(so[0]);
+    offset = static_cast<uint64_t>(so[1]);
+  }
+  // Multipliers (0 or scale) of elements [begin, begin + n) into buf.
+  template <typename T>
+  void multipliers(uint64_t begin, int64_t n, T* buf) const {
+    dropout_multipliers<T>(seed, offset, begin, n, p, static_cast<T>(scale), buf);
+  }
+};
+
+// Loads n <= kWidth values at p: the full-width load when it can.
+template <typename scalar_t>
+inline typename VecIO<scalar_t>::Vec load_n(const scalar_t* p, int64_t n) {
+  using IO = VecIO<scalar_t>;
+  return n == IO::kWidth ? IO::load(p) : IO::load(p, n);
+}
+template <typename acc_t>
+inline at::vec::Vectorized<acc_t> load_acc(const acc_t* p, int64_t n) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  return n == Vec::size() ? Vec::loadu(p) : Vec::loadu(p, n);
+}
+
+// The (feature block, row block) units of an (N, C) reduction.
+struct Units {
+  int64_t rows, features, width, feature_blocks, row_blocks;
+  Units(int64_t N, int64_t C, int64_t vec_width)
+      : rows(N), features(C), width(vec_width * kFeatureVecs),
+        feature_blocks((C + width - 1) / width), row_blocks((N + kRowBlock - 1) / kRowBlock) {}
+  int64_t count() const { return feature_blocks * row_blocks; }
+  int64_t grain() const { return std::max<int64_t>(1, kGrainElements / (width * kRowBlock)); }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Batch statistics: per feature, the mean and the biased and unbiased variances of z's columns.
+
+template <typename scalar_t>
+void batch_stats(const scalar_t* z, int64_t N, int64_t C, double eps, at::opmath_type<scalar_t>* mean,
+                 at::opmath_type<scalar_t>* invstd, at::opmath_type<scalar_t>* var_unbiased) {
+  using IO = VecIO<scalar_t>;
+  using acc_t = typename IO::acc_t;
+  using Vec = typename IO::Vec;
+  constexpr int64_t W = IO::kWidth;
+  const Units u(N, C, W);
+  // Each unit's block, exactly: its mean, then the squared deviations from it (the block is still
+  // in cache for the second pass).
+  std::vector<acc_t> part_mean(u.row_blocks * C), part_m2(u.row_blocks * C);
+  at::parallel_for(0, u.count(), u.grain(), [&](int64_t begin, int64_t end) {
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t fb = unit % u.feature_blocks, rb = unit / u.feature_blocks;
+      const int64_t f0 = fb * u.width, nf = std::min(u.width, C - f0);
+      const int64_t r0 = rb * kRowBlock, nr = std::min(kRowBlock, N - r0);
+      for (int64_t f = 0; f < nf; f += W) {
+        const int64_t len = std::min(W, nf - f);
+        const scalar_t* col = z + r0 * C + f0 + f;
+        Vec sum(acc_t(0));
+        for (int64_t r = 0; r < nr; ++r) sum = sum + load_n(col + r * C, len);
+        const Vec m = sum / Vec(static_cast<acc_t>(nr));
+        Vec m2(acc_t(0));
+        for (int64_t r = 0; r < nr; ++r) {
+          const Vec d = load_n(col + r * C, len) - m;
+          m2 = at::vec::fmadd(d, d, m2);
+        }
+        m.store(part_mean.data() + rb * C + f0 + f, len);
+        m2.store(part_m2.data() + rb * C + f0 + f, len);
+      }
+    }
+  });
+  // The merge is small (C x row_blocks states): a parallel region would cost more than it saves.
+  at::parallel_for(0, C, std::max<int64_t>(C, 65536 / u.row_blocks), [&](int64_t begin, int64_t end) {
+    for (int64_t f = begin; f < end; ++f) {
+      WelfordState<acc_t, acc_t> s{part_mean[f], part_m2[f], static_cast<acc_t>(std::min(kRowBlock, N))};
+      for (int64_t rb = 1; rb < u.row_blocks; ++rb) {
+        const acc_t count = static_cast<acc_t>(std::min(kRowBlock, N - rb * kRowBlock));
+        s = welford_merge(s, WelfordState<acc_t, acc_t>{part_mean[rb * C + f], part_m2[rb * C + f], count});
+      }
+      mean[f] = s.mean;
+      invstd[f] = static_cast<acc_t>(1.0 / std::sqrt(static_cast<double>(s.m2 / s.count) + eps));
+      var_unbiased[f] = s.m2 / (s.count - 1);
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Elementwise passes, parallel over rows.
+
+// out = relu(z * A + B) * dropout, with A, B per feature (A null: no affine). out may alias z.
+template <typename scalar_t>
+void affine_relu_dropout(const scalar_t* z, scalar_t* out, int64_t N, int64_t C,
+                         const at::opmath_type<scalar_t>* A, const at::opmath_type<scalar_t>* B,
+                         const Dropout& dropout) {
+  using IO = VecIO<scalar_t>;
+  using acc_t = typename IO::acc_t;
+  using Vec = typename IO::Vec;
+  constexpr int64_t W = IO::kWidth;
+  at::parallel_for(0, N, std::max<int64_t>(1, kGrainElements / C), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> mult(dropout.active ? C : 0);
+    const Vec zero(acc_t(0));
+    for (int64_t n = begin; n < end; ++n) {
+      if (dropout.active) dropout.multipliers(static_cast<uint64_t>(n * C), C, mult.data());
+      const scalar_t* zr = z + n * C;
+      scalar_t* orow = out + n * C;
+      for (int64_t f = 0; f < C; f += W) {
+        const int64_t len = std::min(W, C - f);
+        Vec y = load_n(zr + f, len);
+        if (A) y = at::vec::fmadd(y, load_acc(A + f, len), load_acc(B + f, len));
+        y = at::vec::maximum(y, zero);
+        if (dropout.active) y = y * load_acc(mult.data() + f, len);
+        IO::store(orow + f, y, len);
+      }
+    }
+  });
+}
+
+// relu(x W^T + b) through oneDNN's matmul with a ReLU post-op (torch's mkldnn::_linear_pointwise,
+// what inductor itself fuses Linear + ReLU into on the CPU): bias and ReLU are applied while the
+// GEMM's output tile is in registers. Undefined when the op is missing or refuses the call.
+at::Tensor onednn_linear_relu(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias) {
+  static const auto handle = c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
+  const auto dtype = input.scalar_type();
+  if (!handle.has_value() || (dtype != at::kFloat && dtype != at::kBFloat16)) return at::Tensor();
+  try {
+    c10::List<std::optional<at::Scalar>> scalars;
+    scalars.push_back(std::nullopt);
+    torch::jit::Stack stack{input, weight, bias.defined() ? c10::IValue(bias) : c10::IValue(),
+                            c10::IValue(std::string("relu")), c10::IValue(scalars), c10::IValue()};
+    handle->callBoxed(stack);
+    return stack.at(0).toTensor();
+  } catch (const c10::Error&) {
+    return at::Tensor();  // fall back to addmm + relu_
+  }
+}
+
+// relu(x W^T + b) * dropout: one GEMM, then the epilogue in place on its output.
+at::Tensor linear_relu_dropout(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
+                               const Dropout& dropout) {
+  at::Tensor out = onednn_linear_relu(input, weight, bias);
+  if (!out.defined()) {
+    out = bias.defined() ? at::addmm(bias, input, weight.t()) : at::mm(input, weight.t());
+    at::relu_(out);
+  }
+  if (!dropout.active) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "linear_relu_dropout", [&] {
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    affine_relu_dropout<scalar_t>(o, o, out.size(0), out.size(1), nullptr, nullptr, dropout);
+  });
+  return out;
+}
+
+// The folded BN affine of each feature: y = z * A + B == gamma * (z - mean) * invstd + beta.
+template <typename acc_t>
+void bn_affine(int64_t C, const acc_t* gamma, const acc_t* beta, const acc_t* mean,
+               const acc_t* invstd, acc_t* A, acc_t* B) {
+  for (const auto f : c10::irange(C)) {
+    A[f] = (gamma ? gamma[f] : acc_t(1)) * invstd[f];
+    B[f] = (beta ? beta[f] : acc_t(0)) - mean[f] * A[f];
+  }
+}
+
+// out[f, :] = w[f, :] * scale[f] for a (C, K) matrix: the folded weight W' = W * A.
+template <typename scalar_t>
+void scale_rows(const scalar_t* w, const at::opmath_type<scalar_t>* scale, int64_t C, int64_t K, scalar_t* out) {
+  using IO = VecIO<scalar_t>;
+  at::parallel_for(0, C, std::max<int64_t>(1, kGrainElements / std::max<int64_t>(K, 1)), [&](int64_t f0, int64_t f1) {
+    for (int64_t f = f0; f < f1; ++f) {
+      const typename IO::Vec a(scale[f]);
+      for (int64_t k = 0; k < K; k += IO::kWidth) {
+        const int64_t len = std::min<int64_t>(IO::kWidth, K - k);
+        IO::store(out + f * K + k, load_n(w + f * K + k, len) * a, len);
+      }
+    }
+  });
+}
+
+// A per-feature parameter as a contiguous acc_t tensor (or undefined when absent).
+at::Tensor as_acc(const c10::optional<at::Tensor>& t, at::ScalarType acc) {
+  if (!t.has_value() || !t->defined()) return at::Tensor();
+  return t->to(acc).contiguous();
+}
+template <typename acc_t>
+const acc_t* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<acc_t>() : nullptr;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Argument checks shared by forward and backward.
+
+void check_layer(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                 const c10::optional<at::Tensor>& bn_weight, const c10::optional<at::Tensor>& bn_bias,
+                 double dropout_p, const at::Tensor& seed_offset, const char* op) {
+  TORCH_CHECK(input.dim() == 2, op, ": expected input of shape (batch, in_features), got shape ",
+              input.sizes());
+  TORCH_CHECK(at::isFloatingType(input.scalar_type()), op, ": expected a floating-point input, got ",
+              input.scalar_type());
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == input.size(1), op,
+              ": weight must have shape (out_features, ", input.size(1), "), got ", weight.sizes());
+  TORCH_CHECK(weight.scalar_type() == input.scalar_type(), op, ": weight dtype ", weight.scalar_type(),
+              " does not match input dtype ", input.scalar_type());
+  TORCH_CHECK(weight.device() == input.device(), op, ": weight is on ", weight.device(),
+              " but input is on ", input.device());
+  const int64_t C = weight.size(0);
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == C, op, ": bias must have shape (", C, "), got ",
+                bias->sizes());
+    TORCH_CHECK(bias->scalar_type() == input.scalar_type(), op, ": bias dtype ", bias->scalar_type(),
+                " does not match input dtype ", input.scalar_type());
+  }
+  for (const auto* t : {&bn_weight, &bn_bias}) {
+    if (t->has_value() && (*t)->defined()) {
+      TORCH_CHECK((*t)->dim() == 1 && (*t)->size(0) == C, op,
+                  ": BatchNorm weight and bias must have shape (", C, "), got ", (*t)->sizes());
+      TORCH_CHECK(at::isFloatingType((*t)->scalar_type()), op, ": BatchNorm parameters must be floating-point");
+    }
+  }
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1), got ", dropout_p);
+  if (dropout_p > 0.0) {
+    TORCH_CHECK(seed_offset.scalar_type() == at::kLong && seed_offset.numel() == 2 &&
+                    seed_offset.device().is_cpu(), op,
+                ": seed_offset must be a CPU int64 tensor holding (seed, offset)");
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward.
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn_relu_forward_cpu(
+    const at::Tensor& input_, const at::Tensor& weight_, const c10::optional<at::Tensor>& bias,
+    const c10::optional<at::Tensor>& bn_weight, const c10::optional<at::Tensor>& bn_bias,
+    const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var,
+    bool use_batch_stats, double eps, double dropout_p, const at::Tensor& seed_offset_) {
+  constexpr const char* op = "fused_mlp::linear_bn_relu_forward";
+  check_layer(input_, weight_, bias, bn_weight, bn_bias, dropout_p, seed_offset_, op);
+  const int64_t N = input_.size(0), C = weight_.size(0);
+  const auto acc = input_.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor input = input_.contiguous(), weight = weight_.contiguous();
+  const at::Tensor seed_offset = seed_offset_.contiguous();
+  const at::Tensor gamma = as_acc(bn_weight, acc), beta = as_acc(bn_bias, acc);
+  const auto stat_options = input.options().dtype(acc);
+  at::Tensor mean, invstd, var;
+  at::Tensor pre_bn, out;
+
+  if (use_batch_stats) {
+    TORCH_CHECK(N > 1, "Expected more than 1 value per channel when training, got input size ",
+                input_.sizes());
+    pre_bn = (bias.has_value() && bias->defined())
+                 ? at::addmm(*bias, input, weight.t())
+                 : at::mm(input, weight.t());
+    mean = at::empty({C}, stat_options);
+    invstd = at::empty({C}, stat_options);
+    var = at::empty({C}, stat_options);
+    out = at::empty_like(pre_bn);
+  } else {
+    TORCH_CHECK(running_mean.has_value() && running_var.has_value() && running_mean->defined() &&
+                    running_var->defined(), op,
+                ": running_mean and running_var are required when use_batch_stats is false");
+    TORCH_CHECK(running_mean->numel() == C && running_var->numel() == C, op,
+                ": running_mean and running_var must have ", C, " elements");
+    mean = running_mean->to(acc).contiguous().clone();
+    var = running_var->to(acc).contiguous().clone();
+    invstd = (var + eps).rsqrt();
+    pre_bn = at::empty({0}, input.options());
+  }
+
+  const Dropout dropout(dropout_p, seed_offset);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "linear_bn_relu_forward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    std::vector<acc_t> A(C), B(C);
+    if (use_batch_stats) {
+      batch_stats<scalar_t>(pre_bn.const_data_ptr<scalar_t>(), N, C, eps, mean.mutable_data_ptr<acc_t>(),
+                            invstd.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>());
+      bn_affine<acc_t>(C, ptr_or_null<acc_t>(gamma), ptr_or_null<acc_t>(beta), mean.const_data_ptr<acc_t>(),
+                       invstd.const_data_ptr<acc_t>(), A.data(), B.data());
+      affine_relu_dropout<scalar_t>(pre_bn.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), N, C,
+                                    A.data(), B.data(), dropout);
+      return;
+    }
+    // Running statistics: fold the BN affine into the GEMM, then ReLU (+ dropout) in place.
+    bn_affine<acc_t>(C, ptr_or_null<acc_t>(gamma), ptr_or_null<acc_t>(beta), mean.const_data_ptr<acc_t>(),
+                     invstd.const_data_ptr<acc_t>(), A.data(), B.data());
+    at::Tensor folded_weight = at::empty_like(weight);
+    at::Tensor folded_bias = at::empty({C}, weight.options());
+    const scalar_t* w = weight.const_data_ptr<scalar_t>();
+    scalar_t* fw = folded_weight.mutable_data_ptr<scalar_t>();
+    scalar_t* fb = folded_bias.mutable_data_ptr<scalar_t>();
+    const at::Tensor bias_c = (bias.has_value() && bias->defined()) ? bias->contiguous() : at::Tensor();
+    const scalar_t* b = bias_c.defined() ? bias_c.const_data_ptr<scalar_t>() : nullptr;
+    scale_rows<scalar_t>(w, A.data(), C, weight.size(1), fw);
+    for (const auto f : c10::irange(C)) {
+      fb[f] = static_cast<scalar_t>((b ? static_cast<acc_t>(b[f]) : acc_t(0)) * A[f] + B[f]);
+    }
+    out = linear_relu_dropout(input, folded_weight, folded_bias, dropout);
+  });
+  return {out, pre_bn, mean, invstd, var};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward.
+
+// Pass 1 over the (N, C) gradient: dy = grad_out through dropout and ReLU, written to dy_out (acc_t),
+// and its per-feature sums sum(dy) and, with batch statistics, sum(dy * zhat), merged in row-block
+// order. With batch statistics the ReLU mask is recomputed from z exactly as the forward computed
+// it, and the dropout mask is regenerated from (seed, offset); with running statistics both are
+// read off the saved output (out > 0 exactly where the unit was active and kept).
+template <typename scalar_t>
+void grad_through_relu_dropout(const scalar_t* g, const scalar_t* saved, int64_t N, int64_t C,
+                               bool use_batch_stats, const at::opmath_type<scalar_t>* A,
+                               const at::opmath_type<scalar_t>* B, const at::opmath_type<scalar_t>* mean,
+                               const at::opmath_type<scalar_t>* invstd, const Dropout& dropout,
+                               at::opmath_type<scalar_t>* dy_out, at::opmath_type<scalar_t>* sum_dy,
+                               at::opmath_type<scalar_t>* sum_dy_zhat) {
+  using IO = VecIO<scalar_t>;
+  using acc_t = typename IO::acc_t;
+  using Vec = typename IO::Vec;
+  constexpr int64_t W = IO::kWidth;
+  const Units u(N, C, W);
+  std::vector<acc_t> part_dy(u.row_blocks * C), part_dyz(use_batch_stats ? u.row_blocks * C : 0);
+  at::parallel_for(0, u.count(), u.grain(), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> mult(u.width);
+    const Vec zero(acc_t(0));
+    const Vec kept_scale(static_cast<acc_t>(dropout.active ? dropout.scale : 1.0));
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t fb = unit % u.feature_blocks, rb = unit / u.feature_blocks;
+      const int64_t f0 = fb * u.width, nf = std::min(u.width, C - f0);
+      const int64_t r0 = rb * kRowBlock, nr = std::min(kRowBlock, N - r0);
+      Vec s_dy[kFeatureVecs], s_dyz[kFeatureVecs];
+      for (int64_t v = 0; v < kFeatureVecs; ++v) s_dy[v] = zero, s_dyz[v] = zero;
+      for (int64_t n = r0; n < r0 + nr; ++n) {
+        const bool regenerate = use_batch_stats && dropout.active;
+        if (regenerate) dropout.multipliers(static_cast<uint64_t>(n * C + f0), nf, mult.data());
+        for (int64_t v = 0, f = 0; f < nf; ++v, f += W) {
+          const int64_t len = std::min(W, nf - f), idx = n * C + f0 + f;
+          const Vec gv = load_n(g + idx, len);
+          const Vec sv = load_n(saved + idx, len);
+          Vec dy;
+          if (use_batch_stats) {
+            const Vec y = at::vec::fmadd(sv, load_acc(A + f0 + f, len), load_acc(B + f0 + f, len));
+            dy = Vec::blendv(zero, regenerate ? gv * load_acc(mult.data() + f, len) : gv, y > zero);
+            const Vec zhat = (sv - load_acc(mean + f0 + f, len)) * load_acc(invstd + f0 + f, len);
+            s_dyz[v] = at::vec::fmadd(dy, zhat, s_dyz[v]);
+          } else {
+            dy = Vec::blendv(zero, gv * kept_scale, sv > zero);
+          }
+          s_dy[v] = s_dy[v] + dy;
+          dy.store(dy_out + idx, len);
+        }
+      }
+      for (int64_t v = 0, f = 0; f < nf; ++v, f += W) {
+        const int64_t len = std::min(W, nf - f);
+        s_dy[v].store(part_dy.data() + rb * C + f0 + f, len);
+        if (use_batch_stats) s_dyz[v].store(part_dyz.data() + rb * C + f0 + f, len);
+      }
+    }
+  });
+  for (const auto f : c10::irange(C)) {
+    acc_t a = 0, b = 0;
+    for (int64_t rb = 0; rb < u.row_blocks; ++rb) {
+      a += part_dy[rb * C + f];
+      if (use_batch_stats) b += part_dyz[rb * C + f];
+    }
+    sum_dy[f] = a;
+    sum_dy_zhat[f] = b;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn_relu_backward_cpu(
+    const at::Tensor& grad_out_, const at::Tensor& input_, const at::Tensor& weight_,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& bn_weight,
+    const c10::optional<at::Tensor>& bn_bias, const at::Tensor& saved_, const at::Tensor& mean_,
+    const at::Tensor& invstd_, bool use_batch_stats, double dropout_p, const at::Tensor& seed_offset_) {
+  constexpr const char* op = "fused_mlp::linear_bn_relu_backward";
+  check_layer(input_, weight_, bias, bn_weight, bn_bias, dropout_p, seed_offset_, op);
+  const int64_t N = input_.size(0), C = weight_.size(0), K = weight_.size(1);
+  TORCH_CHECK(grad_out_.sizes() == at::IntArrayRef({N, C}) && grad_out_.scalar_type() == input_.scalar_type(),
+              op, ": grad_out must have shape (", N, ", ", C, ") and the input's dtype, got ",
+              grad_out_.sizes(), " ", grad_out_.scalar_type());
+  TORCH_CHECK(saved_.sizes() == at::IntArrayRef({N, C}) && saved_.scalar_type() == input_.scalar_type(), op,
+              ": saved must be the forward's pre-BN activation (batch statistics) or output "
+              "(running statistics), of shape (", N, ", ", C, "); got ", saved_.sizes());
+  const auto acc = input_.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(mean_.numel() == C && invstd_.numel() == C && mean_.scalar_type() == acc &&
+                  invstd_.scalar_type() == acc, op, ": mean and invstd must be the forward's");
+  const at::Tensor g = grad_out_.contiguous(), input = input_.contiguous(), weight = weight_.contiguous();
+  const at::Tensor saved = saved_.contiguous(), mean = mean_.contiguous(), invstd = invstd_.contiguous();
+  const at::Tensor seed_offset = seed_offset_.contiguous();
+  const at::Tensor gamma = as_acc(bn_weight, acc), beta = as_acc(bn_bias, acc);
+  const bool has_bias = bias.has_value() && bias->defined();
+  const Dropout dropout(dropout_p, seed_offset);
+
+  at::Tensor grad_input, grad_weight, grad_bias;
+  at::Tensor sum_dy = at::empty({C}, input.options().dtype(acc));
+  at::Tensor sum_dy_zhat = at::empty({C}, input.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "linear_bn_relu_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    using IO = VecIO<scalar_t>;
+    using Vec = typename IO::Vec;
+    constexpr int64_t W = IO::kWidth;
+    std::vector<acc_t> A(C), B(C);
+    bn_affine<acc_t>(C, ptr_or_null<acc_t>(gamma), ptr_or_null<acc_t>(beta), mean.const_data_ptr<acc_t>(),
+                     invstd.const_data_ptr<acc_t>(), A.data(), B.data());
+    // dy in acc_t; for float and double it is written straight into the tensor that becomes dz.
+    at::Tensor dz = at::empty({N, C}, input.options());
+    at::Tensor dy_buf = IO::kReduced ? at::empty({N, C}, input.options().dtype(acc)) : dz;
+    acc_t* dy = dy_buf.mutable_data_ptr<acc_t>();
+    grad_through_relu_dropout<scalar_t>(g.const_data_ptr<scalar_t>(), saved.const_data_ptr<scalar_t>(), N, C,
+                                        use_batch_stats, A.data(), B.data(), mean.const_data_ptr<acc_t>(),
+                                        invstd.const_data_ptr<acc_t>(), dropout, dy,
+                                        sum_dy.mutable_data_ptr<acc_t>(), sum_dy_zhat.mutable_data_ptr<acc_t>());
+    const acc_t* sdy = sum_dy.const_data_ptr<acc_t>();
+    const acc_t* sdz = sum_dy_zhat.const_data_ptr<acc_t>();
+    const acc_t* mu = mean.const_data_ptr<acc_t>();
+    const acc_t* is = invstd.const_data_ptr<acc_t>();
+
+    if (use_batch_stats) {
+      // dz = A * (dy - mean_n(dy) - zhat * mean_n(dy * zhat)) = A * dy + z * D + E per feature.
+      std::vector<acc_t> D(C), E(C);
+      for (const auto f : c10::irange(C)) {
+        const acc_t c1 = sdy[f] / static_cast<acc_t>(N), c2 = sdz[f] / static_cast<acc_t>(N);
+        D[f] = -A[f] * is[f] * c2;
+        E[f] = -A[f] * c1 - mu[f] * D[f];
+      }
+      const scalar_t* z = saved.const_data_ptr<scalar_t>();
+      scalar_t* dzp = dz.mutable_data_ptr<scalar_t>();
+      at::parallel_for(0, N, std::max<int64_t>(1, kGrainElements / C), [&](int64_t begin, int64_t end) {
+        for (int64_t n = begin; n < end; ++n) {
+          for (int64_t f = 0; f < C; f += W) {
+            const int64_t len = std::min(W, C - f), idx = n * C + f;
+            const Vec v = at::vec::fmadd(load_acc(dy + idx, len), load_acc(A.data() + f, len),
+                                         at::vec::fmadd(load_n(z + idx, len), load_acc(D.data() + f, len),
+                                                        load_acc(E.data() + f, len)));
+            IO::store(dzp + idx, v, len);
+          }
+        }
+      });
+      grad_input = at::mm(dz, weight);
+      grad_weight = at::mm(dz.t(), input);
+      // Exactly zero: BatchNorm with batch statistics cancels any constant added before it.
+      grad_bias = at::zeros({C}, input.options());
+      return;
+    }
+    // Running statistics: y = x W'^T + b' with W' = W * A, b' = (b - mean) * A + beta.
+    if constexpr (IO::kReduced) {
+      dz.copy_(dy_buf);  // dy, rounded to the input dtype for the GEMMs
+    }
+    at::Tensor folded_weight = at::empty_like(weight);
+    scale_rows<scalar_t>(weight.const_data_ptr<scalar_t>(), A.data(), C, K, folded_weight.mutable_data_ptr<scalar_t>());
+    grad_input = at::mm(dz, folded_weight);
+    at::Tensor G = at::mm(dz.t(), input);  // dL/dW' = dy^T x
+    grad_weight = at::empty_like(weight);
+    grad_bias = at::empty({C}, input.options());
+    const at::Tensor bias_c = has_bias ? bias->contiguous() : at::Tensor();
+    const scalar_t* b = has_bias ? bias_c.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* Gp = G.const_data_ptr<scalar_t>();
+    const scalar_t* w = weight.const_data_ptr<scalar_t>();
+    scalar_t* gw = grad_weight.mutable_data_ptr<scalar_t>();
+    scalar_t* gb = grad_bias.mutable_data_ptr<scalar_t>();
+    acc_t* gg = sum_dy_zhat.mutable_data_ptr<acc_t>();  // becomes dL/dgamma = sum_n dy * zhat
+    at::parallel_for(0, C, std::max<int64_t>(1, kGrainElements / std::max<int64_t>(K, 1)), [&](int64_t f0, int64_t f1) {
+      for (int64_t f = f0; f < f1; ++f) {
+        // sum_n dy * z = sum_k G[f, k] W[f, k] + b[f] sum_n dy, since z = x W^T + b.
+        Vec dot(acc_t(0));
+        const Vec a(A[f]);
+        for (int64_t k = 0; k < K; k += W) {
+          const int64_t len = std::min(W, K - k);
+          const Vec gv = load_n(Gp + f * K + k, len);
+          dot = at::vec::fmadd(gv, load_n(w + f * K + k, len), dot);
+          IO::store(gw + f * K + k, gv * a, len);
+        }
+        const acc_t dy_z = at::vec::vec_reduce_all<acc_t>([](Vec& x, Vec& y) { return x + y; }, dot) +
+                           (b ? static_cast<acc_t>(b[f]) : acc_t(0)) * sdy[f];
+        gg[f] = is[f] * (dy_z - mu[f] * sdy[f]);
+        gb[f] = static_cast<scalar_t>(A[f] * sdy[f]);
+      }
+    });
+  });
+  const auto param_type = [&](const c10::optional<at::Tensor>& t) {
+    return t.has_value() && t->defined() ? t->scalar_type() : acc;
+  };
+  return {grad_input, grad_weight, grad_bias, sum_dy_zhat.to(param_type(bn_weight)),
+          sum_dy.to(param_type(bn_bias))};
+}
+
+// Inference with BN already folded into (weight, bias): relu(x W^T + b) * dropout.
+at::Tensor linear_relu_dropout_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
+                                           const c10::optional<at::Tensor>& bias, double dropout_p,
+                                           const at::Tensor& seed_offset) {
+  constexpr const char* op = "fused_mlp::linear_relu_dropout_forward";
+  check_layer(input, weight, bias, c10::nullopt, c10::nullopt, dropout_p, seed_offset, op);
+  const at::Tensor b = (bias.has_value() && bias->defined()) ? bias->contiguous() : at::Tensor();
+  return linear_relu_dropout(input.contiguous(), weight.contiguous(), b,
+                             Dropout(dropout_p, seed_offset.contiguous()));
+}
+
+// running_stat = (1 - factor) * running_stat + factor * batch_stat, for the mean and the
+// (unbiased) variance, in the running statistics' own dtype.
+void bn_update_running_stats_cpu(at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& batch_mean,
+                                 const at::Tensor& batch_var, double factor) {
+  constexpr const char* op = "fused_mlp::bn_update_running_stats_";
+  TORCH_CHECK(running_mean.numel() == batch_mean.numel() && running_var.numel() == batch_var.numel() &&
+                  running_mean.numel() == running_var.numel(), op,
+              ": running and batch statistics must have the same number of features");
+  TORCH_CHECK(factor >= 0.0 && factor <= 1.0, op, ": factor must be in [0, 1], got ", factor);
+  running_mean.mul_(1.0 - factor).add_(batch_mean.to(running_mean.scalar_type()), factor);
+  running_var.mul_(1.0 - factor).add_(batch_var.to(running_var.scalar_type()), factor);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fused_mlp, CPU, m) {
+  m.impl("linear_bn_relu_forward", &linear_bn_relu_forward_cpu);
+  m.impl("linear_bn_relu_backward", &linear_bn_relu_backward_cpu);
+  m.impl("bn_update_running_stats_", &bn_update_running_stats_cpu);
+  m.impl("linear_relu_dropout_forward", &linear_relu_dropout_forward_cpu);
+}
+
+}  // namespace fused_mlp::cpu

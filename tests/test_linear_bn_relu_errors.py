@@ -1,0 +1,91 @@
+"""Bad input to the fused layer: a clear error naming the argument, and the layer's state intact."""
+
+import pytest
+import torch
+
+from fused_mlp.functional import linear_bn_relu
+from fused_mlp.nn import LinearBNReLU
+
+
+@pytest.fixture
+def layer():
+    torch.manual_seed(0)
+    return LinearBNReLU(8, 4, dropout=0.1).train()
+
+
+def snapshot(layer):
+    return {k: v.clone() for k, v in layer.state_dict().items()}
+
+
+def assert_untouched(layer, before):
+    for k, v in layer.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("x,match", [
+    (torch.randn(5, 8, 1), "input must have shape \\(batch, in_features\\)"),
+    (torch.randn(8), "input must have shape \\(batch, in_features\\)"),
+    (torch.randn(5, 7), "input has 7 features but the layer expects in_features=8"),
+    (torch.randn(5, 8, dtype=torch.float64), "input dtype torch.float64 does not match the Linear weight dtype torch.float32"),
+    (torch.ones(5, 8, dtype=torch.long), "input must be a floating-point tensor"),
+])
+def test_bad_input(layer, x, match):
+    before = snapshot(layer)
+    with pytest.raises((ValueError, TypeError), match=match):
+        layer(x)
+    assert_untouched(layer, before)
+
+
+def test_batch_of_one_in_training_raises_as_pytorch(layer):
+    before = snapshot(layer)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        layer(torch.randn(1, 8))
+    assert_untouched(layer, before)  # num_batches_tracked included
+    layer.eval()
+    assert layer(torch.randn(1, 8)).shape == (1, 4)  # eval takes a single sample
+
+
+def test_device_mismatch(layer):
+    with pytest.raises(ValueError, match="weight is on cpu but input is on meta"):
+        layer(torch.randn(5, 8, device="meta"))
+
+
+@pytest.mark.parametrize("p", [-0.1, 1.0, 1.5, float("nan"), "0.3"])
+def test_dropout_out_of_range(p):
+    with pytest.raises(ValueError, match="dropout must be a probability in \\[0, 1\\)"):
+        LinearBNReLU(8, 4, dropout=p)
+    with pytest.raises(ValueError, match="dropout must be a probability in \\[0, 1\\)"):
+        linear_bn_relu(torch.randn(5, 8), torch.randn(4, 8), dropout=p)
+
+
+def test_functional_eval_needs_running_stats():
+    with pytest.raises(ValueError, match="running_mean and running_var are required when training=False"):
+        linear_bn_relu(torch.randn(5, 8), torch.randn(4, 8), training=False)
+    with pytest.raises(ValueError, match="running_mean and running_var must be given together"):
+        linear_bn_relu(torch.randn(5, 8), torch.randn(4, 8), running_mean=torch.zeros(4))
+
+
+def test_parameter_shapes_are_checked():
+    x, w = torch.randn(5, 8), torch.randn(4, 8)
+    with pytest.raises(ValueError, match="bias must have shape \\(4,\\)"):
+        linear_bn_relu(x, w, torch.randn(3))
+    with pytest.raises(ValueError, match="bn_weight must have shape \\(4,\\)"):
+        linear_bn_relu(x, w, bn_weight=torch.randn(5))
+
+
+def test_ops_check_their_own_arguments():
+    op = getattr(torch.ops.fused_mlp, "linear_bn_relu_forward", None)
+    import fused_mlp
+    if fused_mlp.BACKEND != "extension":
+        pytest.skip("the compiled extension is not loaded")
+    x, w, so = torch.randn(5, 8), torch.randn(4, 8), torch.tensor([1, 2])
+    with pytest.raises(RuntimeError, match="weight must have shape \\(out_features, 8\\)"):
+        op(x, torch.randn(4, 7), None, None, None, None, None, True, 1e-5, 0.0, so)
+    with pytest.raises(RuntimeError, match="dropout_p must be in \\[0, 1\\)"):
+        op(x, w, None, None, None, None, None, True, 1e-5, 1.0, so)
+    with pytest.raises(RuntimeError, match="Expected more than 1 value per channel when training"):
+        op(x[:1], w, None, None, None, None, None, True, 1e-5, 0.0, so)
+    with pytest.raises(RuntimeError, match="running_mean and running_var are required"):
+        op(x, w, None, None, None, None, None, False, 1e-5, 0.0, so)
+    with pytest.raises(RuntimeError, match="seed_offset must be a CPU int64 tensor"):
+        op(x, w, None, None, None, None, None, True, 1e-5, 0.5, torch.tensor([1.0, 2.0]))
