@@ -5,6 +5,8 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMPS := $(VENV)/.stamps
 export MAX_JOBS ?= 2
+# The datasets: a shared copy beside the repository when there is one, else ./data (downloaded).
+export FUSED_MLP_DATA ?= $(if $(wildcard ../shared/data/FashionMNIST/raw),$(abspath ../shared/data),)
 
 SOURCES := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
 
