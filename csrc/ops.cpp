@@ -55,7 +55,7 @@ TORCH_LIBRARY(fused_mlp, m) {
       "Tensor seed_offset) -> Tensor");
   // The dropout generator itself (csrc/common/philox.h), for verification: Philox4x32-10 of each
   // row of counter ((n, 4) int64 holding 32-bit words) under key ((2,) likewise); and the keep mask
-  // of elements [0, numel) for (seed, offset) and probability p.
+  // of elements [start, start + numel) for (seed, offset) and probability p.
   m.def("philox4x32_10(Tensor counter, Tensor key) -> Tensor");
-  m.def("dropout_mask(Tensor seed_offset, int numel, float p) -> Tensor");
+  m.def("dropout_mask(Tensor seed_offset, int numel, float p, int start=0) -> Tensor");
 }

@@ -116,5 +116,5 @@ if BACKEND == "extension":
         return torch.empty_like(counter)
 
     @torch.library.register_fake("fused_mlp::dropout_mask")
-    def _dropout_mask_fake(seed_offset, numel, p):
+    def _dropout_mask_fake(seed_offset, numel, p, start=0):
         return seed_offset.new_empty((numel,), dtype=torch.bool)

@@ -137,16 +137,18 @@ def philox4x32_10(counter, key):
     return c0, c1, c2, c3
 
 
-def dropout_keep_mask(seed, offset, numel, p):
+def dropout_keep_mask(seed, offset, numel, p, start=0):
     """The keep mask (bool tensor of numel elements) of dropout with probability p for elements
-    0 .. numel - 1, as every backend computes it."""
+    start .. start + numel - 1, as every backend computes it."""
     seed = int(seed) & 0xFFFFFFFFFFFFFFFF
     offset = int(offset) & 0xFFFFFFFFFFFFFFFF
-    blocks = np.arange((numel + 3) // 4, dtype=np.uint64)
+    first_block = start // 4
+    blocks = np.arange(first_block, (start + numel + 3) // 4, dtype=np.uint64)
     words = philox4x32_10((blocks & _MASK32, blocks >> np.uint64(32),
                            np.full_like(blocks, offset & 0xFFFFFFFF), np.full_like(blocks, offset >> 32)),
                           (seed & 0xFFFFFFFF, seed >> 32))
-    word = np.stack(words, axis=1).reshape(-1)[:numel]  # element i: word i % 4 of block i // 4
+    word = np.stack(words, axis=1).reshape(-1)  # element i: word i % 4 of block i // 4
+    word = word[start - first_block * 4:][:numel]
     keep = (word >> np.uint64(8)).astype(np.float32) * np.float32(2.0 ** -24) >= np.float32(p)
     return torch.from_numpy(keep)
 

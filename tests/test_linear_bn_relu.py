@@ -173,6 +173,10 @@ def test_dropout_mask_same_in_cpp_and_reference(numel, seed, offset):
     for p in (0.1, 0.5):
         assert torch.equal(torch.ops.fused_mlp.dropout_mask(so, numel, p),
                            reference.dropout_keep_mask(seed, offset, numel, p))
+    # Block indices crossing 2^32, where the counter's low word carries into the next.
+    start = 4 * (2**32 - 10) + 3
+    assert torch.equal(torch.ops.fused_mlp.dropout_mask(so, numel, 0.5, start),
+                       reference.dropout_keep_mask(seed, offset, numel, 0.5, start))
 
 
 @needs_extension

@@ -36,7 +36,12 @@ inline void mulhilo(V a, V m, V& hi, V& lo) {
   lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
   hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
 }
-inline V load(const uint32_t* p) { return _mm512_loadu_si512(p); }
+inline V add(V a, V b) { return _mm512_add_epi32(a, b); }
+inline V iota() { return _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15); }
+// hi + 1 in the lanes where lo_sum = lo + (something) wrapped below lo.
+inline V add_carry(V hi, V lo_sum, V lo) {
+  return _mm512_mask_add_epi32(hi, _mm512_cmplt_epu32_mask(lo_sum, lo), hi, _mm512_set1_epi32(1));
+}
 inline void store(uint32_t* p, V v) { _mm512_storeu_si512(p, v); }
 }  // namespace philox_simd
 #elif defined(CPU_CAPABILITY_AVX2)
@@ -51,7 +56,13 @@ inline void mulhilo(V a, V m, V& hi, V& lo) {
   lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
   hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
 }
-inline V load(const uint32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const V*>(p)); }
+inline V add(V a, V b) { return _mm256_add_epi32(a, b); }
+inline V iota() { return _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7); }
+inline V add_carry(V hi, V lo_sum, V lo) {
+  const V sign = _mm256_set1_epi32(static_cast<int>(0x80000000u));  // unsigned compare via signed
+  const V wrapped = _mm256_cmpgt_epi32(_mm256_xor_si256(lo, sign), _mm256_xor_si256(lo_sum, sign));
+  return _mm256_sub_epi32(hi, wrapped);  // wrapped lanes are -1
+}
 inline void store(uint32_t* p, V v) { _mm256_storeu_si256(reinterpret_cast<V*>(p), v); }
 }  // namespace philox_simd
 #endif
@@ -63,14 +74,12 @@ inline void philox_blocks(uint64_t seed, uint64_t offset, uint64_t block0,
                           uint32_t (*words)[philox_simd::kLanes]) {
   using namespace philox_simd;
   using namespace philox_detail;
-  // Counter word 0 is the low half of the block index; lanes whose low half wraps past 2^32
-  // carry into word 1, so both are formed per lane.
-  alignas(64) uint32_t lo_words[kLanes], hi_words[kLanes];
-  for (int l = 0; l < kLanes; ++l) {
-    lo_words[l] = static_cast<uint32_t>(block0 + l);
-    hi_words[l] = static_cast<uint32_t>((block0 + l) >> 32);
-  }
-  V c0 = load(lo_words), c1 = load(hi_words);
+  // Counter words 0 and 1: the block index block0 + lane, its low half formed in the vector and
+  // any wrap past 2^32 carried into the high half (vector ops only: assembling the lanes through
+  // memory would stall on store forwarding).
+  const V base_lo = set1(static_cast<uint32_t>(block0)), base_hi = set1(static_cast<uint32_t>(block0 >> 32));
+  const V c0_start = add(base_lo, iota());
+  V c0 = c0_start, c1 = add_carry(base_hi, c0_start, base_lo);
   V c2 = set1(static_cast<uint32_t>(offset)), c3 = set1(static_cast<uint32_t>(offset >> 32));
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
   const V m0 = set1(kMul0), m1 = set1(kMul1);

@@ -41,7 +41,7 @@ namespace {
 
 constexpr int64_t kRowBlock = 128;     // rows per reduction unit
 constexpr int64_t kFeatureVecs = 4;    // vectors of features per reduction unit
-constexpr int64_t kGrainElements = 32768;
+constexpr int64_t kGrainElements = 8192;  // two threads from 8K elements up
 
 // The dropout of one layer call: which elements survive, and the scale of the survivors.
 struct Dropout {

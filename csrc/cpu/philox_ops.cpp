@@ -34,16 +34,17 @@ at::Tensor philox4x32_10_cpu(const at::Tensor& counter_, const at::Tensor& key_)
   return out;
 }
 
-// The keep mask of elements [0, numel) as the fused kernels generate it (batched).
-at::Tensor dropout_mask_cpu(const at::Tensor& seed_offset_, int64_t numel, double p) {
+// The keep mask of elements [start, start + numel) as the fused kernels generate it (batched).
+at::Tensor dropout_mask_cpu(const at::Tensor& seed_offset_, int64_t numel, double p, int64_t start) {
   TORCH_CHECK(seed_offset_.numel() == 2 && seed_offset_.scalar_type() == at::kLong,
               "fused_mlp::dropout_mask: seed_offset must be an int64 tensor (seed, offset)");
-  TORCH_CHECK(numel >= 0, "fused_mlp::dropout_mask: numel must be >= 0");
+  TORCH_CHECK(numel >= 0 && start >= 0, "fused_mlp::dropout_mask: numel and start must be >= 0");
   TORCH_CHECK(p >= 0.0 && p < 1.0, "fused_mlp::dropout_mask: p must be in [0, 1), got ", p);
   const at::Tensor so = seed_offset_.contiguous();
   const int64_t* s = so.const_data_ptr<int64_t>();
   std::vector<float> mult(numel);
-  dropout_multipliers<float>(static_cast<uint64_t>(s[0]), static_cast<uint64_t>(s[1]), 0, numel,
+  dropout_multipliers<float>(static_cast<uint64_t>(s[0]), static_cast<uint64_t>(s[1]),
+                             static_cast<uint64_t>(start), numel,
                              static_cast<float>(p), 1.0f, mult.data());
   at::Tensor out = at::empty({numel}, so.options().dtype(at::kBool));
   bool* o = out.mutable_data_ptr<bool>();
