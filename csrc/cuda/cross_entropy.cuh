@@ -1,0 +1,359 @@
+// Device code of the fused cross-entropy: kernels, their __device__ helpers and their launch
+// configuration. Free of host-only syntax, so the same code compiles with nvcc for a GPU and with
+// g++ under the CUDA simulation (csrc/sim/cuda_sim.h) for the tests. The launches live in
+// cross_entropy_launch.cu (GPU) and tests/sim/cross_entropy_sim.cpp (simulation).
+//
+// The maths is the CPU kernel's (docs/cross_entropy.md): per row, the max m, then
+// sumexp = sum exp(x - m) and, for label smoothing and probability targets, the coefficient sums
+// coef_sum = sum coef and coef_dot = sum coef * (x - m). Rows of up to kWarpRowMaxClasses classes
+// take one warp each; longer rows one block each. Every reduction runs in a fixed order (no float
+// atomics), so results are deterministic.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include "common/host_device.h"
+
+#if defined(__CUDACC__)
+#define FUSED_MLP_DEVICE_ASSERT(cond) CUDA_KERNEL_ASSERT(cond)
+#endif
+
+namespace fused_mlp::cuda {
+
+template <typename T>
+struct AccType {
+  using type = float;
+};
+template <>
+struct AccType<double> {
+  using type = double;
+};
+
+FUSED_MLP_HD float acc_exp(float x) { return expf(x); }
+FUSED_MLP_HD double acc_exp(double x) { return exp(x); }
+FUSED_MLP_HD float acc_log(float x) { return logf(x); }
+FUSED_MLP_HD double acc_log(double x) { return log(x); }
+template <typename T>
+FUSED_MLP_HD bool is_nan(T x) {
+  return x != x;
+}
+template <typename T>
+FUSED_MLP_HD bool is_finite(T x) {
+  return (x - x) == (x - x);  // inf - inf and NaN - NaN are NaN
+}
+template <typename T>
+FUSED_MLP_HD T max_propagating_nan(T a, T b) {
+  return (is_nan(a) || a > b) ? a : b;
+}
+
+constexpr int kWarpSize = 32;
+constexpr int64_t kWarpRowMaxClasses = 1024;
+constexpr int kWarpRowThreads = 128;  // 4 rows per block
+constexpr int kBlockRowThreads = 512;
+constexpr int kReduceThreads = 512;
+
+enum Reduction : int { kNone = 0, kMean = 1, kSum = 2 };
+
+// What the kernels need of a device; passed in, never queried, so a host build can supply it.
+struct LaunchLimits {
+  int sm_count;
+  int max_threads_per_block;
+};
+
+struct LaunchConfig {
+  dim3 grid;
+  dim3 block;
+  size_t shared_bytes;
+  bool warp_per_row;
+};
+
+// The forward's row kernel: a warp per row for short rows, a block per row for long ones; a grid
+// of a few waves, looping over the rows beyond it (grid-stride).
+inline LaunchConfig cross_entropy_rows_config(int64_t rows, int64_t classes, const LaunchLimits& limits,
+                                              int64_t max_blocks_per_sm = 32) {
+  const int64_t max_grid = std::max<int64_t>(1, limits.sm_count * max_blocks_per_sm);
+  if (classes <= kWarpRowMaxClasses) {
+    const int64_t rows_per_block = kWarpRowThreads / kWarpSize;
+    const int64_t blocks = std::max<int64_t>(1, std::min(max_grid, (rows + rows_per_block - 1) / rows_per_block));
+    return {dim3(static_cast<unsigned>(blocks)), dim3(kWarpRowThreads), 0, true};
+  }
+  const int threads = std::min(kBlockRowThreads, limits.max_threads_per_block);
+  const int64_t blocks = std::max<int64_t>(1, std::min(max_grid, rows));
+  return {dim3(static_cast<unsigned>(blocks)), dim3(threads), 0, false};
+}
+
+// The backward's elementwise kernel: a grid-stride loop over rows * classes elements.
+inline LaunchConfig cross_entropy_elementwise_config(int64_t elements, const LaunchLimits& limits) {
+  const int threads = std::min(256, limits.max_threads_per_block);
+  const int64_t max_grid = std::max<int64_t>(1, limits.sm_count * 8);
+  const int64_t blocks = std::max<int64_t>(1, std::min(max_grid, (elements + threads - 1) / threads));
+  return {dim3(static_cast<unsigned>(blocks)), dim3(threads), 0, false};
+}
+
+// A single block for the deterministic batch reductions.
+inline LaunchConfig cross_entropy_reduce_config(const LaunchLimits& limits) {
+  return {dim3(1), dim3(std::min(kReduceThreads, limits.max_threads_per_block)), 0, false};
+}
+
+// --- reductions within a warp and within a block ---------------------------------------------
+
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+template <typename T>
+__device__ __forceinline__ T warp_max(T v) {
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    v = max_propagating_nan(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  }
+  return v;
+}
+
+// The block-wide sum (or max) of v, returned to every thread. blockDim.x is a multiple of 32.
+template <typename T, bool kMax>
+__device__ T block_reduce(T v) {
+  __shared__ T warp_results[32];
+  v = kMax ? warp_max(v) : warp_sum(v);
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  const int warps = blockDim.x / kWarpSize;
+  __syncthreads();  // warp_results may still be read by a previous call
+  if (lane == 0) warp_results[warp] = v;
+  __syncthreads();
+  T r = lane < warps ? warp_results[lane] : (kMax ? T(-INFINITY) : T(0));
+  r = kMax ? warp_max(r) : warp_sum(r);
+  return r;
+}
+
+// --- forward ----------------------------------------------------------------------------------
+
+template <typename scalar_t>
+struct ForwardArgs {
+  const scalar_t* input;        // (rows, classes)
+  const int64_t* target;        // (rows,) class indices, or null
+  const scalar_t* prob_target;  // (rows, classes) probabilities, or null
+  const scalar_t* weight;       // (classes,) or null
+  int64_t rows, classes, ignore_index;
+  double label_smoothing;
+  typename AccType<scalar_t>::type* row_loss;  // (rows,)
+  double* logsumexp;                           // (rows,)
+};
+
+// The coefficient of class c of a row, for the smoothing / probability-target sums.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ acc_t class_coef(const ForwardArgs<scalar_t>& a, int64_t row, int64_t c,
+                                            acc_t keep, acc_t spread) {
+  const acc_t w = a.weight ? static_cast<acc_t>(a.weight[c]) : acc_t(1);
+  if (a.prob_target) return w * (static_cast<acc_t>(a.prob_target[row * a.classes + c]) * keep + spread);
+  return w;
+}
+
+// Finishes one row from its reduced statistics (every thread may call it; one writes).
+template <typename scalar_t, typename acc_t>
+__device__ void finish_row(const ForwardArgs<scalar_t>& a, int64_t row, acc_t m, acc_t sumexp, acc_t coef_sum,
+                           acc_t coef_dot, acc_t keep, acc_t spread, bool smoothing) {
+  const bool finite = is_finite(m);
+  const acc_t log_sum = finite ? acc_log(sumexp) : acc_t(NAN);
+  acc_t loss;
+  if (a.prob_target) {
+    loss = coef_sum * log_sum - coef_dot;
+  } else {
+    const int64_t t = a.target[row];
+    if (t == a.ignore_index) {
+      loss = 0;
+    } else {
+      FUSED_MLP_DEVICE_ASSERT(t >= 0 && t < a.classes);
+      const acc_t w = a.weight ? static_cast<acc_t>(a.weight[t]) : acc_t(1);
+      loss = w * ((m - static_cast<acc_t>(a.input[row * a.classes + t])) + log_sum);
+      if (smoothing) loss = keep * loss + spread * (coef_sum * log_sum - coef_dot);
+    }
+  }
+  a.row_loss[row] = loss;
+  a.logsumexp[row] = finite ? static_cast<double>(m) + static_cast<double>(log_sum) : static_cast<double>(NAN);
+}
+
+// The statistics of one row, strided over `lanes` threads starting at `lane`, then combined by
+// `reduce_max` / `reduce_sum` (a warp's or a block's).
+template <typename scalar_t, typename acc_t, typename MaxFn, typename SumFn>
+__device__ void row_forward(const ForwardArgs<scalar_t>& a, int64_t row, int lane, int lanes, MaxFn reduce_max,
+                            SumFn reduce_sum) {
+  const scalar_t* x = a.input + row * a.classes;
+  const acc_t keep = acc_t(1) - static_cast<acc_t>(a.label_smoothing);
+  const acc_t spread = static_cast<acc_t>(a.label_smoothing) / static_cast<acc_t>(a.classes);
+  const bool need_coef = a.prob_target != nullptr || a.label_smoothing > 0.f;
+  acc_t m = acc_t(-INFINITY);
+  for (int64_t c = lane; c < a.classes; c += lanes) m = max_propagating_nan(m, static_cast<acc_t>(x[c]));
+  m = reduce_max(m);
+  const acc_t ref = (m == acc_t(-INFINITY) || !is_finite(m)) ? acc_t(0) : m;  // all -inf: exp gives 0
+  acc_t sumexp = 0, coef_sum = 0, coef_dot = 0;
+  for (int64_t c = lane; c < a.classes; c += lanes) {
+    const acc_t d = static_cast<acc_t>(x[c]) - ref;
+    sumexp += acc_exp(d);
+    if (need_coef) {
+      const acc_t k = class_coef<scalar_t, acc_t>(a, row, c, keep, spread);
+      coef_sum += k;
+      coef_dot += k * d;
+    }
+  }
+  sumexp = reduce_sum(sumexp);
+  if (need_coef) {
+    coef_sum = reduce_sum(coef_sum);
+    coef_dot = reduce_sum(coef_dot);
+  }
+  if (lane == 0) finish_row<scalar_t, acc_t>(a, row, m, sumexp, coef_sum, coef_dot, keep, spread, need_coef);
+}
+
+template <typename scalar_t>
+__global__ void cross_entropy_forward_warp_rows(ForwardArgs<scalar_t> a) {
+  using acc_t = typename AccType<scalar_t>::type;
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t warps_per_block = blockDim.x / kWarpSize;
+  const int64_t first = blockIdx.x * warps_per_block + threadIdx.x / kWarpSize;
+  // Every lane of a warp takes the same rows, so the shuffles see the whole warp.
+  for (int64_t row = first; row < a.rows; row += static_cast<int64_t>(gridDim.x) * warps_per_block) {
+    row_forward<scalar_t, acc_t>(a, row, lane, kWarpSize, [](acc_t v) { return warp_max(v); },
+                                 [](acc_t v) { return warp_sum(v); });
+  }
+}
+
+template <typename scalar_t>
+__global__ void cross_entropy_forward_block_rows(ForwardArgs<scalar_t> a) {
+  using acc_t = typename AccType<scalar_t>::type;
+  for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
+    row_forward<scalar_t, acc_t>(a, row, threadIdx.x, blockDim.x,
+                                 [](acc_t v) { return block_reduce<acc_t, true>(v); },
+                                 [](acc_t v) { return block_reduce<acc_t, false>(v); });
+  }
+}
+
+// --- batch reductions (one block, fixed order) ------------------------------------------------
+
+// out[0] = the divisor of reduction='mean' (the summed weight of the non-ignored targets, or the
+// row count for probability targets); out[1] = the sum of the class weights (or the class count).
+template <typename scalar_t>
+__global__ void cross_entropy_batch_scalars(const int64_t* target, const scalar_t* weight, int64_t rows,
+                                            int64_t classes, int64_t ignore_index, double* out) {
+  double divisor = 0, weight_total = 0;
+  if (target == nullptr) {
+    divisor = threadIdx.x == 0 ? static_cast<double>(rows) : 0.0;
+  } else {
+    for (int64_t i = threadIdx.x; i < rows; i += blockDim.x) {
+      const int64_t t = target[i];
+      if (t == ignore_index) continue;
+      FUSED_MLP_DEVICE_ASSERT(t >= 0 && t < classes);
+      divisor += weight ? static_cast<double>(weight[t]) : 1.0;
+    }
+  }
+  for (int64_t c = threadIdx.x; c < classes; c += blockDim.x) weight_total += weight ? static_cast<double>(weight[c]) : 1.0;
+  divisor = block_reduce<double, false>(divisor);
+  weight_total = block_reduce<double, false>(weight_total);
+  if (threadIdx.x == 0) {
+    out[0] = divisor;
+    out[1] = weight_total;
+  }
+}
+
+// The mean or sum of the per-row losses into out (a scalar), dividing by scalars[0] for mean.
+template <typename scalar_t>
+__global__ void cross_entropy_reduce_loss(const typename AccType<scalar_t>::type* row_loss, int64_t rows,
+                                          int reduction, const double* scalars, scalar_t* out) {
+  double total = 0;
+  for (int64_t i = threadIdx.x; i < rows; i += blockDim.x) total += static_cast<double>(row_loss[i]);
+  total = block_reduce<double, false>(total);
+  if (threadIdx.x == 0) {
+    if (reduction == kMean) total /= scalars[0];  // 0 / 0 = NaN when every target is ignored
+    out[0] = static_cast<scalar_t>(total);
+  }
+}
+
+template <typename scalar_t>
+__global__ void cross_entropy_write_row_losses(const typename AccType<scalar_t>::type* row_loss, int64_t rows,
+                                               scalar_t* out) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < rows;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    out[i] = static_cast<scalar_t>(row_loss[i]);
+  }
+}
+
+// --- backward ---------------------------------------------------------------------------------
+
+template <typename scalar_t>
+struct BackwardArgs {
+  const scalar_t* grad_loss;  // (rows,) for reduction none, else a scalar
+  int64_t grad_stride;
+  const scalar_t* input;
+  const int64_t* target;
+  const scalar_t* prob_target;
+  const scalar_t* weight;
+  const double* logsumexp;
+  const double* scalars;  // cross_entropy_batch_scalars' output
+  const typename AccType<scalar_t>::type* prob_mass;  // (rows,) sum_c coef_c, probability targets
+  int64_t rows, classes, ignore_index;
+  int reduction;
+  double label_smoothing;
+  scalar_t* grad_input;
+};
+
+// sum_c coef_c of each row of a probability target (a warp per row).
+template <typename scalar_t>
+__global__ void cross_entropy_prob_mass(ForwardArgs<scalar_t> a, typename AccType<scalar_t>::type* mass) {
+  using acc_t = typename AccType<scalar_t>::type;
+  const acc_t keep = acc_t(1) - static_cast<acc_t>(a.label_smoothing);
+  const acc_t spread = static_cast<acc_t>(a.label_smoothing) / static_cast<acc_t>(a.classes);
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t warps_per_block = blockDim.x / kWarpSize;
+  for (int64_t row = blockIdx.x * warps_per_block + threadIdx.x / kWarpSize; row < a.rows;
+       row += static_cast<int64_t>(gridDim.x) * warps_per_block) {
+    acc_t s = 0;
+    for (int64_t c = lane; c < a.classes; c += kWarpSize) s += class_coef<scalar_t, acc_t>(a, row, c, keep, spread);
+    s = warp_sum(s);
+    if (lane == 0) mass[row] = s;
+  }
+}
+
+// grad[row, c] = scale * (softmax * a - b_c), one element per thread and grid stride.
+template <typename scalar_t>
+__global__ void cross_entropy_backward_elementwise(BackwardArgs<scalar_t> a) {
+  using acc_t = typename AccType<scalar_t>::type;
+  const acc_t keep = acc_t(1) - static_cast<acc_t>(a.label_smoothing);
+  const acc_t spread = static_cast<acc_t>(a.label_smoothing) / static_cast<acc_t>(a.classes);
+  const int64_t total = a.rows * a.classes;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t row = i / a.classes, c = i % a.classes;
+    const double lse = a.logsumexp[row];
+    if (is_nan(lse)) {
+      a.grad_input[i] = static_cast<scalar_t>(acc_t(NAN));
+      continue;
+    }
+    const int64_t t = a.target ? a.target[row] : -1;
+    if (a.target && t == a.ignore_index) {
+      a.grad_input[i] = static_cast<scalar_t>(acc_t(0));
+      continue;
+    }
+    acc_t scale = a.reduction == kNone ? static_cast<acc_t>(a.grad_loss[row * a.grad_stride])
+                                       : static_cast<acc_t>(a.grad_loss[0]);
+    if (a.reduction == kMean) scale = static_cast<acc_t>(static_cast<double>(scale) / a.scalars[0]);
+    const acc_t hi = static_cast<acc_t>(lse), lo = static_cast<acc_t>(lse - static_cast<double>(hi));
+    const acc_t p = acc_exp((static_cast<acc_t>(a.input[i]) - hi) - lo);
+    const acc_t w_c = a.weight ? static_cast<acc_t>(a.weight[c]) : acc_t(1);
+    acc_t g;
+    if (a.prob_target) {
+      const acc_t coef = w_c * (static_cast<acc_t>(a.prob_target[i]) * keep + spread);
+      g = p * a.prob_mass[row] - coef;
+    } else {
+      FUSED_MLP_DEVICE_ASSERT(t >= 0 && t < a.classes);
+      const acc_t w_t = a.weight ? static_cast<acc_t>(a.weight[t]) : acc_t(1);
+      const acc_t weight_total = static_cast<acc_t>(a.scalars[1]);
+      g = p * (keep * w_t + spread * weight_total) - spread * w_c - (c == t ? keep * w_t : acc_t(0));
+    }
+    a.grad_input[i] = static_cast<scalar_t>(scale * g);
+  }
+}
+
+}  // namespace fused_mlp::cuda

@@ -1,0 +1,116 @@
+// The host side of the cross-entropy device kernels: checks, allocations and the sequence of
+// launches, written once for any `launch` policy. cross_entropy_cuda.cu instantiates it with real
+// <<<...>>> launches on the current stream; tests/sim/cross_entropy_sim.cpp with the CUDA
+// simulation on CPU tensors. Both therefore run the same kernels with the same configurations.
+#pragma once
+
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+
+#include <tuple>
+
+#include "cross_entropy_checks.h"
+#include "cuda/cross_entropy.cuh"
+
+namespace fused_mlp::cuda {
+
+template <typename Launch>
+std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_device(const Launch& launch, const LaunchLimits& limits,
+                                                                const at::Tensor& input_, const at::Tensor& target_,
+                                                                const c10::optional<at::Tensor>& weight_,
+                                                                int64_t reduction, int64_t ignore_index,
+                                                                double label_smoothing, const char* op) {
+  const Problem pb = check_problem(input_, target_, weight_, reduction, ignore_index, label_smoothing, op);
+  const at::Tensor input = input_.contiguous(), target = target_.contiguous();
+  const at::Tensor weight = weight_.has_value() ? weight_->contiguous() : at::Tensor();
+  const auto acc = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor lse = at::empty({pb.rows}, input.options().dtype(at::kDouble));
+  at::Tensor row_loss = at::empty({pb.rows}, input.options().dtype(acc));
+  at::Tensor loss = pb.reduction == fused_mlp::kNone ? at::empty({pb.rows}, input.options())
+                                                     : at::empty({}, input.options());
+  at::Tensor scalars = at::empty({2}, input.options().dtype(at::kDouble));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "cross_entropy_forward_device", [&] {
+    using acc_t = typename AccType<scalar_t>::type;
+    ForwardArgs<scalar_t> args{input.const_data_ptr<scalar_t>(),
+                               pb.prob_target ? nullptr : target.const_data_ptr<int64_t>(),
+                               pb.prob_target ? target.const_data_ptr<scalar_t>() : nullptr,
+                               weight.defined() ? weight.const_data_ptr<scalar_t>() : nullptr,
+                               pb.rows, pb.classes, pb.ignore_index, pb.label_smoothing,
+                               row_loss.mutable_data_ptr<acc_t>(), lse.mutable_data_ptr<double>()};
+    if (pb.rows > 0) {
+      const LaunchConfig rows_cfg = cross_entropy_rows_config(pb.rows, pb.classes, limits);
+      if (rows_cfg.warp_per_row) {
+        launch(rows_cfg, cross_entropy_forward_warp_rows<scalar_t>, args);
+      } else {
+        launch(rows_cfg, cross_entropy_forward_block_rows<scalar_t>, args);
+      }
+    }
+    if (pb.reduction == fused_mlp::kNone) {
+      if (pb.rows > 0) {
+        launch(cross_entropy_elementwise_config(pb.rows, limits), cross_entropy_write_row_losses<scalar_t>,
+               static_cast<const acc_t*>(row_loss.const_data_ptr<acc_t>()), pb.rows,
+               loss.mutable_data_ptr<scalar_t>());
+      }
+      return;
+    }
+    const LaunchConfig one_block = cross_entropy_reduce_config(limits);
+    launch(one_block, cross_entropy_batch_scalars<scalar_t>, args.target, args.weight, pb.rows, pb.classes,
+           pb.ignore_index, scalars.mutable_data_ptr<double>());
+    launch(one_block, cross_entropy_reduce_loss<scalar_t>, static_cast<const acc_t*>(row_loss.const_data_ptr<acc_t>()),
+           pb.rows, static_cast<int>(pb.reduction), static_cast<const double*>(scalars.const_data_ptr<double>()),
+           loss.mutable_data_ptr<scalar_t>());
+  });
+  return {loss, lse};
+}
+
+template <typename Launch>
+at::Tensor cross_entropy_backward_device(const Launch& launch, const LaunchLimits& limits, const at::Tensor& grad_loss_,
+                                         const at::Tensor& input_, const at::Tensor& target_,
+                                         const c10::optional<at::Tensor>& weight_, const at::Tensor& lse_,
+                                         int64_t reduction, int64_t ignore_index, double label_smoothing,
+                                         const char* op) {
+  const Problem pb = check_problem(input_, target_, weight_, reduction, ignore_index, label_smoothing, op);
+  TORCH_CHECK(lse_.dim() == 1 && lse_.size(0) == pb.rows && lse_.scalar_type() == at::kDouble, op,
+              ": logsumexp must be the forward's (shape (", pb.rows, "), dtype float64), got shape ",
+              lse_.sizes(), " and dtype ", lse_.scalar_type());
+  TORCH_CHECK(grad_loss_.scalar_type() == input_.scalar_type() &&
+                  (pb.reduction == fused_mlp::kNone ? (grad_loss_.dim() == 1 && grad_loss_.size(0) == pb.rows)
+                                                    : grad_loss_.dim() == 0),
+              op, ": grad_loss must have the loss's shape and the input's dtype, got ", grad_loss_.sizes(), " ",
+              grad_loss_.scalar_type());
+  const at::Tensor input = input_.contiguous(), target = target_.contiguous(), lse = lse_.contiguous();
+  const at::Tensor weight = weight_.has_value() ? weight_->contiguous() : at::Tensor();
+  const auto acc = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor grad = at::empty_like(input, at::MemoryFormat::Contiguous);
+  at::Tensor scalars = at::empty({2}, input.options().dtype(at::kDouble));
+  at::Tensor prob_mass = at::empty({pb.prob_target ? pb.rows : 0}, input.options().dtype(acc));
+  if (pb.rows == 0) return grad;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "cross_entropy_backward_device", [&] {
+    using acc_t = typename AccType<scalar_t>::type;
+    const int64_t* t = pb.prob_target ? nullptr : target.const_data_ptr<int64_t>();
+    const scalar_t* pt = pb.prob_target ? target.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* w = weight.defined() ? weight.const_data_ptr<scalar_t>() : nullptr;
+    launch(cross_entropy_reduce_config(limits), cross_entropy_batch_scalars<scalar_t>, t, w, pb.rows, pb.classes,
+           pb.ignore_index, scalars.mutable_data_ptr<double>());
+    if (pb.prob_target) {
+      ForwardArgs<scalar_t> fa{input.const_data_ptr<scalar_t>(), t, pt, w, pb.rows, pb.classes, pb.ignore_index,
+                               pb.label_smoothing, nullptr, nullptr};
+      const LaunchConfig cfg = cross_entropy_rows_config(pb.rows, 1, limits);  // a warp per row
+      launch(cfg, cross_entropy_prob_mass<scalar_t>, fa, prob_mass.mutable_data_ptr<acc_t>());
+    }
+    BackwardArgs<scalar_t> args{grad_loss_.const_data_ptr<scalar_t>(),
+                                pb.reduction == fused_mlp::kNone ? grad_loss_.stride(0) : 0,
+                                input.const_data_ptr<scalar_t>(), t, pt, w, lse.const_data_ptr<double>(),
+                                scalars.const_data_ptr<double>(),
+                                pb.prob_target ? prob_mass.const_data_ptr<acc_t>() : nullptr,
+                                pb.rows, pb.classes, pb.ignore_index, static_cast<int>(pb.reduction),
+                                pb.label_smoothing, grad.mutable_data_ptr<scalar_t>()};
+    launch(cross_entropy_elementwise_config(pb.rows * pb.classes, limits),
+           cross_entropy_backward_elementwise<scalar_t>, args);
+  });
+  return grad;
+}
+
+}  // namespace fused_mlp::cuda

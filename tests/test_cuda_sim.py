@@ -1,0 +1,66 @@
+"""The CUDA simulation (csrc/sim/cuda_sim.h): its self-tests, built as a plain executable with g++,
+and once more under AddressSanitizer, which must catch a kernel that writes out of bounds."""
+
+import os
+import shutil
+import subprocess
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SOURCE = os.path.join(ROOT, "tests", "sim", "sim_selftest.cpp")
+CXX = os.environ.get("CXX", "g++")
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def build(tmp_path_factory, name, *flags):
+    if shutil.which(CXX) is None:
+        pytest.fail(f"no C++ compiler ({CXX}) to build the simulation")
+    exe = str(tmp_path_factory.mktemp("sim") / name)
+    cmd = [CXX, "-std=c++20", "-O1", "-g", "-pthread", f"-I{os.path.join(ROOT, 'csrc')}", SOURCE, "-o", exe, *flags]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return exe
+
+
+@pytest.fixture(scope="module")
+def selftest(tmp_path_factory):
+    return build(tmp_path_factory, "sim_selftest")
+
+
+@pytest.fixture(scope="module")
+def selftest_asan(tmp_path_factory):
+    return build(tmp_path_factory, "sim_selftest_asan", "-fsanitize=address", "-fno-omit-frame-pointer")
+
+
+def run(exe, *args):
+    env = dict(os.environ, ASAN_OPTIONS="detect_leaks=0")
+    return subprocess.run([exe, *args], capture_output=True, text=True, timeout=120, env=env)
+
+
+def check_all_passed(result):
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[-1] == f"{len(lines) - 1 - sum(l.startswith('  ') for l in lines)} passed, 0 failed"
+    assert not any(line.startswith("FAIL") for line in lines)
+    return lines
+
+
+def test_simulation_self_tests(selftest):
+    lines = check_all_passed(run(selftest))
+    names = " ".join(lines)
+    for expected in ("__syncthreads", "__shfl_up_sync", "atomicAdd", "divergent __syncthreads",
+                     "early return", "partial warp", "threads per block", "shared memory"):
+        assert expected in names
+
+
+def test_simulation_self_tests_under_address_sanitizer(selftest_asan):
+    check_all_passed(run(selftest_asan))
+
+
+def test_address_sanitizer_catches_an_out_of_bounds_write(selftest_asan):
+    result = run(selftest_asan, "oob")
+    assert result.returncode != 0
+    assert "heap-buffer-overflow" in result.stderr
+    assert "wrote past the end without a report" not in result.stdout
