@@ -1,5 +1,6 @@
 """The CUDA simulation (csrc/sim/cuda_sim.h): its self-tests, built as a plain executable with g++,
-and once more under AddressSanitizer, which must catch a kernel that writes out of bounds."""
+and once more under AddressSanitizer, which must catch a kernel that writes out of bounds; and the
+cross-entropy CUDA kernels simulated in an AddressSanitizer executable."""
 
 import os
 import shutil
@@ -8,17 +9,23 @@ import subprocess
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SOURCE = os.path.join(ROOT, "tests", "sim", "sim_selftest.cpp")
+SIM_DIR = os.path.join(ROOT, "tests", "sim")
 CXX = os.environ.get("CXX", "g++")
 
 pytestmark = pytest.mark.timeout(300)
 
 
-def build(tmp_path_factory, name, *flags):
+ASAN = ("-fsanitize=address", "-fno-omit-frame-pointer")
+
+
+def build(tmp_path_factory, source, name, *flags):
     if shutil.which(CXX) is None:
         pytest.fail(f"no C++ compiler ({CXX}) to build the simulation")
+    import torch.utils.cpp_extension as ext
+
     exe = str(tmp_path_factory.mktemp("sim") / name)
-    cmd = [CXX, "-std=c++20", "-O1", "-g", "-pthread", f"-I{os.path.join(ROOT, 'csrc')}", SOURCE, "-o", exe, *flags]
+    includes = [f"-I{os.path.join(ROOT, 'csrc')}"] + [f"-I{p}" for p in ext.include_paths()]
+    cmd = [CXX, "-std=c++20", "-O1", "-g", "-pthread", *includes, os.path.join(SIM_DIR, source), "-o", exe, *flags]
     result = subprocess.run(cmd, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     return exe
@@ -26,12 +33,12 @@ def build(tmp_path_factory, name, *flags):
 
 @pytest.fixture(scope="module")
 def selftest(tmp_path_factory):
-    return build(tmp_path_factory, "sim_selftest")
+    return build(tmp_path_factory, "sim_selftest.cpp", "sim_selftest")
 
 
 @pytest.fixture(scope="module")
 def selftest_asan(tmp_path_factory):
-    return build(tmp_path_factory, "sim_selftest_asan", "-fsanitize=address", "-fno-omit-frame-pointer")
+    return build(tmp_path_factory, "sim_selftest.cpp", "sim_selftest_asan", *ASAN)
 
 
 def run(exe, *args):
@@ -64,3 +71,9 @@ def test_address_sanitizer_catches_an_out_of_bounds_write(selftest_asan):
     assert result.returncode != 0
     assert "heap-buffer-overflow" in result.stderr
     assert "wrote past the end without a report" not in result.stdout
+
+
+def test_cross_entropy_kernels_under_address_sanitizer(tmp_path_factory):
+    exe = build(tmp_path_factory, "cross_entropy_asan.cpp", "cross_entropy_asan", *ASAN)
+    lines = check_all_passed(run(exe))
+    assert any("classes=4097" in line for line in lines) and any("sm_count=1" in line for line in lines)

@@ -1,5 +1,7 @@
 // The host side of the cross-entropy device kernels: checks, allocations and the sequence of
-// launches, written once for any `launch` policy. cross_entropy_cuda.cu instantiates it with real
+// launches, written once for any `launch` policy (callable as launch(config, kernel, args...),
+// with launch.poison(tensor) called on every fresh output: a no-op on a GPU, NaN in the
+// simulation, so a value a kernel forgets to write shows). cross_entropy_cuda.cu instantiates it with real
 // <<<...>>> launches on the current stream; tests/sim/cross_entropy_sim.cpp with the CUDA
 // simulation on CPU tensors. Both therefore run the same kernels with the same configurations.
 #pragma once
@@ -31,6 +33,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_device(const Launch& la
   at::Tensor loss = pb.reduction == fused_mlp::kNone ? at::empty({pb.rows}, input.options())
                                                      : at::empty({}, input.options());
   at::Tensor scalars = at::empty({2}, input.options().dtype(at::kDouble));
+  for (at::Tensor* t : {&lse, &row_loss, &loss, &scalars}) launch.poison(*t);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "cross_entropy_forward_device", [&] {
     using acc_t = typename AccType<scalar_t>::type;
     ForwardArgs<scalar_t> args{input.const_data_ptr<scalar_t>(),
@@ -86,6 +89,7 @@ at::Tensor cross_entropy_backward_device(const Launch& launch, const LaunchLimit
   at::Tensor grad = at::empty_like(input, at::MemoryFormat::Contiguous);
   at::Tensor scalars = at::empty({2}, input.options().dtype(at::kDouble));
   at::Tensor prob_mass = at::empty({pb.prob_target ? pb.rows : 0}, input.options().dtype(acc));
+  for (at::Tensor* t : {&grad, &scalars, &prob_mass}) launch.poison(*t);
   if (pb.rows == 0) return grad;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "cross_entropy_backward_device", [&] {
     using acc_t = typename AccType<scalar_t>::type;
