@@ -69,8 +69,16 @@ struct LaunchConfig {
   dim3 grid;
   dim3 block;
   size_t shared_bytes;
-  bool warp_per_row;
+  bool warp_per_row;    // rows of up to kWarpRowMaxClasses: a warp or part of one per row
+  int lanes_per_row;    // with warp_per_row: a power of two <= 32 (several rows share a warp)
+  int values_per_lane;  // with warp_per_row: a power of two; the row lives in registers
 };
+
+constexpr int next_power_of_two(int64_t n) {
+  int p = 1;
+  while (p < n) p *= 2;
+  return p;
+}
 
 // The forward's row kernel: a warp per row for short rows, a block per row for long ones; a grid
 // of a few waves, looping over the rows beyond it (grid-stride).
@@ -78,13 +86,24 @@ inline LaunchConfig cross_entropy_rows_config(int64_t rows, int64_t classes, con
                                               int64_t max_blocks_per_sm = 32) {
   const int64_t max_grid = std::max<int64_t>(1, limits.sm_count * max_blocks_per_sm);
   if (classes <= kWarpRowMaxClasses) {
-    const int64_t rows_per_block = kWarpRowThreads / kWarpSize;
+    // As PyTorch's persistent softmax: short rows share a warp (C <= 16 takes C rounded up to a
+    // power of two lanes), and each lane holds its share of the row in registers.
+    const int lanes = std::min<int>(kWarpSize, next_power_of_two(classes));
+    const int per_lane = next_power_of_two((classes + lanes - 1) / lanes);
+    const int64_t rows_per_block = (kWarpRowThreads / kWarpSize) * (kWarpSize / lanes);
     const int64_t blocks = std::max<int64_t>(1, std::min(max_grid, (rows + rows_per_block - 1) / rows_per_block));
-    return {dim3(static_cast<unsigned>(blocks)), dim3(kWarpRowThreads), 0, true};
+    return {dim3(static_cast<unsigned>(blocks)), dim3(kWarpRowThreads), 0, true, lanes, per_lane};
   }
   const int threads = std::min(kBlockRowThreads, limits.max_threads_per_block);
   const int64_t blocks = std::max<int64_t>(1, std::min(max_grid, rows));
-  return {dim3(static_cast<unsigned>(blocks)), dim3(threads), 0, false};
+  return {dim3(static_cast<unsigned>(blocks)), dim3(threads), 0, false, 0, 0};
+}
+
+// A warp per row, for the per-row sums of the backward.
+inline LaunchConfig cross_entropy_warp_per_row_config(int64_t rows, const LaunchLimits& limits) {
+  const int64_t rows_per_block = kWarpRowThreads / kWarpSize;
+  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(limits.sm_count * 32, (rows + rows_per_block - 1) / rows_per_block));
+  return {dim3(static_cast<unsigned>(blocks)), dim3(kWarpRowThreads), 0, true, kWarpSize, 1};
 }
 
 // The backward's elementwise kernel: a grid-stride loop over rows * classes elements.
@@ -92,25 +111,40 @@ inline LaunchConfig cross_entropy_elementwise_config(int64_t elements, const Lau
   const int threads = std::min(256, limits.max_threads_per_block);
   const int64_t max_grid = std::max<int64_t>(1, limits.sm_count * 8);
   const int64_t blocks = std::max<int64_t>(1, std::min(max_grid, (elements + threads - 1) / threads));
-  return {dim3(static_cast<unsigned>(blocks)), dim3(threads), 0, false};
+  return {dim3(static_cast<unsigned>(blocks)), dim3(threads), 0, false, 0, 0};
 }
 
 // A single block for the deterministic batch reductions.
 inline LaunchConfig cross_entropy_reduce_config(const LaunchLimits& limits) {
-  return {dim3(1), dim3(std::min(kReduceThreads, limits.max_threads_per_block)), 0, false};
+  return {dim3(1), dim3(std::min(kReduceThreads, limits.max_threads_per_block)), 0, false, 0, 0};
+}
+
+// kVec consecutive elements, loaded and stored as one aligned access (16 bytes).
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+template <typename T>
+constexpr int kVec = 16 / sizeof(T);
+
+// True when every row of a (rows, classes) tensor starting at p can be read in aligned packs.
+template <typename T>
+FUSED_MLP_HD bool rows_are_packable(const T* p, int64_t classes) {
+  return reinterpret_cast<uintptr_t>(p) % 16 == 0 && classes % kVec<T> == 0;
 }
 
 // --- reductions within a warp and within a block ---------------------------------------------
 
-template <typename T>
+// Sum / max over aligned groups of kWidth lanes (a power of two <= 32); the whole warp takes part.
+template <typename T, int kWidth = kWarpSize>
 __device__ __forceinline__ T warp_sum(T v) {
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  for (int offset = kWidth / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset, kWidth);
   return v;
 }
-template <typename T>
+template <typename T, int kWidth = kWarpSize>
 __device__ __forceinline__ T warp_max(T v) {
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-    v = max_propagating_nan(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  for (int offset = kWidth / 2; offset > 0; offset /= 2) {
+    v = max_propagating_nan(v, __shfl_xor_sync(0xffffffffu, v, offset, kWidth));
   }
   return v;
 }
@@ -186,19 +220,39 @@ __device__ void row_forward(const ForwardArgs<scalar_t>& a, int64_t row, int lan
   const acc_t keep = acc_t(1) - static_cast<acc_t>(a.label_smoothing);
   const acc_t spread = static_cast<acc_t>(a.label_smoothing) / static_cast<acc_t>(a.classes);
   const bool need_coef = a.prob_target != nullptr || a.label_smoothing > 0.f;
+  constexpr int N = kVec<scalar_t>;
+  using P = Pack<scalar_t, N>;
+  const bool packed = rows_are_packable(a.input, a.classes);  // then each row is 16-byte aligned too
   acc_t m = acc_t(-INFINITY);
-  for (int64_t c = lane; c < a.classes; c += lanes) m = max_propagating_nan(m, static_cast<acc_t>(x[c]));
+  if (packed) {
+    for (int64_t p = lane; p < a.classes / N; p += lanes) {
+      const P pk = reinterpret_cast<const P*>(x)[p];
+#pragma unroll
+      for (int j = 0; j < N; ++j) m = max_propagating_nan(m, static_cast<acc_t>(pk.v[j]));
+    }
+  } else {
+    for (int64_t c = lane; c < a.classes; c += lanes) m = max_propagating_nan(m, static_cast<acc_t>(x[c]));
+  }
   m = reduce_max(m);
   const acc_t ref = (m == acc_t(-INFINITY) || !is_finite(m)) ? acc_t(0) : m;  // all -inf: exp gives 0
   acc_t sumexp = 0, coef_sum = 0, coef_dot = 0;
-  for (int64_t c = lane; c < a.classes; c += lanes) {
-    const acc_t d = static_cast<acc_t>(x[c]) - ref;
+  auto accumulate = [&](int64_t c, acc_t value) {
+    const acc_t d = value - ref;
     sumexp += acc_exp(d);
     if (need_coef) {
       const acc_t k = class_coef<scalar_t, acc_t>(a, row, c, keep, spread);
       coef_sum += k;
       coef_dot += k * d;
     }
+  };
+  if (packed) {
+    for (int64_t p = lane; p < a.classes / N; p += lanes) {
+      const P pk = reinterpret_cast<const P*>(x)[p];
+#pragma unroll
+      for (int j = 0; j < N; ++j) accumulate(p * N + j, static_cast<acc_t>(pk.v[j]));
+    }
+  } else {
+    for (int64_t c = lane; c < a.classes; c += lanes) accumulate(c, static_cast<acc_t>(x[c]));
   }
   sumexp = reduce_sum(sumexp);
   if (need_coef) {
@@ -208,16 +262,54 @@ __device__ void row_forward(const ForwardArgs<scalar_t>& a, int64_t row, int lan
   if (lane == 0) finish_row<scalar_t, acc_t>(a, row, m, sumexp, coef_sum, coef_dot, keep, spread, need_coef);
 }
 
-template <typename scalar_t>
+// Short rows: kLanes lanes per row (32 / kLanes rows per warp), each lane holding kPerLane of the
+// row's values in registers, so the row is read from memory once.
+template <typename scalar_t, int kLanes, int kPerLane>
 __global__ void cross_entropy_forward_warp_rows(ForwardArgs<scalar_t> a) {
   using acc_t = typename AccType<scalar_t>::type;
-  const int lane = threadIdx.x % kWarpSize;
-  const int64_t warps_per_block = blockDim.x / kWarpSize;
-  const int64_t first = blockIdx.x * warps_per_block + threadIdx.x / kWarpSize;
-  // Every lane of a warp takes the same rows, so the shuffles see the whole warp.
-  for (int64_t row = first; row < a.rows; row += static_cast<int64_t>(gridDim.x) * warps_per_block) {
-    row_forward<scalar_t, acc_t>(a, row, lane, kWarpSize, [](acc_t v) { return warp_max(v); },
-                                 [](acc_t v) { return warp_sum(v); });
+  constexpr int kRowsPerWarp = kWarpSize / kLanes;
+  const int lane = threadIdx.x % kWarpSize, sub = lane % kLanes;
+  const int64_t rows_per_block = (blockDim.x / kWarpSize) * kRowsPerWarp;
+  const acc_t keep = acc_t(1) - static_cast<acc_t>(a.label_smoothing);
+  const acc_t spread = static_cast<acc_t>(a.label_smoothing) / static_cast<acc_t>(a.classes);
+  const bool need_coef = a.prob_target != nullptr || a.label_smoothing > 0.0;
+  // Every lane of a warp runs the same iterations, so every shuffle sees the whole warp; lanes
+  // past the last row compute on -inf and write nothing.
+  for (int64_t base = blockIdx.x * rows_per_block + (threadIdx.x / kWarpSize) * kRowsPerWarp; base < a.rows;
+       base += static_cast<int64_t>(gridDim.x) * rows_per_block) {
+    const int64_t row = base + lane / kLanes;
+    const bool valid = row < a.rows;
+    const scalar_t* x = a.input + (valid ? row : 0) * a.classes;
+    acc_t v[kPerLane];
+    acc_t m = acc_t(-INFINITY);
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) {
+      const int64_t c = sub + static_cast<int64_t>(i) * kLanes;
+      v[i] = (valid && c < a.classes) ? static_cast<acc_t>(x[c]) : acc_t(-INFINITY);
+      m = max_propagating_nan(m, v[i]);
+    }
+    m = warp_max<acc_t, kLanes>(m);
+    const acc_t ref = (m == acc_t(-INFINITY) || !is_finite(m)) ? acc_t(0) : m;
+    acc_t sumexp = 0, coef_sum = 0, coef_dot = 0;
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) {
+      const int64_t c = sub + static_cast<int64_t>(i) * kLanes;
+      if (valid && c < a.classes) {
+        const acc_t d = v[i] - ref;
+        sumexp += acc_exp(d);
+        if (need_coef) {
+          const acc_t k = class_coef<scalar_t, acc_t>(a, row, c, keep, spread);
+          coef_sum += k;
+          coef_dot += k * d;
+        }
+      }
+    }
+    sumexp = warp_sum<acc_t, kLanes>(sumexp);
+    coef_sum = warp_sum<acc_t, kLanes>(coef_sum);
+    coef_dot = warp_sum<acc_t, kLanes>(coef_dot);
+    if (valid && sub == 0) {
+      finish_row<scalar_t, acc_t>(a, row, m, sumexp, coef_sum, coef_dot, keep, spread, need_coef);
+    }
   }
 }
 
@@ -228,6 +320,28 @@ __global__ void cross_entropy_forward_block_rows(ForwardArgs<scalar_t> a) {
     row_forward<scalar_t, acc_t>(a, row, threadIdx.x, blockDim.x,
                                  [](acc_t v) { return block_reduce<acc_t, true>(v); },
                                  [](acc_t v) { return block_reduce<acc_t, false>(v); });
+  }
+}
+
+// The register-resident warp kernel instantiated for the configuration's row width; `launch` is
+// the caller's launch policy, launch(config, kernel, args...).
+template <typename scalar_t, typename Launch>
+void launch_warp_rows(const Launch& launch, const LaunchConfig& cfg, const ForwardArgs<scalar_t>& args) {
+  switch (cfg.lanes_per_row) {
+    case 1: return launch(cfg, cross_entropy_forward_warp_rows<scalar_t, 1, 1>, args);
+    case 2: return launch(cfg, cross_entropy_forward_warp_rows<scalar_t, 2, 1>, args);
+    case 4: return launch(cfg, cross_entropy_forward_warp_rows<scalar_t, 4, 1>, args);
+    case 8: return launch(cfg, cross_entropy_forward_warp_rows<scalar_t, 8, 1>, args);
+    case 16: return launch(cfg, cross_entropy_forward_warp_rows<scalar_t, 16, 1>, args);
+    default: break;
+  }
+  switch (cfg.values_per_lane) {
+    case 1: return launch(cfg, cross_entropy_forward_warp_rows<scalar_t, 32, 1>, args);
+    case 2: return launch(cfg, cross_entropy_forward_warp_rows<scalar_t, 32, 2>, args);
+    case 4: return launch(cfg, cross_entropy_forward_warp_rows<scalar_t, 32, 4>, args);
+    case 8: return launch(cfg, cross_entropy_forward_warp_rows<scalar_t, 32, 8>, args);
+    case 16: return launch(cfg, cross_entropy_forward_warp_rows<scalar_t, 32, 16>, args);
+    default: return launch(cfg, cross_entropy_forward_warp_rows<scalar_t, 32, 32>, args);
   }
 }
 
@@ -316,43 +430,77 @@ __global__ void cross_entropy_prob_mass(ForwardArgs<scalar_t> a, typename AccTyp
   }
 }
 
-// grad[row, c] = scale * (softmax * a - b_c), one element per thread and grid stride.
+// grad[row, c] = scale * (softmax * a - b_c): grid-stride over the elements, in aligned packs of
+// kVec when every row can be read that way, else one by one.
 template <typename scalar_t>
 __global__ void cross_entropy_backward_elementwise(BackwardArgs<scalar_t> a) {
   using acc_t = typename AccType<scalar_t>::type;
+  constexpr int N = kVec<scalar_t>;
   const acc_t keep = acc_t(1) - static_cast<acc_t>(a.label_smoothing);
   const acc_t spread = static_cast<acc_t>(a.label_smoothing) / static_cast<acc_t>(a.classes);
-  const int64_t total = a.rows * a.classes;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t row = i / a.classes, c = i % a.classes;
+  // One element's gradient, given its row's terms.
+  struct Row {
+    int state;  // 0: compute; 1: zero (ignored target); 2: NaN (non-finite logits)
+    int64_t t;
+    acc_t scale, hi, lo, w_t, mass;
+  };
+  auto row_terms = [&](int64_t row) {
+    Row r{0, -1, 0, 0, 0, 0, 0};
     const double lse = a.logsumexp[row];
     if (is_nan(lse)) {
-      a.grad_input[i] = static_cast<scalar_t>(acc_t(NAN));
-      continue;
+      r.state = 2;
+      return r;
     }
-    const int64_t t = a.target ? a.target[row] : -1;
-    if (a.target && t == a.ignore_index) {
-      a.grad_input[i] = static_cast<scalar_t>(acc_t(0));
-      continue;
+    r.t = a.target ? a.target[row] : -1;
+    if (a.target && r.t == a.ignore_index) {
+      r.state = 1;
+      return r;
     }
-    acc_t scale = a.reduction == kNone ? static_cast<acc_t>(a.grad_loss[row * a.grad_stride])
-                                       : static_cast<acc_t>(a.grad_loss[0]);
-    if (a.reduction == kMean) scale = static_cast<acc_t>(static_cast<double>(scale) / a.scalars[0]);
-    const acc_t hi = static_cast<acc_t>(lse), lo = static_cast<acc_t>(lse - static_cast<double>(hi));
-    const acc_t p = acc_exp((static_cast<acc_t>(a.input[i]) - hi) - lo);
-    const acc_t w_c = a.weight ? static_cast<acc_t>(a.weight[c]) : acc_t(1);
-    acc_t g;
+    r.scale = a.reduction == kNone ? static_cast<acc_t>(a.grad_loss[row * a.grad_stride])
+                                   : static_cast<acc_t>(a.grad_loss[0]);
+    if (a.reduction == kMean) r.scale = static_cast<acc_t>(static_cast<double>(r.scale) / a.scalars[0]);
+    r.hi = static_cast<acc_t>(lse);
+    r.lo = static_cast<acc_t>(lse - static_cast<double>(r.hi));
     if (a.prob_target) {
-      const acc_t coef = w_c * (static_cast<acc_t>(a.prob_target[i]) * keep + spread);
-      g = p * a.prob_mass[row] - coef;
+      r.mass = a.prob_mass[row];
     } else {
-      FUSED_MLP_DEVICE_ASSERT(t >= 0 && t < a.classes);
-      const acc_t w_t = a.weight ? static_cast<acc_t>(a.weight[t]) : acc_t(1);
-      const acc_t weight_total = static_cast<acc_t>(a.scalars[1]);
-      g = p * (keep * w_t + spread * weight_total) - spread * w_c - (c == t ? keep * w_t : acc_t(0));
+      FUSED_MLP_DEVICE_ASSERT(r.t >= 0 && r.t < a.classes);
+      r.w_t = a.weight ? static_cast<acc_t>(a.weight[r.t]) : acc_t(1);
+      r.mass = keep * r.w_t + spread * static_cast<acc_t>(a.scalars[1]);
     }
-    a.grad_input[i] = static_cast<scalar_t>(scale * g);
+    return r;
+  };
+  auto element = [&](const Row& r, int64_t i, int64_t c, acc_t x) -> scalar_t {
+    if (r.state != 0) return static_cast<scalar_t>(r.state == 1 ? acc_t(0) : acc_t(NAN));
+    const acc_t p = acc_exp((x - r.hi) - r.lo);
+    const acc_t w_c = a.weight ? static_cast<acc_t>(a.weight[c]) : acc_t(1);
+    acc_t coef;
+    if (a.prob_target) {
+      coef = w_c * (static_cast<acc_t>(a.prob_target[i]) * keep + spread);
+    } else {
+      coef = spread * w_c + (c == r.t ? keep * r.w_t : acc_t(0));
+    }
+    return static_cast<scalar_t>(r.scale * (p * r.mass - coef));
+  };
+  const int64_t total = a.rows * a.classes;
+  const int64_t first = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  if (rows_are_packable(a.input, a.classes) && rows_are_packable(a.grad_input, a.classes)) {
+    using P = Pack<scalar_t, N>;
+    for (int64_t p = first; p < total / N; p += stride) {
+      const int64_t i0 = p * N, row = i0 / a.classes;  // a pack never straddles two rows
+      const Row r = row_terms(row);
+      const P in = reinterpret_cast<const P*>(a.input)[p];
+      P out;
+#pragma unroll
+      for (int j = 0; j < N; ++j) out.v[j] = element(r, i0 + j, i0 + j - row * a.classes, static_cast<acc_t>(in.v[j]));
+      reinterpret_cast<P*>(a.grad_input)[p] = out;
+    }
+    return;
+  }
+  for (int64_t i = first; i < total; i += stride) {
+    const int64_t row = i / a.classes;
+    a.grad_input[i] = element(row_terms(row), i, i - row * a.classes, static_cast<acc_t>(a.input[i]));
   }
 }
 

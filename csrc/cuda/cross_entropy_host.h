@@ -45,7 +45,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_device(const Launch& la
     if (pb.rows > 0) {
       const LaunchConfig rows_cfg = cross_entropy_rows_config(pb.rows, pb.classes, limits);
       if (rows_cfg.warp_per_row) {
-        launch(rows_cfg, cross_entropy_forward_warp_rows<scalar_t>, args);
+        launch_warp_rows<scalar_t>(launch, rows_cfg, args);
       } else {
         launch(rows_cfg, cross_entropy_forward_block_rows<scalar_t>, args);
       }
@@ -101,7 +101,7 @@ at::Tensor cross_entropy_backward_device(const Launch& launch, const LaunchLimit
     if (pb.prob_target) {
       ForwardArgs<scalar_t> fa{input.const_data_ptr<scalar_t>(), t, pt, w, pb.rows, pb.classes, pb.ignore_index,
                                pb.label_smoothing, nullptr, nullptr};
-      const LaunchConfig cfg = cross_entropy_rows_config(pb.rows, 1, limits);  // a warp per row
+      const LaunchConfig cfg = cross_entropy_warp_per_row_config(pb.rows, limits);
       launch(cfg, cross_entropy_prob_mass<scalar_t>, fa, prob_mass.mutable_data_ptr<acc_t>());
     }
     BackwardArgs<scalar_t> args{grad_loss_.const_data_ptr<scalar_t>(),

@@ -50,16 +50,19 @@ void run_case(const Case& k) {
   ForwardArgs<float> fa{x.data(), k.prob ? nullptr : target.data(), k.prob ? prob.data() : nullptr,
                         k.weighted ? weight.data() : nullptr, R, C, -100, k.smoothing, row_loss.data(), lse.data()};
   const LaunchConfig rows_cfg = cross_entropy_rows_config(R, C, limits);
+  auto sim_launch = [&](const LaunchConfig& cfg, auto kernel, auto... args) {
+    cuda_sim::launch(sim, cfg.grid, cfg.block, cfg.shared_bytes, kernel, args...);
+  };
   if (rows_cfg.warp_per_row) {
-    cuda_sim::launch(sim, rows_cfg.grid, rows_cfg.block, 0, cross_entropy_forward_warp_rows<float>, fa);
+    launch_warp_rows<float>(sim_launch, rows_cfg, fa);
   } else {
-    cuda_sim::launch(sim, rows_cfg.grid, rows_cfg.block, 0, cross_entropy_forward_block_rows<float>, fa);
+    sim_launch(rows_cfg, cross_entropy_forward_block_rows<float>, fa);
   }
   const LaunchConfig one = cross_entropy_reduce_config(limits);
   cuda_sim::launch(sim, one.grid, one.block, 0, cross_entropy_batch_scalars<float>, fa.target, fa.weight, R, C,
                    int64_t(-100), scalars.data());
   if (k.prob) {
-    const LaunchConfig cfg = cross_entropy_rows_config(R, 1, limits);
+    const LaunchConfig cfg = cross_entropy_warp_per_row_config(R, limits);
     cuda_sim::launch(sim, cfg.grid, cfg.block, 0, cross_entropy_prob_mass<float>, fa, mass.data());
   }
   BackwardArgs<float> ba{grad_out.data(), 1, x.data(), fa.target, fa.prob_target, fa.weight, lse.data(),

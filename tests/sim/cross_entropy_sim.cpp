@@ -54,6 +54,8 @@ pybind11::dict launch_config(int64_t rows, int64_t classes) {
   d["grid"] = cfg.grid.x;
   d["block"] = cfg.block.x;
   d["warp_per_row"] = cfg.warp_per_row;
+  d["lanes_per_row"] = cfg.lanes_per_row;
+  d["values_per_lane"] = cfg.values_per_lane;
   return d;
 }
 
