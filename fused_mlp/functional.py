@@ -141,6 +141,14 @@ def cross_entropy(input, target, weight=None, *, ignore_index=-100, reduction="m
 _NO_DROPOUT_SEED = torch.zeros(2, dtype=torch.int64)
 
 
+def _dropout_seed_offset(dropout, generator):
+    """The (seed, offset) of one dropout mask, drawn from `generator` (default: torch's default
+    CPU generator), so torch.manual_seed reproduces it; nothing is drawn without dropout."""
+    if dropout <= 0:
+        return _NO_DROPOUT_SEED
+    return torch.randint(0, 2**62, (2,), dtype=torch.int64, generator=generator)
+
+
 class _LinearBNReLU(torch.autograd.Function):
     """Saved for backward: the input, the parameters, and with batch statistics the pre-BN
     activation, the mean and invstd, and the dropout's (seed, offset); the mask is regenerated,
@@ -230,14 +238,19 @@ def linear_bn_relu(input, weight, bias=None, *, bn_weight=None, bn_bias=None, ru
     """
     _check_linear_bn_relu_args(input, weight, bias, bn_weight, bn_bias, running_mean, running_var,
                                training, dropout)
+    return _linear_bn_relu(input, weight, bias, bn_weight, bn_bias, running_mean, running_var, training,
+                           momentum, eps, dropout, generator)
+
+
+def _linear_bn_relu(input, weight, bias, bn_weight, bn_bias, running_mean, running_var, training,
+                    momentum, eps, dropout, generator=None):
+    """linear_bn_relu on arguments already checked (LinearBNReLU checks them before it touches
+    its state)."""
     if torch.is_autocast_enabled(input.device.type):
         dtype = torch.get_autocast_dtype(input.device.type)
         input, weight = input.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
-    if dropout > 0:
-        seed_offset = torch.randint(0, 2**62, (2,), dtype=torch.int64, generator=generator)
-    else:
-        seed_offset = _NO_DROPOUT_SEED
+    seed_offset = _dropout_seed_offset(dropout, generator)
     out, mean, batch_var = _LinearBNReLU.apply(input, weight, bias, bn_weight, bn_bias, running_mean,
                                                running_var, bool(training), float(eps),
                                                float(dropout), seed_offset)
@@ -269,6 +282,5 @@ def folded_linear_relu_dropout(input, weight, bias, *, dropout=0.0, generator=No
         dtype = torch.get_autocast_dtype(input.device.type)
         input, weight = input.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
-    seed_offset = (torch.randint(0, 2**62, (2,), dtype=torch.int64, generator=generator)
-                   if dropout > 0 else _NO_DROPOUT_SEED)
-    return ops.linear_relu_dropout_forward(input, weight, bias, float(dropout), seed_offset)
+    return ops.linear_relu_dropout_forward(input, weight, bias, float(dropout),
+                                           _dropout_seed_offset(dropout, generator))

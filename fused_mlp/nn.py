@@ -109,10 +109,11 @@ class LinearBNReLU(torch.nn.Module):
         if update:  # only once the input is known good: bad input leaves the state untouched
             bn.num_batches_tracked.add_(1)
             momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-        return F.linear_bn_relu(input, self.linear.weight, self.linear.bias, bn_weight=bn.weight,
-                                bn_bias=bn.bias, running_mean=running_mean if update or not use_batch_stats else None,
-                                running_var=running_var if update or not use_batch_stats else None,
-                                training=use_batch_stats, momentum=momentum, eps=bn.eps, dropout=dropout)
+        pass_running = update or not use_batch_stats
+        return F._linear_bn_relu(input, self.linear.weight, self.linear.bias, bn.weight, bn.bias,
+                                 running_mean if pass_running else None,
+                                 running_var if pass_running else None, use_batch_stats, momentum,
+                                 bn.eps, dropout)
 
     def _needs_grad(self, input):
         if not torch.is_grad_enabled():
