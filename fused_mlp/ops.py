@@ -11,26 +11,46 @@ from . import _extension, reference
 
 #: "extension" (the compiled kernels) or "reference" (plain PyTorch), fixed at import.
 BACKEND = _extension.load()
+# Where the ops come from: chosen once, so each wrapper below is a single call.
+_impl = reference if BACKEND == "reference" else torch.ops.fused_mlp
 
 
 def cross_entropy_forward(input, target, weight, reduction, ignore_index, label_smoothing):
     """(rows, classes) logits -> (loss, logsumexp); loss has shape (rows,) for reduction 0
     (none) and () for 1 (mean) and 2 (sum)."""
-    if BACKEND == "reference":
-        return reference.cross_entropy_forward(input, target, weight, reduction, ignore_index,
-                                               label_smoothing)
-    return torch.ops.fused_mlp.cross_entropy_forward(input, target, weight, reduction,
-                                                     ignore_index, label_smoothing)
+    return _impl.cross_entropy_forward(input, target, weight, reduction, ignore_index,
+                                       label_smoothing)
 
 
 def cross_entropy_backward(grad_loss, input, target, weight, logsumexp, reduction, ignore_index,
                            label_smoothing):
     """The gradient of cross_entropy_forward's loss with respect to its input."""
-    if BACKEND == "reference":
-        return reference.cross_entropy_backward(grad_loss, input, target, weight, logsumexp,
-                                                reduction, ignore_index, label_smoothing)
-    return torch.ops.fused_mlp.cross_entropy_backward(grad_loss, input, target, weight, logsumexp,
-                                                      reduction, ignore_index, label_smoothing)
+    return _impl.cross_entropy_backward(grad_loss, input, target, weight, logsumexp, reduction,
+                                        ignore_index, label_smoothing)
+
+
+def linear_bn_relu_forward(input, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                           use_batch_stats, eps, dropout_p, seed_offset):
+    """-> (out, pre_bn, mean, invstd, batch_var); see csrc/ops.cpp."""
+    return _impl.linear_bn_relu_forward(input, weight, bias, bn_weight, bn_bias, running_mean,
+                                       running_var, use_batch_stats, eps, dropout_p, seed_offset)
+
+
+def linear_bn_relu_backward(grad_out, input, weight, bias, bn_weight, bn_bias, saved, mean, invstd,
+                            use_batch_stats, dropout_p, seed_offset):
+    """-> (grad_input, grad_weight, grad_bias, grad_bn_weight, grad_bn_bias)."""
+    return _impl.linear_bn_relu_backward(grad_out, input, weight, bias, bn_weight, bn_bias, saved,
+                                        mean, invstd, use_batch_stats, dropout_p, seed_offset)
+
+
+def bn_update_running_stats_(running_mean, running_var, batch_mean, batch_var, factor):
+    """running = (1 - factor) * running + factor * batch, in place."""
+    _impl.bn_update_running_stats_(running_mean, running_var, batch_mean, batch_var, factor)
+
+
+def linear_relu_dropout_forward(input, weight, bias, dropout_p, seed_offset):
+    """relu(input @ weight.T + bias) * dropout, no autograd: inference with BN folded in."""
+    return _impl.linear_relu_dropout_forward(input, weight, bias, dropout_p, seed_offset)
 
 
 if BACKEND == "extension":
@@ -49,43 +69,9 @@ if BACKEND == "extension":
         torch._check(input.dim() == 2, lambda: "cross_entropy_backward: input must be 2-D")
         return torch.empty_like(input, memory_format=torch.contiguous_format)
 
-
-def linear_bn_relu_forward(input, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                           use_batch_stats, eps, dropout_p, seed_offset):
-    """-> (out, pre_bn, mean, invstd, batch_var); see csrc/ops.cpp."""
-    impl = reference if BACKEND == "reference" else torch.ops.fused_mlp
-    return impl.linear_bn_relu_forward(input, weight, bias, bn_weight, bn_bias, running_mean,
-                                       running_var, use_batch_stats, eps, dropout_p, seed_offset)
-
-
-def linear_bn_relu_backward(grad_out, input, weight, bias, bn_weight, bn_bias, saved, mean, invstd,
-                            use_batch_stats, dropout_p, seed_offset):
-    """-> (grad_input, grad_weight, grad_bias, grad_bn_weight, grad_bn_bias)."""
-    impl = reference if BACKEND == "reference" else torch.ops.fused_mlp
-    return impl.linear_bn_relu_backward(grad_out, input, weight, bias, bn_weight, bn_bias, saved,
-                                        mean, invstd, use_batch_stats, dropout_p, seed_offset)
-
-
-def bn_update_running_stats_(running_mean, running_var, batch_mean, batch_var, factor):
-    """running = (1 - factor) * running + factor * batch, in place."""
-    impl = reference if BACKEND == "reference" else torch.ops.fused_mlp
-    impl.bn_update_running_stats_(running_mean, running_var, batch_mean, batch_var, factor)
-
-
-def linear_relu_dropout_forward(input, weight, bias, dropout_p, seed_offset):
-    """relu(input @ weight.T + bias) * dropout, no autograd: inference with BN folded in."""
-    impl = reference if BACKEND == "reference" else torch.ops.fused_mlp
-    return impl.linear_relu_dropout_forward(input, weight, bias, dropout_p, seed_offset)
-
-
-if BACKEND == "extension":
-
     @torch.library.register_fake("fused_mlp::linear_relu_dropout_forward")
     def _linear_relu_dropout_forward_fake(input, weight, bias, dropout_p, seed_offset):
         return input.new_empty((input.shape[0], weight.shape[0]))
-
-    def _stat_dtype(dtype):
-        return torch.float64 if dtype == torch.float64 else torch.float32
 
     @torch.library.register_fake("fused_mlp::linear_bn_relu_forward")
     def _linear_bn_relu_forward_fake(input, weight, bias, bn_weight, bn_bias, running_mean,
@@ -94,7 +80,7 @@ if BACKEND == "extension":
         rows, features = input.shape[0], weight.shape[0]
         out = input.new_empty((rows, features))
         pre_bn = input.new_empty((rows, features) if use_batch_stats else (0,))
-        stat = lambda: input.new_empty((features,), dtype=_stat_dtype(input.dtype))  # noqa: E731
+        stat = lambda: input.new_empty((features,), dtype=reference._acc_dtype(input.dtype))  # noqa: E731
         return out, pre_bn, stat(), stat(), stat()
 
     @torch.library.register_fake("fused_mlp::linear_bn_relu_backward")
@@ -102,7 +88,7 @@ if BACKEND == "extension":
                                       mean, invstd, use_batch_stats, dropout_p, seed_offset):
         features = weight.shape[0]
         param = lambda t: input.new_empty((features,), dtype=(  # noqa: E731
-            _stat_dtype(input.dtype) if t is None else t.dtype))
+            reference._acc_dtype(input.dtype) if t is None else t.dtype))
         return (torch.empty_like(input, memory_format=torch.contiguous_format),
                 torch.empty_like(weight, memory_format=torch.contiguous_format),
                 input.new_empty((features,)), param(bn_weight), param(bn_bias))

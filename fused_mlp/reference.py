@@ -38,7 +38,7 @@ def _check_targets(target, classes, ignore_index):
             f"in [0, {classes}) or ignore_index ({ignore_index})")
 
 
-def _class_terms(target, weight, classes, ignore_index, label_smoothing, acc):
+def _class_terms(target, weight, classes, ignore_index, acc):
     """For class-index targets: the mask of counted rows, the target of each row (0 where
     ignored), the weight of each row's target, and the weight vector (ones without weights)."""
     _check_targets(target, classes, ignore_index)
@@ -65,7 +65,7 @@ def cross_entropy_forward(input, target, weight, reduction, ignore_index, label_
         per_row = -(log_prob * _smoothed_prob_target(target, eps, acc) * w).sum(dim=1)
         divisor = torch.tensor(float(rows), dtype=torch.float64)
     else:
-        valid, t, w_t, w = _class_terms(target, weight, classes, ignore_index, eps, acc)
+        valid, t, w_t, w = _class_terms(target, weight, classes, ignore_index, acc)
         per_row = -log_prob.gather(1, t[:, None]).squeeze(1) * w_t
         if eps > 0:
             smooth = -(log_prob * w).sum(dim=1)
@@ -97,7 +97,7 @@ def cross_entropy_backward(grad_loss, input, target, weight, logsumexp, reductio
         valid = torch.ones(rows, dtype=torch.bool, device=x.device)
         divisor = float(rows)
     else:
-        valid, t, w_t, w = _class_terms(target, weight, classes, ignore_index, eps, acc)
+        valid, t, w_t, w = _class_terms(target, weight, classes, ignore_index, acc)
         a = (1.0 - eps) * w_t + (eps / classes) * w.sum()
         grad = prob * a[:, None] - (eps / classes) * w[None, :]
         grad = grad.scatter_add(1, t[:, None], -((1.0 - eps) * w_t)[:, None])

@@ -349,7 +349,6 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_cpu(
 
     std::vector<acc_t> row_loss_buf;
     acc_t* row_loss;
-    at::Tensor row_loss_tensor;
     if (pb.reduction == kNone && std::is_same_v<scalar_t, acc_t>) {
       row_loss = reinterpret_cast<acc_t*>(loss.mutable_data_ptr<scalar_t>());
     } else {
