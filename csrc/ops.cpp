@@ -26,8 +26,8 @@ TORCH_LIBRARY(fused_mlp, m) {
   // Linear -> BatchNorm1d -> ReLU -> Dropout over a (batch, in_features) input.
   // use_batch_stats: normalize with the batch's mean and biased variance (training, or
   // track_running_stats=False); else with running_mean / running_var, folded into the GEMM.
-  // Dropout (p = dropout_p, 0 for none) follows csrc/common/philox.h's mapping; seed_offset is a
-  // CPU int64 tensor (seed, offset). Returns: out; the pre-BN activation z = x W^T + b (batch
+  // Dropout (p = dropout_p, 0 for none) follows csrc/common/philox.h's mapping; seed_offset is an
+  // int64 tensor (seed, offset), on the CPU or on the input's device. Returns: out; the pre-BN activation z = x W^T + b (batch
   // statistics; empty otherwise); the per-feature mean and invstd used; the unbiased batch
   // variance (batch statistics; the running variance otherwise). Mean, invstd and variance are
   // float32 (float64 for float64 input).
@@ -58,4 +58,9 @@ TORCH_LIBRARY(fused_mlp, m) {
   // of elements [start, start + numel) for (seed, offset) and probability p.
   m.def("philox4x32_10(Tensor counter, Tensor key) -> Tensor");
   m.def("dropout_mask(Tensor seed_offset, int numel, float p, int start=0) -> Tensor");
+  // A fresh (seed, offset) for one dropout mask on like's device, drawn from generator (default:
+  // that device's default generator) and written by the device itself, so that a CUDA graph
+  // replays it with new values as PyTorch's own dropout does. CUDA only.
+  m.def("philox_seed_offset(Tensor like, Generator? generator=None) -> Tensor",
+        {at::Tag::nondeterministic_seeded});
 }

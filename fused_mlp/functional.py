@@ -141,12 +141,17 @@ def cross_entropy(input, target, weight=None, *, ignore_index=-100, reduction="m
 _NO_DROPOUT_SEED = torch.zeros(2, dtype=torch.int64)
 
 
-def _dropout_seed_offset(dropout, generator):
-    """The (seed, offset) of one dropout mask, drawn from `generator` (default: torch's default
-    CPU generator), so torch.manual_seed reproduces it; nothing is drawn without dropout."""
+def _dropout_seed_offset(dropout, generator, like):
+    """The (seed, offset) of one dropout mask for the tensor `like`, drawn from `generator`
+    (default: the default generator of like's device), so torch.manual_seed reproduces it; nothing
+    is drawn without dropout. For CUDA tensors the device writes them from the CUDA generator's
+    Philox state, as PyTorch's own dropout does, so they stay correct under CUDA-graph capture."""
     if dropout <= 0:
         return _NO_DROPOUT_SEED
-    return torch.randint(0, 2**62, (2,), dtype=torch.int64, generator=generator)
+    if like.device.type == "cuda" and ops.BACKEND == "extension":
+        return ops.philox_seed_offset(like, generator)
+    device = generator.device if generator is not None else like.device
+    return torch.randint(0, 2**62, (2,), dtype=torch.int64, generator=generator, device=device)
 
 
 class _LinearBNReLU(torch.autograd.Function):
@@ -230,8 +235,8 @@ def linear_bn_relu(input, weight, bias=None, *, bn_weight=None, bn_bias=None, ru
     normalize with ``running_mean`` / ``running_var`` (required then), BN folded into the GEMM.
     dropout: the probability of zeroing each output (applied whenever > 0, as
     ``F.dropout(training=True)``); survivors are scaled by 1 / (1 - dropout). The mask comes from
-    Philox4x32-10 seeded from ``generator`` (default: torch's default CPU generator), so
-    ``torch.manual_seed`` reproduces it.
+    Philox4x32-10 seeded from ``generator`` (default: the default generator of the input's
+    device), so ``torch.manual_seed`` reproduces it.
 
     Under ``torch.autocast`` the Linear runs in the autocast dtype and BatchNorm keeps its
     parameters' dtype, as the stock modules behave.
@@ -250,7 +255,7 @@ def _linear_bn_relu(input, weight, bias, bn_weight, bn_bias, running_mean, runni
         dtype = torch.get_autocast_dtype(input.device.type)
         input, weight = input.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
-    seed_offset = _dropout_seed_offset(dropout, generator)
+    seed_offset = _dropout_seed_offset(dropout, generator, input)
     out, mean, batch_var = _LinearBNReLU.apply(input, weight, bias, bn_weight, bn_bias, running_mean,
                                                running_var, bool(training), float(eps),
                                                float(dropout), seed_offset)
@@ -283,4 +288,4 @@ def folded_linear_relu_dropout(input, weight, bias, *, dropout=0.0, generator=No
         input, weight = input.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
     return ops.linear_relu_dropout_forward(input, weight, bias, float(dropout),
-                                           _dropout_seed_offset(dropout, generator))
+                                           _dropout_seed_offset(dropout, generator, input))

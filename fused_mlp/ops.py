@@ -53,6 +53,12 @@ def linear_relu_dropout_forward(input, weight, bias, dropout_p, seed_offset):
     return _impl.linear_relu_dropout_forward(input, weight, bias, dropout_p, seed_offset)
 
 
+def philox_seed_offset(like, generator=None):
+    """A fresh (seed, offset) for one dropout mask, written on like's CUDA device from generator
+    (default: the device's default generator); the compiled extension's CUDA kernels only."""
+    return torch.ops.fused_mlp.philox_seed_offset(like, generator)
+
+
 if BACKEND == "extension":
 
     @torch.library.register_fake("fused_mlp::cross_entropy_forward")
@@ -100,6 +106,10 @@ if BACKEND == "extension":
     @torch.library.register_fake("fused_mlp::philox4x32_10")
     def _philox4x32_10_fake(counter, key):
         return torch.empty_like(counter)
+
+    @torch.library.register_fake("fused_mlp::philox_seed_offset")
+    def _philox_seed_offset_fake(like, generator=None):
+        return like.new_empty((2,), dtype=torch.int64)
 
     @torch.library.register_fake("fused_mlp::dropout_mask")
     def _dropout_mask_fake(seed_offset, numel, p, start=0):

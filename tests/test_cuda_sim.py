@@ -1,6 +1,7 @@
 """The CUDA simulation (csrc/sim/cuda_sim.h): its self-tests, built as a plain executable with g++,
 and once more under AddressSanitizer, which must catch a kernel that writes out of bounds; and the
-cross-entropy CUDA kernels simulated in an AddressSanitizer executable."""
+cross-entropy and Linear -> BatchNorm1d -> ReLU -> Dropout CUDA kernels simulated in
+AddressSanitizer executables."""
 
 import os
 import shutil
@@ -77,3 +78,9 @@ def test_cross_entropy_kernels_under_address_sanitizer(tmp_path_factory):
     exe = build(tmp_path_factory, "cross_entropy_asan.cpp", "cross_entropy_asan", *ASAN)
     lines = check_all_passed(run(exe))
     assert any("classes=4097" in line for line in lines) and any("sm_count=1" in line for line in lines)
+
+
+def test_linear_bn_relu_kernels_under_address_sanitizer(tmp_path_factory):
+    exe = build(tmp_path_factory, "linear_bn_relu_asan.cpp", "linear_bn_relu_asan", *ASAN)
+    lines = check_all_passed(run(exe))
+    assert any("features=4097" in line for line in lines) and any("sm_count=1" in line for line in lines)

@@ -32,9 +32,11 @@
 #include <limits>
 #include <vector>
 
+#include "bn_running_stats.h"
 #include "common/welford.h"
 #include "cpu/dropout_mask.h"
 #include "cpu/vec_io.h"
+#include "linear_bn_relu_checks.h"
 
 namespace fused_mlp::cpu {
 namespace {
@@ -237,44 +239,6 @@ at::Tensor as_acc(const c10::optional<at::Tensor>& t, at::ScalarType acc) {
 template <typename acc_t>
 const acc_t* ptr_or_null(const at::Tensor& t) {
   return t.defined() ? t.const_data_ptr<acc_t>() : nullptr;
-}
-
-// ---------------------------------------------------------------------------------------------
-// Argument checks shared by forward and backward.
-
-void check_layer(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                 const c10::optional<at::Tensor>& bn_weight, const c10::optional<at::Tensor>& bn_bias,
-                 double dropout_p, const at::Tensor& seed_offset, const char* op) {
-  TORCH_CHECK(input.dim() == 2, op, ": expected input of shape (batch, in_features), got shape ",
-              input.sizes());
-  TORCH_CHECK(at::isFloatingType(input.scalar_type()), op, ": expected a floating-point input, got ",
-              input.scalar_type());
-  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == input.size(1), op,
-              ": weight must have shape (out_features, ", input.size(1), "), got ", weight.sizes());
-  TORCH_CHECK(weight.scalar_type() == input.scalar_type(), op, ": weight dtype ", weight.scalar_type(),
-              " does not match input dtype ", input.scalar_type());
-  TORCH_CHECK(weight.device() == input.device(), op, ": weight is on ", weight.device(),
-              " but input is on ", input.device());
-  const int64_t C = weight.size(0);
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == C, op, ": bias must have shape (", C, "), got ",
-                bias->sizes());
-    TORCH_CHECK(bias->scalar_type() == input.scalar_type(), op, ": bias dtype ", bias->scalar_type(),
-                " does not match input dtype ", input.scalar_type());
-  }
-  for (const auto* t : {&bn_weight, &bn_bias}) {
-    if (t->has_value() && (*t)->defined()) {
-      TORCH_CHECK((*t)->dim() == 1 && (*t)->size(0) == C, op,
-                  ": BatchNorm weight and bias must have shape (", C, "), got ", (*t)->sizes());
-      TORCH_CHECK(at::isFloatingType((*t)->scalar_type()), op, ": BatchNorm parameters must be floating-point");
-    }
-  }
-  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1), got ", dropout_p);
-  if (dropout_p > 0.0) {
-    TORCH_CHECK(seed_offset.scalar_type() == at::kLong && seed_offset.numel() == 2 &&
-                    seed_offset.device().is_cpu(), op,
-                ": seed_offset must be a CPU int64 tensor holding (seed, offset)");
-  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -547,25 +511,12 @@ at::Tensor linear_relu_dropout_forward_cpu(const at::Tensor& input, const at::Te
                              Dropout(dropout_p, seed_offset.contiguous()));
 }
 
-// running_stat = (1 - factor) * running_stat + factor * batch_stat, for the mean and the
-// (unbiased) variance, in the running statistics' own dtype.
-void bn_update_running_stats_cpu(at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& batch_mean,
-                                 const at::Tensor& batch_var, double factor) {
-  constexpr const char* op = "fused_mlp::bn_update_running_stats_";
-  TORCH_CHECK(running_mean.numel() == batch_mean.numel() && running_var.numel() == batch_var.numel() &&
-                  running_mean.numel() == running_var.numel(), op,
-              ": running and batch statistics must have the same number of features");
-  TORCH_CHECK(factor >= 0.0 && factor <= 1.0, op, ": factor must be in [0, 1], got ", factor);
-  running_mean.mul_(1.0 - factor).add_(batch_mean.to(running_mean.scalar_type()), factor);
-  running_var.mul_(1.0 - factor).add_(batch_var.to(running_var.scalar_type()), factor);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fused_mlp, CPU, m) {
   m.impl("linear_bn_relu_forward", &linear_bn_relu_forward_cpu);
   m.impl("linear_bn_relu_backward", &linear_bn_relu_backward_cpu);
-  m.impl("bn_update_running_stats_", &bn_update_running_stats_cpu);
+  m.impl("bn_update_running_stats_", &fused_mlp::bn_update_running_stats);
   m.impl("linear_relu_dropout_forward", &linear_relu_dropout_forward_cpu);
 }
 

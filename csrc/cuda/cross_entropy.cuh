@@ -18,21 +18,9 @@
 #include <cstdint>
 
 #include "common/host_device.h"
-
-#if defined(__CUDACC__)
-#define FUSED_MLP_DEVICE_ASSERT(cond) CUDA_KERNEL_ASSERT(cond)
-#endif
+#include "cuda/device_common.cuh"
 
 namespace fused_mlp::cuda {
-
-template <typename T>
-struct AccType {
-  using type = float;
-};
-template <>
-struct AccType<double> {
-  using type = double;
-};
 
 FUSED_MLP_HD float acc_exp(float x) { return expf(x); }
 FUSED_MLP_HD double acc_exp(double x) { return exp(x); }
@@ -51,19 +39,12 @@ FUSED_MLP_HD T max_propagating_nan(T a, T b) {
   return (is_nan(a) || a > b) ? a : b;
 }
 
-constexpr int kWarpSize = 32;
 constexpr int64_t kWarpRowMaxClasses = 1024;
 constexpr int kWarpRowThreads = 128;  // 4 rows per block
 constexpr int kBlockRowThreads = 512;
 constexpr int kReduceThreads = 512;
 
 enum Reduction : int { kNone = 0, kMean = 1, kSum = 2 };
-
-// What the kernels need of a device; passed in, never queried, so a host build can supply it.
-struct LaunchLimits {
-  int sm_count;
-  int max_threads_per_block;
-};
 
 struct LaunchConfig {
   dim3 grid;
@@ -119,14 +100,6 @@ inline LaunchConfig cross_entropy_reduce_config(const LaunchLimits& limits) {
   return {dim3(1), dim3(std::min(kReduceThreads, limits.max_threads_per_block)), 0, false, 0, 0};
 }
 
-// kVec consecutive elements, loaded and stored as one aligned access (16 bytes).
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack {
-  T v[N];
-};
-template <typename T>
-constexpr int kVec = 16 / sizeof(T);
-
 // True when every row of a (rows, classes) tensor starting at p can be read in aligned packs.
 template <typename T>
 FUSED_MLP_HD bool rows_are_packable(const T* p, int64_t classes) {
@@ -135,12 +108,7 @@ FUSED_MLP_HD bool rows_are_packable(const T* p, int64_t classes) {
 
 // --- reductions within a warp and within a block ---------------------------------------------
 
-// Sum / max over aligned groups of kWidth lanes (a power of two <= 32); the whole warp takes part.
-template <typename T, int kWidth = kWarpSize>
-__device__ __forceinline__ T warp_sum(T v) {
-  for (int offset = kWidth / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset, kWidth);
-  return v;
-}
+// Max over aligned groups of kWidth lanes (a power of two <= 32); the whole warp takes part.
 template <typename T, int kWidth = kWarpSize>
 __device__ __forceinline__ T warp_max(T v) {
   for (int offset = kWidth / 2; offset > 0; offset /= 2) {

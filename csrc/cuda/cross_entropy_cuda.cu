@@ -1,39 +1,20 @@
 // The cross-entropy ops on CUDA: real launches of the kernels of cross_entropy.cuh on the current
 // stream, through the host sequence of cross_entropy_host.h (which the simulation shares).
-#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <cuda_runtime.h>
 #include <torch/library.h>
 
 #include "cuda/cross_entropy_host.h"
+#include "cuda/stream_launch.h"
 
 namespace fused_mlp::cuda {
 namespace {
-
-struct StreamLaunch {
-  cudaStream_t stream;
-  template <typename Kernel, typename... Args>
-  void operator()(const LaunchConfig& cfg, Kernel kernel, Args... args) const {
-    kernel<<<cfg.grid, cfg.block, cfg.shared_bytes, stream>>>(args...);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-  void poison(const at::Tensor&) const {}
-};
-
-LaunchLimits device_limits(int device) {
-  LaunchLimits limits{};
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&limits.sm_count, cudaDevAttrMultiProcessorCount, device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&limits.max_threads_per_block, cudaDevAttrMaxThreadsPerBlock, device));
-  return limits;
-}
 
 std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_cuda(const at::Tensor& input, const at::Tensor& target,
                                                               const c10::optional<at::Tensor>& weight,
                                                               int64_t reduction, int64_t ignore_index,
                                                               double label_smoothing) {
   const c10::cuda::CUDAGuard guard(input.device());
-  const StreamLaunch launch{c10::cuda::getCurrentCUDAStream(input.device().index()).stream()};
+  const StreamLaunch launch = current_stream_launch(input);
   return cross_entropy_forward_device(launch, device_limits(input.device().index()), input, target, weight,
                                       reduction, ignore_index, label_smoothing,
                                       "fused_mlp::cross_entropy_forward");
@@ -44,7 +25,7 @@ at::Tensor cross_entropy_backward_cuda(const at::Tensor& grad_loss, const at::Te
                                        const at::Tensor& logsumexp, int64_t reduction, int64_t ignore_index,
                                        double label_smoothing) {
   const c10::cuda::CUDAGuard guard(input.device());
-  const StreamLaunch launch{c10::cuda::getCurrentCUDAStream(input.device().index()).stream()};
+  const StreamLaunch launch = current_stream_launch(input);
   return cross_entropy_backward_device(launch, device_limits(input.device().index()), grad_loss, input, target,
                                        weight, logsumexp, reduction, ignore_index, label_smoothing,
                                        "fused_mlp::cross_entropy_backward");

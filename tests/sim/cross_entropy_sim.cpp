@@ -6,28 +6,15 @@
 #include "sim/cuda_sim.h"
 
 #include "cuda/cross_entropy_host.h"
+#include "sim_launch.h"
 
 namespace {
 
 using fused_mlp::cuda::LaunchConfig;
 using fused_mlp::cuda::LaunchLimits;
 
-// The device limits given to the configuration functions and enforced by the simulation.
-cuda_sim::DeviceLimits sim_limits = cuda_sim::kH100;
-int64_t max_blocks_per_sm = 32;
-
-struct SimLaunch {
-  template <typename Kernel, typename... Args>
-  void operator()(const LaunchConfig& cfg, Kernel kernel, Args... args) const {
-    cuda_sim::launch(sim_limits, cfg.grid, cfg.block, cfg.shared_bytes, kernel, args...);
-  }
-  // Outputs start as NaN, so an element no kernel writes fails the comparison.
-  void poison(at::Tensor& t) const {
-    if (t.numel() > 0) t.fill_(std::numeric_limits<double>::quiet_NaN());
-  }
-};
-
-LaunchLimits limits() { return {sim_limits.sm_count, sim_limits.max_threads_per_block}; }
+using sim_launch::SimLaunch;
+LaunchLimits limits() { return sim_launch::launch_limits(); }
 
 std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& input, const at::Tensor& target,
                                            const c10::optional<at::Tensor>& weight, int64_t reduction,
@@ -46,7 +33,7 @@ at::Tensor backward(const at::Tensor& grad_loss, const at::Tensor& input, const 
 
 // Shrinks the simulated device (fewer SMs), so that a small input already needs more rows than
 // one grid covers and the kernels' grid-stride loops run.
-void set_sm_count(int64_t sm_count) { sim_limits.sm_count = static_cast<int>(sm_count); }
+void set_sm_count(int64_t sm_count) { sim_launch::limits.sm_count = static_cast<int>(sm_count); }
 
 pybind11::dict launch_config(int64_t rows, int64_t classes) {
   const LaunchConfig cfg = fused_mlp::cuda::cross_entropy_rows_config(rows, classes, limits());

@@ -1,0 +1,554 @@
+// Device code of the fused Linear -> BatchNorm1d -> ReLU -> Dropout: the kernels around the GEMMs,
+// their __device__ helpers and their launch configurations. Free of host-only syntax, so nvcc
+// compiles it for a GPU and g++ runs it under the CUDA simulation (docs/cuda_simulation.md). The
+// host sequence is linear_bn_relu_host.h. The maths is the CPU kernel's (docs/linear_bn_relu.md).
+//
+// z is the (N, C) pre-BN activation, row-major, so a feature is a column.
+//   statistics:  per thread a Welford state over its rows of kF adjacent features; a fixed-order
+//                merge down the block's row lanes; one partial state per row chunk; then one
+//                thread per feature merges the chunks in order. No atomics: deterministic.
+//   epilogue:    elementwise over groups of four consecutive elements, the unit of one Philox
+//                block, so each group draws its four dropout decisions with a single call.
+//   backward:    the per-feature sums of dy and dy * zhat in one pass over (grad, z), built like
+//                the statistics; then dz in a second pass. Both recompute the ReLU and dropout
+//                masks rather than reading a stored dy.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include "common/philox.h"
+#include "common/welford.h"
+#include "cuda/device_common.cuh"
+
+namespace fused_mlp::cuda {
+
+constexpr int kFeatureLanes = 32;                        // a reduction block's threads across features
+constexpr int kRowLanes = 8;                             // ... and down the rows
+constexpr int kReduceThreads = kFeatureLanes * kRowLanes;
+constexpr int kGroup = 4;                                // elements per Philox block
+constexpr int kElementwiseThreads = 256;
+constexpr int kFeatureThreads = 256;
+constexpr int kWarpPerFeatureThreads = 128;
+
+struct GridConfig {
+  dim3 grid;
+  dim3 block;
+  size_t shared_bytes;
+};
+
+// A reduction over the rows of (N, C): grid.x tiles of kFeatureLanes * kF features, grid.y
+// chunks of rows_per_chunk rows (the last may be shorter). N >= 1.
+struct ReduceConfig {
+  dim3 grid;
+  dim3 block;
+  size_t shared_bytes;
+  int64_t rows_per_chunk;
+  int64_t chunks;
+};
+
+inline ReduceConfig bn_reduce_config(int64_t N, int64_t C, int features_per_thread, const LaunchLimits& limits) {
+  const int64_t tile = static_cast<int64_t>(kFeatureLanes) * features_per_thread;
+  const int64_t tiles = std::max<int64_t>(1, (C + tile - 1) / tile);
+  // About four blocks per SM in all; every chunk at least one row per row lane.
+  const int64_t wanted = std::max<int64_t>(1, (static_cast<int64_t>(limits.sm_count) * 4) / tiles);
+  const int64_t most = std::max<int64_t>(1, std::min<int64_t>(65535, (N + kRowLanes - 1) / kRowLanes));
+  const int64_t first_guess = std::min(wanted, most);
+  const int64_t rows_per_chunk = (N + first_guess - 1) / first_guess;
+  const int64_t chunks = (N + rows_per_chunk - 1) / rows_per_chunk;
+  return {dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(chunks)), dim3(kReduceThreads), 0,
+          rows_per_chunk, chunks};
+}
+
+// A grid-stride loop over `items` work items (groups of four elements, elements, or features).
+inline GridConfig bn_elementwise_config(int64_t items, const LaunchLimits& limits, int threads = kElementwiseThreads,
+                                        int64_t blocks_per_sm = 8) {
+  threads = std::min(threads, limits.max_threads_per_block);
+  const int64_t most = std::max<int64_t>(1, limits.sm_count * blocks_per_sm);
+  const int64_t blocks = std::max<int64_t>(1, std::min(most, (items + threads - 1) / threads));
+  return {dim3(static_cast<unsigned>(blocks)), dim3(threads), 0};
+}
+
+// One thread per feature.
+inline GridConfig bn_feature_config(int64_t C, const LaunchLimits& limits) {
+  return bn_elementwise_config(C, limits, kFeatureThreads, 4);
+}
+
+// One warp per feature (a row of the (C, K) weight).
+inline GridConfig bn_warp_per_feature_config(int64_t C, const LaunchLimits& limits) {
+  const int64_t per_block = kWarpPerFeatureThreads / kWarpSize;
+  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(limits.sm_count * 32, (C + per_block - 1) / per_block));
+  return {dim3(static_cast<unsigned>(blocks)), dim3(kWarpPerFeatureThreads), 0};
+}
+
+// True when p can be read in aligned packs of four elements from any multiple-of-four index.
+template <typename T>
+FUSED_MLP_HD bool packs_of_four(const T* p) {
+  return reinterpret_cast<uintptr_t>(p) % (sizeof(T) * kGroup) == 0;
+}
+
+FUSED_MLP_HD int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// relu that keeps NaN, as torch.relu does.
+template <typename T>
+FUSED_MLP_HD T relu_nan(T x) {
+  return (x > T(0) || x != x) ? x : T(0);
+}
+
+// --- dropout ------------------------------------------------------------------------------------
+
+// What a kernel needs to regenerate a mask: (seed, offset) in device memory (so a CUDA graph
+// replays fresh values), p, and the survivors' scale. p == 0: no dropout.
+struct DropoutArgs {
+  const int64_t* seed_offset;
+  float p;
+  double scale;
+};
+
+struct DropoutKey {
+  bool active;
+  float p;
+  uint32_t key0, key1;
+  uint64_t offset;
+};
+
+__device__ __forceinline__ DropoutKey load_dropout_key(const DropoutArgs& d) {
+  if (!(d.p > 0.f)) return {false, 0.f, 0u, 0u, 0};
+  const uint64_t seed = static_cast<uint64_t>(d.seed_offset[0]);
+  return {true, d.p, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32),
+          static_cast<uint64_t>(d.seed_offset[1])};
+}
+
+// The multipliers (scale if kept, else 0; 1 without dropout) of elements i0 .. i0 + 3, i0 % 4 == 0.
+template <typename acc_t>
+__device__ __forceinline__ void group_multipliers(const DropoutKey& k, int64_t i0, acc_t scale, acc_t (&m)[kGroup]) {
+  if (!k.active) {
+#pragma unroll
+    for (int j = 0; j < kGroup; ++j) m[j] = acc_t(1);
+    return;
+  }
+  const Philox4x32 r = philox4x32_10(dropout_counter(static_cast<uint64_t>(i0), k.offset), k.key0, k.key1);
+#pragma unroll
+  for (int j = 0; j < kGroup; ++j) m[j] = dropout_keep(r.v[j], k.p) ? scale : acc_t(0);
+}
+
+// The multiplier of element i alone (a group that straddles two rows of a reduction's tile).
+template <typename acc_t>
+__device__ __forceinline__ acc_t element_multiplier(const DropoutKey& k, int64_t i, acc_t scale) {
+  if (!k.active) return acc_t(1);
+  const Philox4x32 r = philox4x32_10(dropout_counter(static_cast<uint64_t>(i), k.offset), k.key0, k.key1);
+  return dropout_keep(r.v[i % kGroup], k.p) ? scale : acc_t(0);
+}
+
+// --- loads and stores of a group of four elements -------------------------------------------------
+
+// Elements i0 .. i0 + n - 1 (n <= 4) of p as acc_t; one aligned pack when `packed` and n == 4.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void load_group(const scalar_t* p, int64_t i0, int n, bool packed, acc_t (&v)[kGroup]) {
+  if (packed && n == kGroup) {
+    const Pack<scalar_t, kGroup> pk = *reinterpret_cast<const Pack<scalar_t, kGroup>*>(p + i0);
+#pragma unroll
+    for (int j = 0; j < kGroup; ++j) v[j] = static_cast<acc_t>(pk.v[j]);
+    return;
+  }
+#pragma unroll
+  for (int j = 0; j < kGroup; ++j) v[j] = j < n ? static_cast<acc_t>(p[i0 + j]) : acc_t(0);
+}
+
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void store_group(scalar_t* p, int64_t i0, int n, bool packed, const acc_t (&v)[kGroup]) {
+  if (packed && n == kGroup) {
+    Pack<scalar_t, kGroup> pk;
+#pragma unroll
+    for (int j = 0; j < kGroup; ++j) pk.v[j] = static_cast<scalar_t>(v[j]);
+    *reinterpret_cast<Pack<scalar_t, kGroup>*>(p + i0) = pk;
+    return;
+  }
+#pragma unroll
+  for (int j = 0; j < kGroup; ++j) {
+    if (j < n) p[i0 + j] = static_cast<scalar_t>(v[j]);
+  }
+}
+
+// The features of elements i0 .. i0 + 3 of an (N, C) matrix.
+__device__ __forceinline__ void group_features(int64_t i0, int64_t C, int64_t (&f)[kGroup]) {
+  int64_t c = i0 % C;
+#pragma unroll
+  for (int j = 0; j < kGroup; ++j) {
+    f[j] = c;
+    c = c + 1 == C ? 0 : c + 1;
+  }
+}
+
+// kF adjacent features f0 .. f0 + kF - 1 of one row; with kF == 4, C % 4 == 0 and the row aligned,
+// so a tile either holds all four or none.
+template <int kF, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void load_features(const scalar_t* row, int64_t f0, int64_t C, acc_t (&v)[kF]) {
+  if constexpr (kF == kGroup) {
+    if (f0 < C) {
+      const Pack<scalar_t, kGroup> pk = *reinterpret_cast<const Pack<scalar_t, kGroup>*>(row + f0);
+#pragma unroll
+      for (int j = 0; j < kF; ++j) v[j] = static_cast<acc_t>(pk.v[j]);
+      return;
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < kF; ++j) v[j] = f0 + j < C ? static_cast<acc_t>(row[f0 + j]) : acc_t(0);
+}
+
+// --- forward, batch statistics ------------------------------------------------------------------
+
+// Each block: kFeatureLanes * kF features by one chunk of rows. Writes the chunk's mean and M2 of
+// each feature to part_mean / part_m2 at [chunk * C + feature].
+template <typename scalar_t, int kF>
+__global__ void bn_stats_partial(const scalar_t* __restrict__ z, int64_t N, int64_t C, int64_t rows_per_chunk,
+                                 typename AccType<scalar_t>::type* __restrict__ part_mean,
+                                 typename AccType<scalar_t>::type* __restrict__ part_m2) {
+  using acc_t = typename AccType<scalar_t>::type;
+  __shared__ acc_t s_mean[kRowLanes][kFeatureLanes * kF];
+  __shared__ acc_t s_m2[kRowLanes][kFeatureLanes * kF];
+  __shared__ acc_t s_count[kRowLanes];
+  const int lane = threadIdx.x % kFeatureLanes, row_lane = threadIdx.x / kFeatureLanes;
+  const int64_t f0 = static_cast<int64_t>(blockIdx.x) * kFeatureLanes * kF + lane * kF;
+  const int64_t chunk = blockIdx.y;
+  const int64_t r_end = min_i64(N, (chunk + 1) * rows_per_chunk);
+  acc_t count = 0, mean[kF], m2[kF];
+#pragma unroll
+  for (int j = 0; j < kF; ++j) mean[j] = m2[j] = acc_t(0);
+  for (int64_t r = chunk * rows_per_chunk + row_lane; r < r_end; r += kRowLanes) {
+    acc_t v[kF];
+    load_features<kF>(z + r * C, f0, C, v);
+    count += acc_t(1);
+#pragma unroll
+    for (int j = 0; j < kF; ++j) {
+      const acc_t d = v[j] - mean[j];
+      mean[j] += d / count;
+      m2[j] += d * (v[j] - mean[j]);
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < kF; ++j) {
+    s_mean[row_lane][lane * kF + j] = mean[j];
+    s_m2[row_lane][lane * kF + j] = m2[j];
+  }
+  if (lane == 0) s_count[row_lane] = count;
+  __syncthreads();
+  if (row_lane == 0) {
+#pragma unroll
+    for (int j = 0; j < kF; ++j) {
+      WelfordState<acc_t, acc_t> s{mean[j], m2[j], count};
+      for (int k = 1; k < kRowLanes; ++k) {
+        s = welford_merge_or_empty(s, WelfordState<acc_t, acc_t>{s_mean[k][lane * kF + j], s_m2[k][lane * kF + j],
+                                                                  s_count[k]});
+      }
+      if (f0 + j < C) {
+        part_mean[chunk * C + f0 + j] = s.mean;
+        part_m2[chunk * C + f0 + j] = s.m2;
+      }
+    }
+  }
+}
+
+// Per feature: merges the chunks in order; writes mean, invstd = 1 / sqrt(biased var + eps), the
+// unbiased variance, and the folded affine A = gamma * invstd, B = beta - mean * A (affine[f],
+// affine[C + f]). gamma / beta null: 1 / 0.
+template <typename acc_t>
+__global__ void bn_stats_finalize(const acc_t* __restrict__ part_mean, const acc_t* __restrict__ part_m2, int64_t N,
+                                  int64_t C, int64_t rows_per_chunk, int64_t chunks, double eps,
+                                  const acc_t* __restrict__ gamma, const acc_t* __restrict__ beta,
+                                  acc_t* __restrict__ mean, acc_t* __restrict__ invstd, acc_t* __restrict__ var,
+                                  acc_t* __restrict__ affine) {
+  for (int64_t f = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; f < C;
+       f += static_cast<int64_t>(blockDim.x) * gridDim.x) {
+    WelfordState<acc_t, acc_t> s{part_mean[f], part_m2[f], static_cast<acc_t>(min_i64(rows_per_chunk, N))};
+    for (int64_t c = 1; c < chunks; ++c) {
+      const acc_t rows = static_cast<acc_t>(min_i64(rows_per_chunk, N - c * rows_per_chunk));
+      s = welford_merge(s, WelfordState<acc_t, acc_t>{part_mean[c * C + f], part_m2[c * C + f], rows});
+    }
+    const acc_t is = static_cast<acc_t>(1.0 / sqrt(static_cast<double>(s.m2 / s.count) + eps));
+    mean[f] = s.mean;
+    invstd[f] = is;
+    var[f] = s.m2 / (s.count - acc_t(1));
+    const acc_t a = (gamma ? gamma[f] : acc_t(1)) * is;
+    affine[f] = a;
+    affine[C + f] = (beta ? beta[f] : acc_t(0)) - s.mean * a;
+  }
+}
+
+// out = relu(in * A + B) * dropout, elementwise over groups of four, A and B per feature (A null:
+// 1, B null: 0). out may alias in. packed: in and out are aligned. The training epilogue takes the
+// folded BN affine; the eval one runs in place on the GEMM's output with the folded bias as B.
+template <typename scalar_t>
+__global__ void affine_relu_dropout(const scalar_t* in, const typename AccType<scalar_t>::type* __restrict__ A,
+                                    const typename AccType<scalar_t>::type* __restrict__ B, int64_t numel, int64_t C,
+                                    bool packed, DropoutArgs dropout, scalar_t* out) {
+  using acc_t = typename AccType<scalar_t>::type;
+  const DropoutKey key = load_dropout_key(dropout);
+  const int64_t groups = (numel + kGroup - 1) / kGroup;
+  for (int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; g < groups;
+       g += static_cast<int64_t>(blockDim.x) * gridDim.x) {
+    const int64_t i0 = g * kGroup;
+    const int n = static_cast<int>(min_i64(kGroup, numel - i0));
+    acc_t v[kGroup], m[kGroup];
+    int64_t f[kGroup];
+    load_group(in, i0, n, packed, v);
+    group_features(i0, C, f);
+    group_multipliers(key, i0, static_cast<acc_t>(dropout.scale), m);
+#pragma unroll
+    for (int j = 0; j < kGroup; ++j) {
+      const acc_t scaled = A ? v[j] * A[f[j]] : v[j];
+      v[j] = relu_nan(B ? scaled + B[f[j]] : scaled) * m[j];
+    }
+    store_group(out, i0, n, packed, v);
+  }
+}
+
+// --- forward, running statistics (BN folded into the GEMM), and the folded-layer inference ----
+
+// Per feature: A = gamma * invstd and B = beta - mean * A into affine; with folded_bias, also
+// b' = bias * A + B (bias null: 0).
+template <typename scalar_t>
+__global__ void bn_affine(int64_t C, const typename AccType<scalar_t>::type* __restrict__ gamma,
+                          const typename AccType<scalar_t>::type* __restrict__ beta,
+                          const typename AccType<scalar_t>::type* __restrict__ mean,
+                          const typename AccType<scalar_t>::type* __restrict__ invstd, const scalar_t* __restrict__ bias,
+                          typename AccType<scalar_t>::type* __restrict__ affine,
+                          typename AccType<scalar_t>::type* __restrict__ folded_bias) {
+  using acc_t = typename AccType<scalar_t>::type;
+  for (int64_t f = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; f < C;
+       f += static_cast<int64_t>(blockDim.x) * gridDim.x) {
+    const acc_t a = (gamma ? gamma[f] : acc_t(1)) * invstd[f];
+    const acc_t b = (beta ? beta[f] : acc_t(0)) - mean[f] * a;
+    affine[f] = a;
+    affine[C + f] = b;
+    if (folded_bias) folded_bias[f] = (bias ? static_cast<acc_t>(bias[f]) : acc_t(0)) * a + b;
+  }
+}
+
+// out[f, k] = w[f, k] * scale[f] for the (C, K) weight: W' = W * A.
+template <typename scalar_t>
+__global__ void scale_weight_rows(const scalar_t* __restrict__ w, const typename AccType<scalar_t>::type* __restrict__ scale,
+                                  int64_t C, int64_t K, scalar_t* __restrict__ out) {
+  using acc_t = typename AccType<scalar_t>::type;
+  const int64_t numel = C * K;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel;
+       i += static_cast<int64_t>(blockDim.x) * gridDim.x) {
+    out[i] = static_cast<scalar_t>(static_cast<acc_t>(w[i]) * scale[i / K]);
+  }
+}
+
+// --- backward -----------------------------------------------------------------------------------
+
+// The incoming gradient through dropout and ReLU, for one element: with batch statistics `saved`
+// is z, the ReLU input is z * A + B and the dropout multiplier m is regenerated; with running
+// statistics `saved` is the output, nonzero exactly where the unit was active and kept.
+template <typename acc_t>
+__device__ __forceinline__ acc_t grad_through_relu_dropout(bool use_batch_stats, acc_t g, acc_t saved, acc_t a,
+                                                           acc_t b, acc_t m, acc_t kept_scale) {
+  if (use_batch_stats) return saved * a + b > acc_t(0) ? g * m : acc_t(0);
+  return saved > acc_t(0) ? g * kept_scale : acc_t(0);
+}
+
+// Pass 1: per chunk of rows and per feature, sum(dy) and (batch statistics) sum(dy * zhat), zhat =
+// (z - mean) * invstd; built like bn_stats_partial.
+template <typename scalar_t, int kF>
+__global__ void bn_backward_partial(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ saved, int64_t N,
+                                    int64_t C, int64_t rows_per_chunk, bool use_batch_stats,
+                                    const typename AccType<scalar_t>::type* __restrict__ affine,
+                                    const typename AccType<scalar_t>::type* __restrict__ mean,
+                                    const typename AccType<scalar_t>::type* __restrict__ invstd, DropoutArgs dropout,
+                                    typename AccType<scalar_t>::type* __restrict__ part_dy,
+                                    typename AccType<scalar_t>::type* __restrict__ part_dy_zhat) {
+  using acc_t = typename AccType<scalar_t>::type;
+  __shared__ acc_t s_dy[kRowLanes][kFeatureLanes * kF];
+  __shared__ acc_t s_dyz[kRowLanes][kFeatureLanes * kF];
+  const DropoutKey key = load_dropout_key(dropout);
+  const acc_t scale = static_cast<acc_t>(dropout.scale);
+  const acc_t kept_scale = key.active ? scale : acc_t(1);
+  const int lane = threadIdx.x % kFeatureLanes, row_lane = threadIdx.x / kFeatureLanes;
+  const int64_t f0 = static_cast<int64_t>(blockIdx.x) * kFeatureLanes * kF + lane * kF;
+  const int64_t chunk = blockIdx.y;
+  const int64_t r_end = min_i64(N, (chunk + 1) * rows_per_chunk);
+  acc_t a[kF], b[kF], mu[kF], is[kF], sum_dy[kF], sum_dyz[kF];
+#pragma unroll
+  for (int j = 0; j < kF; ++j) {
+    const bool in = f0 + j < C;
+    a[j] = in ? affine[f0 + j] : acc_t(0);
+    b[j] = in ? affine[C + f0 + j] : acc_t(0);
+    mu[j] = in ? mean[f0 + j] : acc_t(0);
+    is[j] = in ? invstd[f0 + j] : acc_t(0);
+    sum_dy[j] = sum_dyz[j] = acc_t(0);
+  }
+  for (int64_t r = chunk * rows_per_chunk + row_lane; r < r_end; r += kRowLanes) {
+    acc_t gv[kF], sv[kF], m[kF];
+    load_features<kF>(grad + r * C, f0, C, gv);
+    load_features<kF>(saved + r * C, f0, C, sv);
+    if (use_batch_stats && key.active && f0 < C) {
+      if constexpr (kF == kGroup) {
+        group_multipliers(key, r * C + f0, scale, m);  // C % 4 == 0: the four features are one group
+      } else {
+#pragma unroll
+        for (int j = 0; j < kF; ++j) m[j] = element_multiplier(key, r * C + f0 + j, scale);
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < kF; ++j) m[j] = acc_t(1);
+    }
+#pragma unroll
+    for (int j = 0; j < kF; ++j) {
+      const acc_t dy = grad_through_relu_dropout(use_batch_stats, gv[j], sv[j], a[j], b[j], m[j], kept_scale);
+      sum_dy[j] += dy;
+      if (use_batch_stats) sum_dyz[j] += dy * ((sv[j] - mu[j]) * is[j]);
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < kF; ++j) {
+    s_dy[row_lane][lane * kF + j] = sum_dy[j];
+    s_dyz[row_lane][lane * kF + j] = sum_dyz[j];
+  }
+  __syncthreads();
+  if (row_lane == 0) {
+#pragma unroll
+    for (int j = 0; j < kF; ++j) {
+      acc_t t_dy = sum_dy[j], t_dyz = sum_dyz[j];
+      for (int k = 1; k < kRowLanes; ++k) {
+        t_dy += s_dy[k][lane * kF + j];
+        t_dyz += s_dyz[k][lane * kF + j];
+      }
+      if (f0 + j < C) {
+        part_dy[chunk * C + f0 + j] = t_dy;
+        part_dy_zhat[chunk * C + f0 + j] = t_dyz;
+      }
+    }
+  }
+}
+
+// Per feature: the chunk sums in order into sum_dy and sum_dy_zhat; with batch statistics also
+// the coefficients of dz = A * dy + z * D + E (coef[f] = D, coef[C + f] = E), which is
+// A * (dy - mean_n(dy) - zhat * mean_n(dy * zhat)) rearranged.
+template <typename acc_t>
+__global__ void bn_backward_finalize(const acc_t* __restrict__ part_dy, const acc_t* __restrict__ part_dy_zhat,
+                                     int64_t N, int64_t C, int64_t chunks, bool use_batch_stats,
+                                     const acc_t* __restrict__ affine, const acc_t* __restrict__ mean,
+                                     const acc_t* __restrict__ invstd, acc_t* __restrict__ sum_dy,
+                                     acc_t* __restrict__ sum_dy_zhat, acc_t* __restrict__ coef) {
+  for (int64_t f = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; f < C;
+       f += static_cast<int64_t>(blockDim.x) * gridDim.x) {
+    acc_t s_dy = 0, s_dyz = 0;
+    for (int64_t c = 0; c < chunks; ++c) {
+      s_dy += part_dy[c * C + f];
+      s_dyz += part_dy_zhat[c * C + f];
+    }
+    sum_dy[f] = s_dy;
+    sum_dy_zhat[f] = s_dyz;
+    if (use_batch_stats) {
+      const acc_t a = affine[f];
+      const acc_t d = -a * invstd[f] * (s_dyz / static_cast<acc_t>(N));
+      coef[f] = d;
+      coef[C + f] = -a * (s_dy / static_cast<acc_t>(N)) - mean[f] * d;
+    }
+  }
+}
+
+// Pass 2, elementwise over groups of four: dz = A * dy + z * D + E (batch statistics), or dz = dy
+// (running statistics, where the GEMMs take the folded weight). packed: grad, saved and dz aligned.
+template <typename scalar_t>
+__global__ void bn_backward_input(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ saved, int64_t numel,
+                                  int64_t C, bool packed, bool use_batch_stats,
+                                  const typename AccType<scalar_t>::type* __restrict__ affine,
+                                  const typename AccType<scalar_t>::type* __restrict__ coef, DropoutArgs dropout,
+                                  scalar_t* __restrict__ dz) {
+  using acc_t = typename AccType<scalar_t>::type;
+  const DropoutKey key = load_dropout_key(dropout);
+  const acc_t scale = static_cast<acc_t>(dropout.scale);
+  const acc_t kept_scale = key.active ? scale : acc_t(1);
+  const int64_t groups = (numel + kGroup - 1) / kGroup;
+  for (int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; g < groups;
+       g += static_cast<int64_t>(blockDim.x) * gridDim.x) {
+    const int64_t i0 = g * kGroup;
+    const int n = static_cast<int>(min_i64(kGroup, numel - i0));
+    acc_t gv[kGroup], sv[kGroup], m[kGroup], out[kGroup];
+    int64_t f[kGroup];
+    load_group(grad, i0, n, packed, gv);
+    load_group(saved, i0, n, packed, sv);
+    group_features(i0, C, f);
+    if (use_batch_stats) {
+      group_multipliers(key, i0, scale, m);
+    } else {
+#pragma unroll
+      for (int j = 0; j < kGroup; ++j) m[j] = acc_t(1);
+    }
+#pragma unroll
+    for (int j = 0; j < kGroup; ++j) {
+      if (use_batch_stats) {
+        const acc_t a = affine[f[j]];
+        const acc_t dy = grad_through_relu_dropout(true, gv[j], sv[j], a, affine[C + f[j]], m[j], kept_scale);
+        out[j] = a * dy + sv[j] * coef[f[j]] + coef[C + f[j]];
+      } else {
+        out[j] = grad_through_relu_dropout(false, gv[j], sv[j], acc_t(0), acc_t(0), m[j], kept_scale);
+      }
+    }
+    store_group(dz, i0, n, packed, out);
+  }
+}
+
+// Running statistics, after the GEMMs: G = dz^T x is dL/dW' for W' = W * A. One warp per feature:
+// grad_weight = G * A; dL/dgamma = invstd * (sum_n dy * z - mean * sum_dy), where
+// sum_n dy * z = sum_k G[f, k] W[f, k] + bias[f] * sum_dy (z = x W^T + b); dL/dbias = A * sum_dy.
+template <typename scalar_t>
+__global__ void folded_weight_grad(const scalar_t* __restrict__ G, const scalar_t* __restrict__ w,
+                                   const scalar_t* __restrict__ bias,
+                                   const typename AccType<scalar_t>::type* __restrict__ affine,
+                                   const typename AccType<scalar_t>::type* __restrict__ mean,
+                                   const typename AccType<scalar_t>::type* __restrict__ invstd,
+                                   const typename AccType<scalar_t>::type* __restrict__ sum_dy, int64_t C, int64_t K,
+                                   scalar_t* __restrict__ grad_weight,
+                                   typename AccType<scalar_t>::type* __restrict__ grad_gamma,
+                                   scalar_t* __restrict__ grad_bias) {
+  using acc_t = typename AccType<scalar_t>::type;
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t warps = blockDim.x / kWarpSize;
+  // The loop bound is the same for every lane of a warp, so each warp reaches warp_sum whole.
+  for (int64_t f = static_cast<int64_t>(blockIdx.x) * warps + threadIdx.x / kWarpSize; f < C;
+       f += static_cast<int64_t>(gridDim.x) * warps) {
+    const acc_t a = affine[f];
+    acc_t dot = 0;
+    for (int64_t k = lane; k < K; k += kWarpSize) {
+      const acc_t gv = static_cast<acc_t>(G[f * K + k]);
+      dot += gv * static_cast<acc_t>(w[f * K + k]);
+      grad_weight[f * K + k] = static_cast<scalar_t>(gv * a);
+    }
+    dot = warp_sum(dot);
+    if (lane == 0) {
+      const acc_t s = sum_dy[f];
+      const acc_t dy_z = dot + (bias ? static_cast<acc_t>(bias[f]) : acc_t(0)) * s;
+      grad_gamma[f] = invstd[f] * (dy_z - mean[f] * s);
+      grad_bias[f] = static_cast<scalar_t>(a * s);
+    }
+  }
+}
+
+// --- dropout (seed, offset) ---------------------------------------------------------------------
+
+// A generator's (seed, offset) as it reaches the device: values, or, under CUDA-graph capture,
+// pointers the graph updates on each replay plus the offset within the graph (the fields of
+// at::PhiloxCudaState, copied so that this header needs no CUDA headers).
+struct SeedSource {
+  bool captured;
+  uint64_t seed, offset;
+  const int64_t* seed_ptr;
+  const int64_t* offset_ptr;
+  uint64_t offset_intragraph;
+};
+
+// One thread writes (seed, offset) to out. (A template only so that the header may define it.)
+template <typename index_t>
+__global__ void write_seed_offset(SeedSource s, index_t* out) {
+  if (blockIdx.x != 0 || threadIdx.x != 0) return;
+  out[0] = s.captured ? static_cast<index_t>(*s.seed_ptr) : static_cast<index_t>(s.seed);
+  out[1] = s.captured ? static_cast<index_t>(static_cast<uint64_t>(*s.offset_ptr) + s.offset_intragraph)
+                      : static_cast<index_t>(s.offset);
+}
+
+}  // namespace fused_mlp::cuda
