@@ -10,7 +10,7 @@ export FUSED_MLP_DATA ?= $(if $(wildcard ../shared/data/FashionMNIST/raw),$(absp
 
 SOURCES := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
 
-.PHONY: install test train bench clean
+.PHONY: install test train bench bench-ops clean
 
 install: $(STAMPS)/build
 
@@ -33,6 +33,9 @@ train: install
 	$(PY) examples/train_fashion.py $(ARGS)
 
 bench: install
+	$(PY) -m benchmarks.suite $(ARGS)
+
+bench-ops: install
 	$(PY) -m benchmarks.bench_cross_entropy $(ARGS)
 	$(PY) -m benchmarks.bench_linear_bn_relu $(ARGS)
 

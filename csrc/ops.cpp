@@ -37,11 +37,13 @@ TORCH_LIBRARY(fused_mlp, m) {
       "float dropout_p, Tensor seed_offset) -> (Tensor out, Tensor pre_bn, Tensor mean, "
       "Tensor invstd, Tensor batch_var)");
   // saved: the forward's pre_bn (batch statistics) or its out (running statistics).
-  // Returns the gradients of input, weight, bias, bn_weight and bn_bias.
+  // Returns the gradients of input, weight, bias, bn_weight and bn_bias; without need_grad_input
+  // (the first layer of a network, whose input needs no gradient) grad_input is an empty tensor
+  // and its GEMM is skipped.
   m.def(
       "linear_bn_relu_backward(Tensor grad_out, Tensor input, Tensor weight, Tensor? bias, "
       "Tensor? bn_weight, Tensor? bn_bias, Tensor saved, Tensor mean, Tensor invstd, "
-      "bool use_batch_stats, float dropout_p, Tensor seed_offset) -> (Tensor grad_input, "
+      "bool use_batch_stats, float dropout_p, Tensor seed_offset, bool need_grad_input=True) -> (Tensor grad_input, "
       "Tensor grad_weight, Tensor grad_bias, Tensor grad_bn_weight, Tensor grad_bn_bias)");
   // running = (1 - factor) * running + factor * batch, in place: BatchNorm's running statistics.
   m.def(

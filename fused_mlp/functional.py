@@ -177,11 +177,12 @@ class _LinearBNReLU(torch.autograd.Function):
     def backward(ctx, grad_out, _grad_mean, _grad_var):
         input, weight, bias, bn_weight, bn_bias, saved, mean, invstd, seed_offset = ctx.saved_tensors
         use_batch_stats, dropout_p = ctx.options
+        need = ctx.needs_input_grad
+        # A first layer's input needs no gradient: its GEMM, the largest of the backward, is skipped.
         grads = ops.linear_bn_relu_backward(grad_out.contiguous(), input, weight, bias, bn_weight,
                                             bn_bias, saved, mean, invstd, use_batch_stats,
-                                            dropout_p, seed_offset)
+                                            dropout_p, seed_offset, need[0])
         grad_input, grad_weight, grad_bias, grad_bn_weight, grad_bn_bias = grads
-        need = ctx.needs_input_grad
         return (grad_input if need[0] else None, grad_weight if need[1] else None,
                 grad_bias if need[2] else None, grad_bn_weight if need[3] else None,
                 grad_bn_bias if need[4] else None, None, None, None, None, None, None)

@@ -37,10 +37,12 @@ def linear_bn_relu_forward(input, weight, bias, bn_weight, bn_bias, running_mean
 
 
 def linear_bn_relu_backward(grad_out, input, weight, bias, bn_weight, bn_bias, saved, mean, invstd,
-                            use_batch_stats, dropout_p, seed_offset):
-    """-> (grad_input, grad_weight, grad_bias, grad_bn_weight, grad_bn_bias)."""
+                            use_batch_stats, dropout_p, seed_offset, need_grad_input=True):
+    """-> (grad_input, grad_weight, grad_bias, grad_bn_weight, grad_bn_bias); grad_input is empty
+    (its GEMM skipped) without need_grad_input."""
     return _impl.linear_bn_relu_backward(grad_out, input, weight, bias, bn_weight, bn_bias, saved,
-                                        mean, invstd, use_batch_stats, dropout_p, seed_offset)
+                                        mean, invstd, use_batch_stats, dropout_p, seed_offset,
+                                        need_grad_input)
 
 
 def bn_update_running_stats_(running_mean, running_var, batch_mean, batch_var, factor):
@@ -91,12 +93,14 @@ if BACKEND == "extension":
 
     @torch.library.register_fake("fused_mlp::linear_bn_relu_backward")
     def _linear_bn_relu_backward_fake(grad_out, input, weight, bias, bn_weight, bn_bias, saved,
-                                      mean, invstd, use_batch_stats, dropout_p, seed_offset):
+                                      mean, invstd, use_batch_stats, dropout_p, seed_offset,
+                                      need_grad_input=True):
         features = weight.shape[0]
         param = lambda t: input.new_empty((features,), dtype=(  # noqa: E731
             reference._acc_dtype(input.dtype) if t is None else t.dtype))
-        return (torch.empty_like(input, memory_format=torch.contiguous_format),
-                torch.empty_like(weight, memory_format=torch.contiguous_format),
+        grad_input = (torch.empty_like(input, memory_format=torch.contiguous_format)
+                      if need_grad_input else input.new_empty((0,)))
+        return (grad_input, torch.empty_like(weight, memory_format=torch.contiguous_format),
                 input.new_empty((features,)), param(bn_weight), param(bn_bias))
 
     @torch.library.register_fake("fused_mlp::bn_update_running_stats_")

@@ -196,7 +196,7 @@ def linear_bn_relu_forward(input, weight, bias, bn_weight, bn_bias, running_mean
 
 
 def linear_bn_relu_backward(grad_out, input, weight, bias, bn_weight, bn_bias, saved, mean, invstd,
-                            use_batch_stats, dropout_p, seed_offset):
+                            use_batch_stats, dropout_p, seed_offset, need_grad_input=True):
     acc = _acc_dtype(input.dtype)
     g = grad_out.to(acc)
     n = input.shape[0]
@@ -216,7 +216,7 @@ def linear_bn_relu_backward(grad_out, input, weight, bias, bn_weight, bn_bias, s
         sum_dy, sum_dy_zhat = dy.sum(dim=0), (dy * (z - mean) * invstd).sum(dim=0)
         dz = dy * a
         grad_bias = dz.sum(dim=0)
-    grad_input = dz @ weight.to(acc)
+    grad_input = dz @ weight.to(acc) if need_grad_input else input.new_empty(0)
     grad_weight = dz.t() @ input.to(acc)
     param_dtype = lambda t: acc if t is None else t.dtype  # noqa: E731
     return (grad_input.to(input.dtype), grad_weight.to(weight.dtype), grad_bias.to(input.dtype),

@@ -1,12 +1,13 @@
 """The benchmark suite, run once on tiny shapes so it cannot rot. No timing is asserted here."""
 
 import os
+import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks import bench_cross_entropy, bench_linear_bn_relu  # noqa: E402
+from benchmarks import bench_cross_entropy, bench_linear_bn_relu, suite  # noqa: E402
 
 
 def test_cross_entropy_benchmark_quick(capsys):
@@ -34,3 +35,41 @@ def test_linear_bn_relu_benchmark_quick(capsys):
             assert saved is None
     out = capsys.readouterr().out
     assert out.count("| (64, 32, 16) |") == 2 and "fused / floor" in out
+
+
+def test_suite_quick(capsys, tmp_path):
+    results = suite.main(["--quick"])
+    assert [(r["case"], r["batch"]) for r in results] == [(c, b) for c in suite.CASES for b in suite.QUICK_BATCHES]
+    by_case = {r["case"]: r for r in results}
+    for r in results:
+        assert set(r["ms"]) == set(suite.IMPLS) and all(v > 0 for v in r["ms"].values())
+    assert set(by_case["mlp_train_step"]["floor_ms"]) == {"gemm", "adam"}
+    assert set(by_case["mlp_eval"]["floor_ms"]) == {"gemm"} and not by_case["cross_entropy"]["floor_ms"]
+    # The fused ops keep less for backward than the stock modules, for every case that has a backward.
+    for case in ("cross_entropy", "linear_bn_relu", "mlp_train_step"):
+        saved = by_case[case]["saved"]
+        assert 0 < saved["fused"] < saved["baseline"], case
+    assert not by_case["mlp_eval"]["saved"]
+    out = capsys.readouterr().out
+    assert "| mlp_train_step | 16 |" in out and "fused / floor" in out
+    # The chart: a PNG with one panel per case.
+    png = tmp_path / "cpu.png"
+    suite.plot(results, str(png), suite.torch.device("cpu"))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_suite_rejects_unknown_cases():
+    import pytest
+
+    with pytest.raises(SystemExit):
+        suite.main(["--quick", "--cases", "nonsense"])
+
+
+def test_pytest_benchmark_cases_quick():
+    """The pytest-benchmark cases, each run once on a small batch (benchmarking disabled)."""
+    env = dict(os.environ, FUSED_MLP_BENCH_QUICK="1")
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-disable",
+                             os.path.join(ROOT, "benchmarks", "test_suite.py")],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"{len(suite.CASES) * len(suite.IMPLS) + 4} passed" in result.stdout

@@ -358,12 +358,36 @@ def test_opcheck(use_batch_stats, dropout):
         torch.library.opcheck(torch.ops.fused_mlp.linear_bn_relu_forward.default, args)
         out, pre_bn, mean, invstd, var = torch.ops.fused_mlp.linear_bn_relu_forward(*args)
         saved = pre_bn if use_batch_stats else out
-        torch.library.opcheck(torch.ops.fused_mlp.linear_bn_relu_backward.default,
-                              (torch.randn(N, 4), x, w, b, gamma, beta, saved, mean, invstd,
-                               use_batch_stats, dropout, so))
+        for need_grad_input in (True, False):
+            torch.library.opcheck(torch.ops.fused_mlp.linear_bn_relu_backward.default,
+                                  (torch.randn(N, 4), x, w, b, gamma, beta, saved, mean, invstd,
+                                   use_batch_stats, dropout, so, need_grad_input))
     torch.library.opcheck(torch.ops.fused_mlp.bn_update_running_stats_.default,
                           (torch.randn(4), torch.rand(4), torch.randn(4), torch.rand(4), 0.1))
     torch.library.opcheck(torch.ops.fused_mlp.dropout_mask.default, (torch.tensor([1, 2]), 10, 0.5))
+
+
+@pytest.mark.parametrize("use_batch_stats", [True, False])
+def test_backward_without_input_gradient_skips_it_and_keeps_the_rest(use_batch_stats):
+    """A first layer's input needs no gradient: the op returns an empty grad_input and the same
+    other gradients; the module asks for it only when the input requires grad."""
+    x, w, b = torch.randn(7, 6), torch.randn(4, 6), torch.randn(4)
+    gamma, beta, rm, rv = torch.rand(4) + 0.5, torch.randn(4), torch.randn(4), torch.rand(4) + 0.5
+    so = torch.tensor([5, 6])
+    out, pre_bn, mean, invstd, _ = torch.ops.fused_mlp.linear_bn_relu_forward(
+        x, w, b, gamma, beta, rm, rv, use_batch_stats, 1e-5, 0.3, so)
+    args = (torch.randn(7, 4), x, w, b, gamma, beta, pre_bn if use_batch_stats else out, mean, invstd,
+            use_batch_stats, 0.3, so)
+    full = torch.ops.fused_mlp.linear_bn_relu_backward(*args)
+    partial = torch.ops.fused_mlp.linear_bn_relu_backward(*args, False)
+    assert full[0].shape == x.shape and partial[0].shape == (0,)
+    for a, b_ in zip(full[1:], partial[1:]):
+        assert torch.equal(a, b_)
+    ref = reference.linear_bn_relu_backward(*args, need_grad_input=False)
+    assert ref[0].shape == (0,)
+    layer = LinearBNReLU(6, 4, dropout=0.3)
+    layer(x).sum().backward()  # x needs no gradient
+    assert x.grad is None and layer.linear.weight.grad is not None
 
 
 def test_double_backward_raises():

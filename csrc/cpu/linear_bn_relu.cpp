@@ -387,7 +387,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn
     const at::Tensor& grad_out_, const at::Tensor& input_, const at::Tensor& weight_,
     const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& bn_weight,
     const c10::optional<at::Tensor>& bn_bias, const at::Tensor& saved_, const at::Tensor& mean_,
-    const at::Tensor& invstd_, bool use_batch_stats, double dropout_p, const at::Tensor& seed_offset_) {
+    const at::Tensor& invstd_, bool use_batch_stats, double dropout_p, const at::Tensor& seed_offset_,
+    bool need_grad_input) {
   constexpr const char* op = "fused_mlp::linear_bn_relu_backward";
   check_layer(input_, weight_, bias, bn_weight, bn_bias, dropout_p, seed_offset_, op);
   const int64_t N = input_.size(0), C = weight_.size(0), K = weight_.size(1);
@@ -452,7 +453,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn
           }
         }
       });
-      grad_input = at::mm(dz, weight);
+      grad_input = need_grad_input ? at::mm(dz, weight) : at::empty({0}, input.options());
       grad_weight = at::mm(dz.t(), input);
       // Exactly zero: BatchNorm with batch statistics cancels any constant added before it.
       grad_bias = at::zeros({C}, input.options());
@@ -462,9 +463,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn
     if constexpr (IO::kReduced) {
       dz.copy_(dy_buf);  // dy, rounded to the input dtype for the GEMMs
     }
-    at::Tensor folded_weight = at::empty_like(weight);
-    scale_rows<scalar_t>(weight.const_data_ptr<scalar_t>(), A.data(), C, K, folded_weight.mutable_data_ptr<scalar_t>());
-    grad_input = at::mm(dz, folded_weight);
+    if (need_grad_input) {
+      at::Tensor folded_weight = at::empty_like(weight);
+      scale_rows<scalar_t>(weight.const_data_ptr<scalar_t>(), A.data(), C, K, folded_weight.mutable_data_ptr<scalar_t>());
+      grad_input = at::mm(dz, folded_weight);
+    } else {
+      grad_input = at::empty({0}, input.options());
+    }
     at::Tensor G = at::mm(dz.t(), input);  // dL/dW' = dy^T x
     grad_weight = at::empty_like(weight);
     grad_bias = at::empty({C}, input.options());
@@ -511,12 +516,41 @@ at::Tensor linear_relu_dropout_forward_cpu(const at::Tensor& input, const at::Te
                              Dropout(dropout_p, seed_offset.contiguous()));
 }
 
+// The running-statistics update in one pass when the running and batch statistics share a float
+// dtype and are contiguous (a float32 or float64 model): the four ATen calls of the general form
+// cost more than the arithmetic on a few hundred features. Same formula, same order.
+void bn_update_running_stats_cpu(at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& batch_mean,
+                                 const at::Tensor& batch_var, double factor) {
+  const auto dtype = running_mean.scalar_type();
+  const bool one_pass = (dtype == at::kFloat || dtype == at::kDouble) && running_var.scalar_type() == dtype &&
+                        batch_mean.scalar_type() == dtype && batch_var.scalar_type() == dtype &&
+                        running_mean.is_contiguous() && running_var.is_contiguous() && batch_mean.is_contiguous() &&
+                        batch_var.is_contiguous() && batch_mean.device().is_cpu() && batch_var.device().is_cpu();
+  if (!one_pass) {
+    bn_update_running_stats(running_mean, running_var, batch_mean, batch_var, factor);
+    return;
+  }
+  check_running_stats_update(running_mean, running_var, batch_mean, batch_var, factor);
+  AT_DISPATCH_FLOATING_TYPES(dtype, "bn_update_running_stats_", [&] {
+    const scalar_t keep = static_cast<scalar_t>(1.0 - factor), take = static_cast<scalar_t>(factor);
+    scalar_t* rm = running_mean.mutable_data_ptr<scalar_t>();
+    scalar_t* rv = running_var.mutable_data_ptr<scalar_t>();
+    const scalar_t* bm = batch_mean.const_data_ptr<scalar_t>();
+    const scalar_t* bv = batch_var.const_data_ptr<scalar_t>();
+    for (int64_t f = 0; f < running_mean.numel(); ++f) {
+      const scalar_t m = rm[f] * keep, v = rv[f] * keep;  // rounded, as mul_ rounds, before the add
+      rm[f] = m + take * bm[f];
+      rv[f] = v + take * bv[f];
+    }
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fused_mlp, CPU, m) {
   m.impl("linear_bn_relu_forward", &linear_bn_relu_forward_cpu);
   m.impl("linear_bn_relu_backward", &linear_bn_relu_backward_cpu);
-  m.impl("bn_update_running_stats_", &fused_mlp::bn_update_running_stats);
+  m.impl("bn_update_running_stats_", &bn_update_running_stats_cpu);
   m.impl("linear_relu_dropout_forward", &linear_relu_dropout_forward_cpu);
 }
 

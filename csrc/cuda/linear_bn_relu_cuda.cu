@@ -29,11 +29,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn
     const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& weight,
     const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& bn_weight,
     const c10::optional<at::Tensor>& bn_bias, const at::Tensor& saved, const at::Tensor& mean,
-    const at::Tensor& invstd, bool use_batch_stats, double dropout_p, const at::Tensor& seed_offset) {
+    const at::Tensor& invstd, bool use_batch_stats, double dropout_p, const at::Tensor& seed_offset,
+    bool need_grad_input) {
   const c10::cuda::CUDAGuard guard(input.device());
   return linear_bn_relu_backward_device(current_stream_launch(input), device_limits(input.device().index()), grad_out,
                                         input, weight, bias, bn_weight, bn_bias, saved, mean, invstd, use_batch_stats,
-                                        dropout_p, seed_offset, "fused_mlp::linear_bn_relu_backward");
+                                        dropout_p, seed_offset, need_grad_input, "fused_mlp::linear_bn_relu_backward");
 }
 
 at::Tensor linear_relu_dropout_forward_cuda(const at::Tensor& input, const at::Tensor& weight,

@@ -188,7 +188,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn
     const at::Tensor& weight_, const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& bn_weight,
     const c10::optional<at::Tensor>& bn_bias, const at::Tensor& saved_, const at::Tensor& mean_,
     const at::Tensor& invstd_, bool use_batch_stats, double dropout_p, const at::Tensor& seed_offset,
-    const char* op) {
+    bool need_grad_input, const char* op) {
   using namespace layer_detail;
   check_layer(input_, weight_, bias, bn_weight, bn_bias, dropout_p, seed_offset, op);
   TORCH_CHECK(limits.max_threads_per_block >= kReduceThreads, op, ": the device allows fewer than ",
@@ -258,21 +258,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn
              C, all_packed<scalar_t>({gp, sp, dzp}), use_batch_stats, af,
              static_cast<const acc_t*>(coef.const_data_ptr<acc_t>()), dropout.args, dzp);
     }
+    const at::Tensor no_grad_input = at::empty({0}, input.options());
     if (use_batch_stats) {
-      grad_input = at::mm(dz, weight);
+      grad_input = need_grad_input ? at::mm(dz, weight) : no_grad_input;
       grad_weight = at::mm(dz.t(), input);
       // Exactly zero: BatchNorm with batch statistics cancels any constant added before it.
       grad_bias = at::zeros({C}, input.options());
       return;
     }
     // Running statistics: y = x W'^T + b' with W' = W * A, b' = (b - mean) * A + beta.
-    at::Tensor folded_weight = at::empty_like(weight);
-    launch.poison(folded_weight);
-    if (C * K > 0) {
-      launch(bn_elementwise_config(C * K, limits), scale_weight_rows<scalar_t>, weight.const_data_ptr<scalar_t>(), af,
-             C, K, folded_weight.mutable_data_ptr<scalar_t>());
+    grad_input = no_grad_input;
+    if (need_grad_input) {
+      at::Tensor folded_weight = at::empty_like(weight);
+      launch.poison(folded_weight);
+      if (C * K > 0) {
+        launch(bn_elementwise_config(C * K, limits), scale_weight_rows<scalar_t>, weight.const_data_ptr<scalar_t>(),
+               af, C, K, folded_weight.mutable_data_ptr<scalar_t>());
+      }
+      grad_input = at::mm(dz, folded_weight);
     }
-    grad_input = at::mm(dz, folded_weight);
     const at::Tensor G = at::mm(dz.t(), input);  // dL/dW'
     grad_weight = at::empty_like(weight);
     grad_bias = at::empty({C}, input.options());

@@ -26,10 +26,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& weight, const Optional& bias,
     const Optional& bn_weight, const Optional& bn_bias, const at::Tensor& saved, const at::Tensor& mean,
-    const at::Tensor& invstd, bool use_batch_stats, double dropout_p, const at::Tensor& seed_offset) {
+    const at::Tensor& invstd, bool use_batch_stats, double dropout_p, const at::Tensor& seed_offset,
+    bool need_grad_input) {
   return dev::linear_bn_relu_backward_device(SimLaunch{}, sim_launch::launch_limits(), grad_out, input, weight, bias,
                                              bn_weight, bn_bias, saved, mean, invstd, use_batch_stats, dropout_p,
-                                             seed_offset, "simulated linear_bn_relu_backward");
+                                             seed_offset, need_grad_input, "simulated linear_bn_relu_backward");
 }
 
 at::Tensor linear_relu_dropout_forward(const at::Tensor& input, const at::Tensor& weight, const Optional& bias,
@@ -74,7 +75,10 @@ pybind11::dict reduce_config(int64_t rows, int64_t features, int64_t features_pe
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward);
-  m.def("backward", &backward);
+  m.def("backward", &backward, pybind11::arg("grad_out"), pybind11::arg("input"), pybind11::arg("weight"),
+        pybind11::arg("bias"), pybind11::arg("bn_weight"), pybind11::arg("bn_bias"), pybind11::arg("saved"),
+        pybind11::arg("mean"), pybind11::arg("invstd"), pybind11::arg("use_batch_stats"), pybind11::arg("dropout_p"),
+        pybind11::arg("seed_offset"), pybind11::arg("need_grad_input") = true);
   m.def("linear_relu_dropout_forward", &linear_relu_dropout_forward);
   m.def("write_seed_offset", &write_seed_offset);
   m.def("reduce_config", &reduce_config);
