@@ -13,17 +13,35 @@ import time
 import torch
 
 
-def interleaved_medians(cases, rounds, warmup=2):
-    """cases: {name: zero-argument callable}. Returns {name: median seconds per call}."""
+def wall_time(fn):
+    """Seconds one call of fn takes, by the host clock."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def cuda_event_time(fn):
+    """Seconds the GPU spends on one call of fn, from CUDA events recorded around it on the current
+    stream, after synchronizing so that no earlier work is counted."""
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
+
+
+def interleaved_medians(cases, rounds, warmup=2, timer=wall_time):
+    """cases: {name: zero-argument callable}. Returns {name: median seconds per call}, each call
+    timed by timer (wall_time, or cuda_event_time for GPU work)."""
     for fn in cases.values():
         for _ in range(warmup):
             fn()
     samples = {name: [] for name in cases}
     for _ in range(rounds):
         for name, fn in cases.items():
-            start = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - start)
+            samples[name].append(timer(fn))
     return {name: statistics.median(s) for name, s in samples.items()}
 
 

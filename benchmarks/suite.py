@@ -30,7 +30,8 @@ from torch import nn
 
 import fused_mlp
 from benchmarks.bench_linear_bn_relu import make_step
-from benchmarks.harness import interleaved_medians, machine_description, saved_activation_bytes
+from benchmarks.harness import (cuda_event_time, interleaved_medians, machine_description, saved_activation_bytes,
+                                wall_time)
 from fused_mlp.models import MLP
 from fused_mlp.nn import LinearBNReLU
 
@@ -197,19 +198,6 @@ BUILDERS = {"cross_entropy": cross_entropy_case, "linear_bn_relu": linear_bn_rel
 
 # --- measuring ------------------------------------------------------------------------------------
 
-def _timed(fn, device):
-    """fn, timed as the harness times a call: on CUDA the call is bracketed by synchronizations,
-    so the host clock measures the GPU's work (the same discipline as CUDA events)."""
-    if device.type != "cuda":
-        return fn
-
-    def synced():
-        torch.cuda.synchronize(device)
-        fn()
-        torch.cuda.synchronize(device)
-    return synced
-
-
 def _peak_bytes(fn, device):
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
@@ -221,9 +209,10 @@ def _peak_bytes(fn, device):
 
 def measure(case, batch, device, rounds, warmup):
     steps, floor, probes, exclude = BUILDERS[case](batch, device)
-    calls = {impl: _timed(fn, device) for impl, fn in steps.items()}
-    calls.update({f"floor:{part}": _timed(fn, device) for part, fn in floor.items()})
-    medians = interleaved_medians(calls, rounds=rounds, warmup=warmup)
+    calls = dict(steps)
+    calls.update({f"floor:{part}": fn for part, fn in floor.items()})
+    timer = cuda_event_time if device.type == "cuda" else wall_time
+    medians = interleaved_medians(calls, rounds=rounds, warmup=warmup, timer=timer)
     result = {"case": case, "batch": batch, "ms": {impl: medians[impl] * 1e3 for impl in IMPLS},
               "floor_ms": {part: medians[f"floor:{part}"] * 1e3 for part in floor}, "saved": {}, "peak": {}}
     for impl, probe in probes.items():
@@ -256,7 +245,7 @@ def format_report(results, device, rounds, image=None):
     lines = [f"# fused_mlp benchmarks, {device.type.upper()}", "",
              machine_description() + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""), "",
              f"Median of {rounds} interleaved rounds (baseline, compile, fused and the floor alternate "
-             "within each round). Times in ms per call; speedups are baseline time / fused time; "
+             "within each round; on CUDA each call is timed with CUDA events after synchronizing). Times in ms per call; speedups are baseline time / fused time; "
              f"{floor_note}. Saved = activation bytes autograd keeps for backward (inputs and "
              "parameters excluded).", ""]
     if image:
@@ -318,7 +307,7 @@ def plot(results, path, device):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny batches, one round; nothing is written")
-    parser.add_argument("--rounds", type=int, default=None, help="timed rounds per case (default 15)")
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds per case (default 60)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--cases", default=",".join(CASES), help="comma-separated subset of " + ", ".join(CASES))
     parser.add_argument("--batches", default=None, help="comma-separated batch sizes (default 64,256,1024,4096)")
@@ -330,10 +319,10 @@ def main(argv=None):
     unknown = [c for c in cases if c not in CASES]
     if unknown:
         parser.error(f"--cases: unknown case(s) {unknown}; choose from {CASES}")
-    rounds = args.rounds or (1 if args.quick else 15)
+    rounds = args.rounds or (1 if args.quick else 60)
     batches = (QUICK_BATCHES if args.quick else
                tuple(int(b) for b in args.batches.split(",")) if args.batches else BATCHES)
-    results = run(batches, device, rounds, warmup=1 if args.quick else 3, cases=cases)
+    results = run(batches, device, rounds, warmup=1 if args.quick else 5, cases=cases)
     report = format_report(results, device, rounds, image=None if args.quick else f"{device.type}.png")
     print(report)
     if not args.quick:

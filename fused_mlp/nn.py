@@ -76,53 +76,58 @@ class LinearBNReLU(torch.nn.Module):
         layer._fold_cache = None
         return layer
 
-    def _folded_parameters(self):
+    def _folded_parameters(self, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps):
         """(W', b') of BN folded into the Linear, cached until any tensor they derive from is
         replaced or changed in place (an optimizer step, load_state_dict, ...). Not a buffer:
         never in the state_dict."""
-        lin, bn = self.linear, self.bn
-        sources = (lin.weight, lin.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+        sources = (weight, bias, bn_weight, bn_bias, running_mean, running_var)
         key = tuple(None if t is None else (t.data_ptr(), t._version, t.dtype, t.device) for t in sources)
-        key += (bn.eps,)
-        if self._fold_cache is None or self._fold_cache[0] != key:
+        key += (eps,)
+        cache = self._fold_cache
+        if cache is None or cache[0] != key:
             with torch.no_grad():
-                folded = F.fold_batch_norm(lin.weight, lin.bias, bn.weight, bn.bias, bn.running_mean,
-                                           bn.running_var, bn.eps)
-            self._fold_cache = (key, *folded)
-        return self._fold_cache[1:]
+                folded = F.fold_batch_norm(*sources, eps)
+            cache = self._fold_cache = (key, *folded)
+        return cache[1:]
 
     def forward(self, input):
-        bn = self.bn
+        # Every parameter and buffer read once (module attribute lookups are not free).
+        lin, bn = self.linear, self.bn
+        weight, bias, bn_weight, bn_bias = lin.weight, lin.bias, bn.weight, bn.bias
+        bn_training, track = bn.training, bn.track_running_stats
+        running_mean, running_var = bn.running_mean, bn.running_var
         # As nn.BatchNorm1d: batch statistics in training, or always without running statistics.
-        use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
-        update = bn.training and bn.track_running_stats and bn.num_batches_tracked is not None
-        running_mean = bn.running_mean if (not bn.training or bn.track_running_stats) else None
-        running_var = bn.running_var if (not bn.training or bn.track_running_stats) else None
+        use_batch_stats = bn_training or (running_mean is None and running_var is None)
+        if bn_training and not track:
+            running_mean = running_var = None
         dropout = self.dropout if self.training else 0.0
-        F._check_linear_bn_relu_args(input, self.linear.weight, self.linear.bias, bn.weight, bn.bias,
-                                     running_mean, running_var, use_batch_stats, dropout)
-        if not use_batch_stats and not self._needs_grad(input) and not torch.compiler.is_compiling():
+        F._check_linear_bn_relu_args(input, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                                     use_batch_stats, dropout)
+        if (not use_batch_stats and not _needs_grad(input, weight, bias, bn_weight, bn_bias)
+                and not torch.compiler.is_compiling()):
             # Inference: one GEMM with the cached folded weights, then ReLU (+ dropout).
-            weight, bias = self._folded_parameters()
-            return F.folded_linear_relu_dropout(input, weight, bias, dropout=dropout)
+            folded_weight, folded_bias = self._folded_parameters(weight, bias, bn_weight, bn_bias, running_mean,
+                                                                 running_var, bn.eps)
+            return F.folded_linear_relu_dropout(input, folded_weight, folded_bias, dropout=dropout)
+        update = bn_training and track and bn.num_batches_tracked is not None
         momentum = 0.0
         if update:  # only once the input is known good: bad input leaves the state untouched
             bn.num_batches_tracked.add_(1)
             momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
         pass_running = update or not use_batch_stats
-        return F._linear_bn_relu(input, self.linear.weight, self.linear.bias, bn.weight, bn.bias,
+        return F._linear_bn_relu(input, weight, bias, bn_weight, bn_bias,
                                  running_mean if pass_running else None,
                                  running_var if pass_running else None, use_batch_stats, momentum,
                                  bn.eps, dropout)
 
-    def _needs_grad(self, input):
-        if not torch.is_grad_enabled():
-            return False
-        lin, bn = self.linear, self.bn
-        return any(t is not None and t.requires_grad for t in (input, lin.weight, lin.bias, bn.weight, bn.bias))
-
     def extra_repr(self):
         return f"dropout={self.dropout}"
+
+
+def _needs_grad(input, *params):
+    if not torch.is_grad_enabled():
+        return False
+    return input.requires_grad or any(t is not None and t.requires_grad for t in params)
 
 
 def _check_dropout(p):

@@ -390,6 +390,30 @@ def test_backward_without_input_gradient_skips_it_and_keeps_the_rest(use_batch_s
     assert x.grad is None and layer.linear.weight.grad is not None
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_running_stats_update_bumps_the_version_counters(dtype):
+    """The eval fold cache keys on the running statistics' versions: every update must bump them."""
+    rm, rv = torch.zeros(3, dtype=dtype), torch.ones(3, dtype=dtype)
+    versions = (rm._version, rv._version)
+    torch.ops.fused_mlp.bn_update_running_stats_(rm, rv, torch.ones(3), torch.full((3,), 3.0), 0.5)
+    assert rm._version > versions[0] and rv._version > versions[1]
+    torch.testing.assert_close(rm, torch.full((3,), 0.5, dtype=dtype))
+    torch.testing.assert_close(rv, torch.full((3,), 2.0, dtype=dtype))
+    layer = LinearBNReLU(4, 3)
+    layer.eval()
+    x = torch.randn(8, 4)
+    with torch.no_grad():
+        before = layer(x)
+        layer.train()
+        layer(torch.randn(8, 4) * 5 + 3)  # moves the running statistics
+        layer.eval()
+        after = layer(x)
+    assert not torch.equal(before, after)
+    expected = torch.relu(torch.nn.functional.batch_norm(x @ layer.linear.weight.t() + layer.linear.bias, layer.bn.running_mean,
+                                       layer.bn.running_var, layer.bn.weight, layer.bn.bias, False, 0.0, layer.bn.eps))
+    torch.testing.assert_close(after, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_double_backward_raises():
     layer = LinearBNReLU(4, 3).double()
     x = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)

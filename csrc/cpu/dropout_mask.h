@@ -67,37 +67,49 @@ inline void store(uint32_t* p, V v) { _mm256_storeu_si256(reinterpret_cast<V*>(p
 }  // namespace philox_simd
 #endif
 
-// The four output words of kLanes consecutive Philox blocks, block0 .. block0 + kLanes - 1:
-// words[w][l] = word w of block block0 + l.
+// The four output words of G runs of kLanes consecutive Philox blocks, run g starting at block0[g]:
+// words[g][w][l] = word w of block block0[g] + l. The G runs go through the ten rounds together:
+// independent chains that keep the multipliers busy while each one waits on its own products.
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-inline void philox_blocks(uint64_t seed, uint64_t offset, uint64_t block0,
-                          uint32_t (*words)[philox_simd::kLanes]) {
+template <int G>
+inline void philox_blocks(uint64_t seed, uint64_t offset, const uint64_t* block0,
+                          uint32_t (*words)[4][philox_simd::kLanes]) {
   using namespace philox_simd;
   using namespace philox_detail;
-  // Counter words 0 and 1: the block index block0 + lane, its low half formed in the vector and
-  // any wrap past 2^32 carried into the high half (vector ops only: assembling the lanes through
-  // memory would stall on store forwarding).
-  const V base_lo = set1(static_cast<uint32_t>(block0)), base_hi = set1(static_cast<uint32_t>(block0 >> 32));
-  const V c0_start = add(base_lo, iota());
-  V c0 = c0_start, c1 = add_carry(base_hi, c0_start, base_lo);
-  V c2 = set1(static_cast<uint32_t>(offset)), c3 = set1(static_cast<uint32_t>(offset >> 32));
+  V c0[G], c1[G], c2[G], c3[G];
+  for (int g = 0; g < G; ++g) {
+    // Counter words 0 and 1: the block index block0 + lane, its low half formed in the vector and
+    // any wrap past 2^32 carried into the high half (vector ops only: assembling the lanes through
+    // memory would stall on store forwarding).
+    const V base_lo = set1(static_cast<uint32_t>(block0[g])), base_hi = set1(static_cast<uint32_t>(block0[g] >> 32));
+    const V start = add(base_lo, iota());
+    c0[g] = start;
+    c1[g] = add_carry(base_hi, start, base_lo);
+    c2[g] = set1(static_cast<uint32_t>(offset));
+    c3[g] = set1(static_cast<uint32_t>(offset >> 32));
+  }
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
   const V m0 = set1(kMul0), m1 = set1(kMul1);
   for (int round = 0; round < 10; ++round) {
-    V hi0, lo0, hi1, lo1;
-    mulhilo(c0, m0, hi0, lo0);
-    mulhilo(c2, m1, hi1, lo1);
-    c0 = xor3(hi1, c1, set1(k0));
-    c1 = lo1;
-    c2 = xor3(hi0, c3, set1(k1));
-    c3 = lo0;
+    const V key0 = set1(k0), key1 = set1(k1);
+    for (int g = 0; g < G; ++g) {
+      V hi0, lo0, hi1, lo1;
+      mulhilo(c0[g], m0, hi0, lo0);
+      mulhilo(c2[g], m1, hi1, lo1);
+      c0[g] = xor3(hi1, c1[g], key0);
+      c1[g] = lo1;
+      c2[g] = xor3(hi0, c3[g], key1);
+      c3[g] = lo0;
+    }
     k0 += kWeyl0;
     k1 += kWeyl1;
   }
-  store(words[0], c0);
-  store(words[1], c1);
-  store(words[2], c2);
-  store(words[3], c3);
+  for (int g = 0; g < G; ++g) {
+    store(words[g][0], c0[g]);
+    store(words[g][1], c1[g]);
+    store(words[g][2], c2[g]);
+    store(words[g][3], c3[g]);
+  }
 }
 #endif
 
@@ -130,6 +142,24 @@ inline void multipliers64(const uint32_t (*words)[16], uint32_t threshold, float
 }
 #endif
 
+#if defined(CPU_CAPABILITY_AVX512)
+// Runs of 64 elements taken kRunGroup at a time by the AVX-512 float paths.
+constexpr int kRunGroup = 4;
+constexpr int64_t kRun = 4 * philox_simd::kLanes;  // 64 elements: 16 blocks
+
+// The float multipliers of G runs of 64 elements, run g starting at element first[g] (a multiple
+// of 4), written to out[g] .. out[g] + 63.
+template <int G>
+inline void multiplier_runs(uint64_t seed, uint64_t offset, const uint64_t* first, uint32_t threshold, float scale,
+                            float* const* out) {
+  alignas(64) uint32_t words[G][4][philox_simd::kLanes];
+  uint64_t block0[G];
+  for (int g = 0; g < G; ++g) block0[g] = first[g] / 4;
+  philox_blocks<G>(seed, offset, block0, words);
+  for (int g = 0; g < G; ++g) multipliers64(words[g], threshold, scale, out[g]);
+}
+#endif
+
 // out[k] = scale if element begin + k is kept, else 0, for k in [0, n).
 template <typename T>
 void dropout_multipliers(uint64_t seed, uint64_t offset, uint64_t begin, int64_t n, float p, T scale,
@@ -139,13 +169,29 @@ void dropout_multipliers(uint64_t seed, uint64_t offset, uint64_t begin, int64_t
   const uint32_t threshold = dropout_threshold(p);
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   constexpr int kLanes = philox_simd::kLanes;
-  alignas(64) uint32_t words[4][kLanes];
-  for (uint64_t block0 = begin / 4; block0 * 4 < end; block0 += kLanes) {
-    philox_blocks(seed, offset, block0, words);
+  uint64_t block0 = begin / 4;
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+    if (begin % 4 == 0) {  // whole runs of 64, four at a time
+      for (; (block0 + kRunGroup * kLanes) * 4 <= end; block0 += kRunGroup * kLanes) {
+        uint64_t first[kRunGroup];
+        float* dst[kRunGroup];
+        for (int g = 0; g < kRunGroup; ++g) {
+          first[g] = (block0 + g * kLanes) * 4;
+          dst[g] = out + (first[g] - begin);
+        }
+        multiplier_runs<kRunGroup>(seed, offset, first, threshold, scale, dst);
+      }
+    }
+  }
+#endif
+  alignas(64) uint32_t words[1][4][kLanes];
+  for (; block0 * 4 < end; block0 += kLanes) {
+    philox_blocks<1>(seed, offset, &block0, words);
 #if defined(CPU_CAPABILITY_AVX512)
     if constexpr (std::is_same_v<T, float>) {
       if (block0 * 4 >= begin && (block0 + kLanes) * 4 <= end) {
-        multipliers64(words, threshold, scale, out + (block0 * 4 - begin));
+        multipliers64(words[0], threshold, scale, out + (block0 * 4 - begin));
         continue;
       }
     }
@@ -153,7 +199,7 @@ void dropout_multipliers(uint64_t seed, uint64_t offset, uint64_t begin, int64_t
     const uint64_t first = std::max(begin, block0 * 4);
     const uint64_t last = std::min(end, (block0 + kLanes) * 4);
     for (uint64_t i = first; i < last; ++i) {
-      out[i - begin] = (words[i % 4][i / 4 - block0] >> 8) >= threshold ? scale : T(0);
+      out[i - begin] = (words[0][i % 4][i / 4 - block0] >> 8) >= threshold ? scale : T(0);
     }
   }
 #else
@@ -164,6 +210,34 @@ void dropout_multipliers(uint64_t seed, uint64_t offset, uint64_t begin, int64_t
     for (uint64_t i = first; i < last; ++i) out[i - begin] = (r.v[i % 4] >> 8) >= threshold ? scale : T(0);
   }
 #endif
+}
+
+// The multipliers of `rows` spans of n elements, span r starting at element begin + r * stride,
+// into out[r * n + k]: the backward's rows of one feature block. With AVX-512, float, and spans
+// made of whole aligned runs of 64, runs of four rows go through Philox together.
+template <typename T>
+void dropout_multipliers_rows(uint64_t seed, uint64_t offset, uint64_t begin, uint64_t stride, int64_t rows,
+                              int64_t n, float p, T scale, T* out) {
+  int64_t r = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+    if (begin % 4 == 0 && stride % 4 == 0 && n % kRun == 0) {
+      const uint32_t threshold = dropout_threshold(p);
+      for (; r + kRunGroup <= rows; r += kRunGroup) {
+        for (int64_t k = 0; k < n; k += kRun) {
+          uint64_t first[kRunGroup];
+          float* dst[kRunGroup];
+          for (int g = 0; g < kRunGroup; ++g) {
+            first[g] = begin + static_cast<uint64_t>(r + g) * stride + static_cast<uint64_t>(k);
+            dst[g] = out + (r + g) * n + k;
+          }
+          multiplier_runs<kRunGroup>(seed, offset, first, threshold, scale, dst);
+        }
+      }
+    }
+  }
+#endif
+  for (; r < rows; ++r) dropout_multipliers<T>(seed, offset, begin + static_cast<uint64_t>(r) * stride, n, p, scale, out + r * n);
 }
 
 }  // namespace fused_mlp::cpu

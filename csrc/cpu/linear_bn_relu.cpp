@@ -66,6 +66,11 @@ struct Dropout {
   void multipliers(uint64_t begin, int64_t n, T* buf) const {
     dropout_multipliers<T>(seed, offset, begin, n, p, static_cast<T>(scale), buf);
   }
+  // The same for `rows` spans of n elements, span r starting at begin + r * stride, into buf[r * n + k].
+  template <typename T>
+  void multipliers_rows(uint64_t begin, uint64_t stride, int64_t rows, int64_t n, T* buf) const {
+    dropout_multipliers_rows<T>(seed, offset, begin, stride, rows, n, p, static_cast<T>(scale), buf);
+  }
 };
 
 // Loads n <= kWidth values at p: the full-width load when it can.
@@ -190,18 +195,25 @@ at::Tensor onednn_linear_relu(const at::Tensor& input, const at::Tensor& weight,
   }
 }
 
+// oneDNN's matmul with a ReLU post-op sets up a primitive on every call (tens of microseconds
+// here), which only pays off on large GEMMs: on this project's 2-core AVX-512 machine it lost to
+// addmm + relu_ up to 3.4e7 multiply-adds (e.g. 1024 x 256 -> 128) and won from 1e8 (256 x 784 -> 512).
+constexpr int64_t kOneDnnMinMacs = 100'000'000;
+
 // relu(x W^T + b) * dropout: one GEMM, then the epilogue in place on its output.
 at::Tensor linear_relu_dropout(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
                                const Dropout& dropout) {
-  at::Tensor out = onednn_linear_relu(input, weight, bias);
-  if (!out.defined()) {
-    out = bias.defined() ? at::addmm(bias, input, weight.t()) : at::mm(input, weight.t());
-    at::relu_(out);
+  const int64_t macs = input.size(0) * input.size(1) * weight.size(0);
+  at::Tensor out = macs >= kOneDnnMinMacs ? onednn_linear_relu(input, weight, bias) : at::Tensor();
+  const bool relu_done = out.defined();
+  if (!relu_done) out = bias.defined() ? at::addmm(bias, input, weight.t()) : at::mm(input, weight.t());
+  if (!dropout.active) {
+    if (!relu_done) at::relu_(out);
+    return out;
   }
-  if (!dropout.active) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "linear_relu_dropout", [&] {
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
-    affine_relu_dropout<scalar_t>(o, o, out.size(0), out.size(1), nullptr, nullptr, dropout);
+    affine_relu_dropout<scalar_t>(o, o, out.size(0), out.size(1), nullptr, nullptr, dropout);  // ReLU too
   });
   return out;
 }
@@ -336,7 +348,8 @@ void grad_through_relu_dropout(const scalar_t* g, const scalar_t* saved, int64_t
   const Units u(N, C, W);
   std::vector<acc_t> part_dy(u.row_blocks * C), part_dyz(use_batch_stats ? u.row_blocks * C : 0);
   at::parallel_for(0, u.count(), u.grain(), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> mult(u.width);
+    constexpr int64_t kMaskRows = 4;  // rows of multipliers generated together
+    std::vector<acc_t> mult(kMaskRows * u.width);
     const Vec zero(acc_t(0));
     const Vec kept_scale(static_cast<acc_t>(dropout.active ? dropout.scale : 1.0));
     for (int64_t unit = begin; unit < end; ++unit) {
@@ -347,7 +360,12 @@ void grad_through_relu_dropout(const scalar_t* g, const scalar_t* saved, int64_t
       for (int64_t v = 0; v < kFeatureVecs; ++v) s_dy[v] = zero, s_dyz[v] = zero;
       for (int64_t n = r0; n < r0 + nr; ++n) {
         const bool regenerate = use_batch_stats && dropout.active;
-        if (regenerate) dropout.multipliers(static_cast<uint64_t>(n * C + f0), nf, mult.data());
+        const int64_t mask_row = (n - r0) % kMaskRows;
+        if (regenerate && mask_row == 0) {
+          dropout.multipliers_rows(static_cast<uint64_t>(n * C + f0), static_cast<uint64_t>(C),
+                                   std::min(kMaskRows, r0 + nr - n), nf, mult.data());
+        }
+        const acc_t* row_mult = mult.data() + mask_row * nf;
         for (int64_t v = 0, f = 0; f < nf; ++v, f += W) {
           const int64_t len = std::min(W, nf - f), idx = n * C + f0 + f;
           const Vec gv = load_n(g + idx, len);
@@ -355,7 +373,7 @@ void grad_through_relu_dropout(const scalar_t* g, const scalar_t* saved, int64_t
           Vec dy;
           if (use_batch_stats) {
             const Vec y = at::vec::fmadd(sv, load_acc(A + f0 + f, len), load_acc(B + f0 + f, len));
-            dy = Vec::blendv(zero, regenerate ? gv * load_acc(mult.data() + f, len) : gv, y > zero);
+            dy = Vec::blendv(zero, regenerate ? gv * load_acc(row_mult + f, len) : gv, y > zero);
             const Vec zhat = (sv - load_acc(mean + f0 + f, len)) * load_acc(invstd + f0 + f, len);
             s_dyz[v] = at::vec::fmadd(dy, zhat, s_dyz[v]);
           } else {
@@ -543,6 +561,10 @@ void bn_update_running_stats_cpu(at::Tensor& running_mean, at::Tensor& running_v
       rv[f] = v + take * bv[f];
     }
   });
+  // Written through raw pointers: bump the version counters as in-place ATen ops do, so whatever
+  // keys on them (autograd's saved-tensor checks, LinearBNReLU's folded-weight cache) sees the change.
+  running_mean.unsafeGetTensorImpl()->bump_version();
+  running_var.unsafeGetTensorImpl()->bump_version();
 }
 
 }  // namespace
