@@ -20,13 +20,13 @@ MODES = ("train", "eval")
 DROPOUT = 0.3
 
 
-def make_modules(n_in, n_out, seed=0):
+def make_modules(n_in, n_out, seed=0, device="cpu"):
     """The stock Sequential, the same module under torch.compile, and the fused layer holding a
-    copy of its parameters and buffers (the state_dict keys map one to one)."""
+    copy of its parameters and buffers (the state_dict keys map one to one), on `device`."""
     torch.manual_seed(seed)
     stock = nn.Sequential(OrderedDict(linear=nn.Linear(n_in, n_out), bn=nn.BatchNorm1d(n_out),
-                                      relu=nn.ReLU(), dropout=nn.Dropout(DROPOUT)))
-    fused = LinearBNReLU(n_in, n_out, dropout=DROPOUT)
+                                      relu=nn.ReLU(), dropout=nn.Dropout(DROPOUT))).to(device)
+    fused = LinearBNReLU(n_in, n_out, dropout=DROPOUT).to(device)
     fused.load_state_dict(stock.state_dict())
     # Every (shape, train/eval) pair is one more compilation of the shared Sequential.forward.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)

@@ -22,18 +22,17 @@ storage once) and, on CUDA, the peak allocated bytes of one call.
 
 import argparse
 import os
-from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import fused_mlp
-from benchmarks.bench_linear_bn_relu import make_step
+from benchmarks.bench_linear_bn_relu import make_modules, make_step
 from benchmarks.harness import (cuda_event_time, interleaved_medians, machine_description, saved_activation_bytes,
                                 wall_time)
 from fused_mlp.models import MLP
-from fused_mlp.nn import LinearBNReLU
+from fused_mlp.train import make_optimizer
 
 CASES = ("cross_entropy", "linear_bn_relu", "mlp_train_step", "mlp_eval")
 BATCHES = (64, 256, 1024, 4096)
@@ -41,7 +40,6 @@ QUICK_BATCHES = (16,)
 IMPLS = ("baseline", "compile", "fused")
 CLASSES = 10
 LAYER = (784, 512)
-DROPOUT = 0.3
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -80,13 +78,10 @@ def cross_entropy_case(batch, device):
 
 
 def linear_bn_relu_case(batch, device):
-    torch.manual_seed(0)
     n_in, n_out = LAYER
-    stock = nn.Sequential(OrderedDict(linear=nn.Linear(n_in, n_out), bn=nn.BatchNorm1d(n_out), relu=nn.ReLU(),
-                                      dropout=nn.Dropout(DROPOUT))).to(device)
-    fused = LinearBNReLU(n_in, n_out, dropout=DROPOUT).to(device)
-    fused.load_state_dict(stock.state_dict())
-    modules = {"baseline": stock, "compile": _compile(stock), "fused": fused}
+    layer = make_modules(n_in, n_out, device=device)  # the op benchmark's modules, as "baseline"
+    stock = layer["eager"]
+    modules = {"baseline": stock, "compile": layer["compile"], "fused": layer["fused"]}
     g = _generator()
     x = torch.randn(batch, n_in, generator=g).to(device).requires_grad_()
     grad = torch.randn(batch, n_out, generator=g).to(device)
@@ -95,7 +90,7 @@ def linear_bn_relu_case(batch, device):
     w, b, xd = stock.linear.weight.detach(), stock.linear.bias.detach(), x.detach()
     floor = {"gemm": lambda: (torch.addmm(b, xd, w.t()), torch.mm(grad, w), torch.mm(grad.t(), xd))}
     probes = {impl: (lambda m=modules[impl]: m(x)) for impl in ("baseline", "fused")}
-    return steps, floor, probes, (x, *stock.parameters(), *fused.parameters())
+    return steps, floor, probes, (x, *stock.parameters(), *modules["fused"].parameters())
 
 
 def _mlps(device):
@@ -138,17 +133,13 @@ def _gemm_floor(model, batch, device, train):
     return gemms
 
 
-def _make_adam(model):
-    return torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
-
-
 def mlp_train_step_case(batch, device):
     models = _mlps(device)
     x, y = _mlp_inputs(batch, device)
 
     def step_of(impl):
         model = models[impl].train()
-        optimizer = _make_adam(model)
+        optimizer = make_optimizer(model)
 
         def forward_loss(x, y):
             return model.loss(model(x), y)
@@ -167,7 +158,7 @@ def mlp_train_step_case(batch, device):
     spare = MLP(impl="baseline").to(device)
     for p in spare.parameters():
         p.grad = torch.randn_like(p) * 1e-3
-    adam = _make_adam(spare)
+    adam = make_optimizer(spare)
     floor = {"gemm": _gemm_floor(spare, batch, device, train=True), "adam": adam.step}
     probes = {impl: (lambda m=models[impl]: m.loss(m(x), y)) for impl in ("baseline", "fused")}
     exclude = (x, y, *[p for m in models.values() for p in m.parameters()])

@@ -1,11 +1,34 @@
-// Argument checks of the Linear -> BatchNorm1d -> ReLU -> Dropout ops, shared by the CPU kernels and
-// the CUDA host sequence, so both refuse the same input with the same message.
+// Argument checks and argument helpers of the Linear -> BatchNorm1d -> ReLU -> Dropout ops, shared
+// by the CPU kernels and the CUDA host sequence, so both refuse the same input with the same message
+// and read their optional arguments the same way.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
 namespace fused_mlp {
+
+inline bool defined(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+// The dtype of the statistics and of the per-feature arithmetic: float32, float64 for float64 input.
+inline at::ScalarType acc_type(const at::Tensor& input) {
+  return input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// A per-feature parameter as a contiguous acc tensor, or undefined when absent.
+inline at::Tensor as_acc(const c10::optional<at::Tensor>& t, at::ScalarType acc) {
+  return defined(t) ? t->to(acc).contiguous() : at::Tensor();
+}
+
+// The dtype of a BN parameter's gradient: the parameter's own, acc when there is none.
+inline at::ScalarType param_type(const c10::optional<at::Tensor>& t, at::ScalarType acc) {
+  return defined(t) ? t->scalar_type() : acc;
+}
+
+template <typename T>
+const T* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<T>() : nullptr;
+}
 
 inline void check_layer(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                         const c10::optional<at::Tensor>& bn_weight, const c10::optional<at::Tensor>& bn_bias,
@@ -44,6 +67,44 @@ inline void check_layer(const at::Tensor& input, const at::Tensor& weight, const
     TORCH_CHECK(seed_offset.scalar_type() == at::kLong && seed_offset.numel() == 2 &&
                     (seed_offset.device().is_cpu() || seed_offset.device() == input.device()), op,
                 ": seed_offset must be a CPU int64 tensor holding (seed, offset), or one on the input's device");
+  }
+}
+
+// The forward's mode: batch statistics need two rows or more (as PyTorch requires); running
+// statistics must be given, one per feature, on the input's device.
+inline void check_statistics_mode(const at::Tensor& input, int64_t C, bool use_batch_stats,
+                                  const c10::optional<at::Tensor>& running_mean,
+                                  const c10::optional<at::Tensor>& running_var, const char* op) {
+  if (use_batch_stats) {
+    TORCH_CHECK(input.size(0) > 1, "Expected more than 1 value per channel when training, got input size ",
+                input.sizes());
+    return;
+  }
+  TORCH_CHECK(defined(running_mean) && defined(running_var), op,
+              ": running_mean and running_var are required when use_batch_stats is false");
+  TORCH_CHECK(running_mean->numel() == C && running_var->numel() == C, op,
+              ": running_mean and running_var must have ", C, " elements");
+  TORCH_CHECK(running_mean->device() == input.device() && running_var->device() == input.device(), op,
+              ": running_mean and running_var must be on the input's device (", input.device(), ")");
+}
+
+// The backward's tensors from the forward: grad_out and saved (N, C) in the input's dtype, mean and
+// invstd (C) in acc, all on the input's device.
+inline void check_backward_tensors(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& saved,
+                                   const at::Tensor& mean, const at::Tensor& invstd, int64_t C, const char* op) {
+  const int64_t N = input.size(0);
+  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({N, C}) && grad_out.scalar_type() == input.scalar_type(), op,
+              ": grad_out must have shape (", N, ", ", C, ") and the input's dtype, got ", grad_out.sizes(), " ",
+              grad_out.scalar_type());
+  TORCH_CHECK(saved.sizes() == at::IntArrayRef({N, C}) && saved.scalar_type() == input.scalar_type(), op,
+              ": saved must be the forward's pre-BN activation (batch statistics) or output "
+              "(running statistics), of shape (", N, ", ", C, "); got ", saved.sizes());
+  const auto acc = acc_type(input);
+  TORCH_CHECK(mean.numel() == C && invstd.numel() == C && mean.scalar_type() == acc && invstd.scalar_type() == acc,
+              op, ": mean and invstd must be the forward's");
+  for (const at::Tensor* t : {&grad_out, &saved, &mean, &invstd}) {
+    TORCH_CHECK(t->device() == input.device(), op, ": every tensor must be on the input's device (",
+                input.device(), "), got one on ", t->device());
   }
 }
 

@@ -243,16 +243,6 @@ void scale_rows(const scalar_t* w, const at::opmath_type<scalar_t>* scale, int64
   });
 }
 
-// A per-feature parameter as a contiguous acc_t tensor (or undefined when absent).
-at::Tensor as_acc(const c10::optional<at::Tensor>& t, at::ScalarType acc) {
-  if (!t.has_value() || !t->defined()) return at::Tensor();
-  return t->to(acc).contiguous();
-}
-template <typename acc_t>
-const acc_t* ptr_or_null(const at::Tensor& t) {
-  return t.defined() ? t.const_data_ptr<acc_t>() : nullptr;
-}
-
 // ---------------------------------------------------------------------------------------------
 // Forward.
 
@@ -264,7 +254,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn
   constexpr const char* op = "fused_mlp::linear_bn_relu_forward";
   check_layer(input_, weight_, bias, bn_weight, bn_bias, dropout_p, seed_offset_, op);
   const int64_t N = input_.size(0), C = weight_.size(0);
-  const auto acc = input_.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  check_statistics_mode(input_, C, use_batch_stats, running_mean, running_var, op);
+  const auto acc = acc_type(input_);
   const at::Tensor input = input_.contiguous(), weight = weight_.contiguous();
   const at::Tensor seed_offset = seed_offset_.contiguous();
   const at::Tensor gamma = as_acc(bn_weight, acc), beta = as_acc(bn_bias, acc);
@@ -273,21 +264,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn
   at::Tensor pre_bn, out;
 
   if (use_batch_stats) {
-    TORCH_CHECK(N > 1, "Expected more than 1 value per channel when training, got input size ",
-                input_.sizes());
-    pre_bn = (bias.has_value() && bias->defined())
-                 ? at::addmm(*bias, input, weight.t())
-                 : at::mm(input, weight.t());
+    pre_bn = defined(bias) ? at::addmm(*bias, input, weight.t()) : at::mm(input, weight.t());
     mean = at::empty({C}, stat_options);
     invstd = at::empty({C}, stat_options);
     var = at::empty({C}, stat_options);
     out = at::empty_like(pre_bn);
   } else {
-    TORCH_CHECK(running_mean.has_value() && running_var.has_value() && running_mean->defined() &&
-                    running_var->defined(), op,
-                ": running_mean and running_var are required when use_batch_stats is false");
-    TORCH_CHECK(running_mean->numel() == C && running_var->numel() == C, op,
-                ": running_mean and running_var must have ", C, " elements");
     mean = running_mean->to(acc).contiguous().clone();
     var = running_var->to(acc).contiguous().clone();
     invstd = (var + eps).rsqrt();
@@ -315,8 +297,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn
     const scalar_t* w = weight.const_data_ptr<scalar_t>();
     scalar_t* fw = folded_weight.mutable_data_ptr<scalar_t>();
     scalar_t* fb = folded_bias.mutable_data_ptr<scalar_t>();
-    const at::Tensor bias_c = (bias.has_value() && bias->defined()) ? bias->contiguous() : at::Tensor();
-    const scalar_t* b = bias_c.defined() ? bias_c.const_data_ptr<scalar_t>() : nullptr;
+    const at::Tensor bias_c = defined(bias) ? bias->contiguous() : at::Tensor();
+    const scalar_t* b = ptr_or_null<scalar_t>(bias_c);
     scale_rows<scalar_t>(w, A.data(), C, weight.size(1), fw);
     for (const auto f : c10::irange(C)) {
       fb[f] = static_cast<scalar_t>((b ? static_cast<acc_t>(b[f]) : acc_t(0)) * A[f] + B[f]);
@@ -410,20 +392,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn
   constexpr const char* op = "fused_mlp::linear_bn_relu_backward";
   check_layer(input_, weight_, bias, bn_weight, bn_bias, dropout_p, seed_offset_, op);
   const int64_t N = input_.size(0), C = weight_.size(0), K = weight_.size(1);
-  TORCH_CHECK(grad_out_.sizes() == at::IntArrayRef({N, C}) && grad_out_.scalar_type() == input_.scalar_type(),
-              op, ": grad_out must have shape (", N, ", ", C, ") and the input's dtype, got ",
-              grad_out_.sizes(), " ", grad_out_.scalar_type());
-  TORCH_CHECK(saved_.sizes() == at::IntArrayRef({N, C}) && saved_.scalar_type() == input_.scalar_type(), op,
-              ": saved must be the forward's pre-BN activation (batch statistics) or output "
-              "(running statistics), of shape (", N, ", ", C, "); got ", saved_.sizes());
-  const auto acc = input_.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(mean_.numel() == C && invstd_.numel() == C && mean_.scalar_type() == acc &&
-                  invstd_.scalar_type() == acc, op, ": mean and invstd must be the forward's");
+  check_backward_tensors(grad_out_, input_, saved_, mean_, invstd_, C, op);
+  const auto acc = acc_type(input_);
   const at::Tensor g = grad_out_.contiguous(), input = input_.contiguous(), weight = weight_.contiguous();
   const at::Tensor saved = saved_.contiguous(), mean = mean_.contiguous(), invstd = invstd_.contiguous();
   const at::Tensor seed_offset = seed_offset_.contiguous();
   const at::Tensor gamma = as_acc(bn_weight, acc), beta = as_acc(bn_bias, acc);
-  const bool has_bias = bias.has_value() && bias->defined();
+  const bool has_bias = defined(bias);
   const Dropout dropout(dropout_p, seed_offset);
 
   at::Tensor grad_input, grad_weight, grad_bias;
@@ -516,11 +491,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn
       }
     });
   });
-  const auto param_type = [&](const c10::optional<at::Tensor>& t) {
-    return t.has_value() && t->defined() ? t->scalar_type() : acc;
-  };
-  return {grad_input, grad_weight, grad_bias, sum_dy_zhat.to(param_type(bn_weight)),
-          sum_dy.to(param_type(bn_bias))};
+  return {grad_input, grad_weight, grad_bias, sum_dy_zhat.to(param_type(bn_weight, acc)),
+          sum_dy.to(param_type(bn_bias, acc))};
 }
 
 // Inference with BN already folded into (weight, bias): relu(x W^T + b) * dropout.
@@ -529,7 +501,7 @@ at::Tensor linear_relu_dropout_forward_cpu(const at::Tensor& input, const at::Te
                                            const at::Tensor& seed_offset) {
   constexpr const char* op = "fused_mlp::linear_relu_dropout_forward";
   check_layer(input, weight, bias, c10::nullopt, c10::nullopt, dropout_p, seed_offset, op);
-  const at::Tensor b = (bias.has_value() && bias->defined()) ? bias->contiguous() : at::Tensor();
+  const at::Tensor b = defined(bias) ? bias->contiguous() : at::Tensor();
   return linear_relu_dropout(input.contiguous(), weight.contiguous(), b,
                              Dropout(dropout_p, seed_offset.contiguous()));
 }

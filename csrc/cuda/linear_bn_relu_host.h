@@ -24,22 +24,6 @@ namespace fused_mlp::cuda {
 
 namespace layer_detail {
 
-inline at::ScalarType acc_type(const at::Tensor& input) {
-  return input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-inline bool defined(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
-
-// A per-feature parameter as a contiguous acc tensor, or undefined.
-inline at::Tensor as_acc(const c10::optional<at::Tensor>& t, at::ScalarType acc) {
-  return defined(t) ? t->to(acc).contiguous() : at::Tensor();
-}
-
-template <typename T>
-const T* ptr_or_null(const at::Tensor& t) {
-  return t.defined() ? t.const_data_ptr<T>() : nullptr;
-}
-
 // The dropout arguments of a launch; (seed, offset) moved to the input's device when given on the
 // CPU (the Python layer draws CUDA tensors' on the device already).
 struct DeviceDropout {
@@ -103,6 +87,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn
   TORCH_CHECK(limits.max_threads_per_block >= kReduceThreads, op, ": the device allows fewer than ",
               kReduceThreads, " threads per block");
   const int64_t N = input_.size(0), C = weight_.size(0), K = weight_.size(1);
+  check_statistics_mode(input_, C, use_batch_stats, running_mean, running_var, op);
   const auto acc = acc_type(input_);
   const at::Tensor input = input_.contiguous(), weight = weight_.contiguous();
   const at::Tensor gamma = as_acc(bn_weight, acc), beta = as_acc(bn_bias, acc);
@@ -111,7 +96,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn
   at::Tensor out, pre_bn, mean, invstd, var;
 
   if (use_batch_stats) {
-    TORCH_CHECK(N > 1, "Expected more than 1 value per channel when training, got input size ", input_.sizes());
     pre_bn = defined(bias) ? at::addmm(*bias, input, weight.t()) : at::mm(input, weight.t());
     mean = at::empty({C}, stat_options);
     invstd = at::empty({C}, stat_options);
@@ -149,12 +133,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn
   }
 
   // Running statistics: fold the BN affine into the GEMM, then bias + ReLU (+ dropout) in place.
-  TORCH_CHECK(defined(running_mean) && defined(running_var), op,
-              ": running_mean and running_var are required when use_batch_stats is false");
-  TORCH_CHECK(running_mean->numel() == C && running_var->numel() == C, op,
-              ": running_mean and running_var must have ", C, " elements");
-  TORCH_CHECK(running_mean->device() == input.device() && running_var->device() == input.device(), op,
-              ": running_mean and running_var must be on the input's device (", input.device(), ")");
   mean = running_mean->to(acc).contiguous().clone();
   var = running_var->to(acc).contiguous().clone();
   invstd = (var + eps).rsqrt();
@@ -194,19 +172,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn
   TORCH_CHECK(limits.max_threads_per_block >= kReduceThreads, op, ": the device allows fewer than ",
               kReduceThreads, " threads per block");
   const int64_t N = input_.size(0), C = weight_.size(0), K = weight_.size(1);
-  TORCH_CHECK(grad_out_.sizes() == at::IntArrayRef({N, C}) && grad_out_.scalar_type() == input_.scalar_type(), op,
-              ": grad_out must have shape (", N, ", ", C, ") and the input's dtype, got ", grad_out_.sizes(), " ",
-              grad_out_.scalar_type());
-  TORCH_CHECK(saved_.sizes() == at::IntArrayRef({N, C}) && saved_.scalar_type() == input_.scalar_type(), op,
-              ": saved must be the forward's pre-BN activation (batch statistics) or output "
-              "(running statistics), of shape (", N, ", ", C, "); got ", saved_.sizes());
+  check_backward_tensors(grad_out_, input_, saved_, mean_, invstd_, C, op);
   const auto acc = acc_type(input_);
-  TORCH_CHECK(mean_.numel() == C && invstd_.numel() == C && mean_.scalar_type() == acc &&
-                  invstd_.scalar_type() == acc, op, ": mean and invstd must be the forward's");
-  for (const at::Tensor* t : {&grad_out_, &saved_, &mean_, &invstd_}) {
-    TORCH_CHECK(t->device() == input_.device(), op, ": every tensor must be on the input's device (",
-                input_.device(), "), got one on ", t->device());
-  }
   const at::Tensor g = grad_out_.contiguous(), input = input_.contiguous(), weight = weight_.contiguous();
   const at::Tensor saved = saved_.contiguous(), mean = mean_.contiguous(), invstd = invstd_.contiguous();
   const at::Tensor gamma = as_acc(bn_weight, acc), beta = as_acc(bn_bias, acc);
@@ -290,8 +257,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn
              sum_dy_zhat.mutable_data_ptr<acc_t>(), grad_bias.mutable_data_ptr<scalar_t>());
     }
   });
-  const auto param_type = [&](const c10::optional<at::Tensor>& t) { return defined(t) ? t->scalar_type() : acc; };
-  return {grad_input, grad_weight, grad_bias, sum_dy_zhat.to(param_type(bn_weight)), sum_dy.to(param_type(bn_bias))};
+  return {grad_input, grad_weight, grad_bias, sum_dy_zhat.to(param_type(bn_weight, acc)),
+          sum_dy.to(param_type(bn_bias, acc))};
 }
 
 // Inference with BN already folded into (weight, bias): relu(x W^T + b) * dropout.
