@@ -8,9 +8,12 @@ export MAX_JOBS ?= 2
 # The datasets: a shared copy beside the repository when there is one, else ./data (downloaded).
 export FUSED_MLP_DATA ?= $(if $(wildcard ../shared/data/FashionMNIST/raw),$(abspath ../shared/data),)
 
-SOURCES := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
+CXX_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
+SOURCES := setup.py pyproject.toml $(CXX_SOURCES)
+# What clang-format checks: the extension's sources and the simulation's tests.
+FORMATTED := $(CXX_SOURCES) $(shell find tests/sim -name '*.cpp' -o -name '*.h')
 
-.PHONY: install test train bench bench-ops clean
+.PHONY: install test train bench bench-ops lint format clean
 
 install: $(STAMPS)/build
 
@@ -25,6 +28,22 @@ $(STAMPS)/deps: requirements.txt | $(PY)
 $(STAMPS)/build: $(STAMPS)/deps $(SOURCES)
 	$(PY) -m pip install --no-build-isolation --no-deps -e .
 	@touch $@
+
+$(STAMPS)/lint-deps: requirements-lint.txt | $(PY)
+	$(PY) -m pip install --quiet -r requirements-lint.txt
+	@mkdir -p $(STAMPS) && touch $@
+
+# Style checks, no build: ruff (lint and format) over the Python, clang-format over the C++/CUDA.
+lint: $(STAMPS)/lint-deps
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/clang-format --dry-run --Werror $(FORMATTED)
+
+# Rewrites the tree in the house style.
+format: $(STAMPS)/lint-deps
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/clang-format -i $(FORMATTED)
 
 test: install
 	$(PY) -m pytest tests

@@ -45,8 +45,15 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtensio
 
 _CAPABILITY_FLAGS = {
     # The flags ATen itself compiles its AVX2 / AVX512 kernels with.
-    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma",
-               "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
+    "avx512": [
+        "-mavx512f",
+        "-mavx512bw",
+        "-mavx512vl",
+        "-mavx512dq",
+        "-mfma",
+        "-DCPU_CAPABILITY=AVX512",
+        "-DCPU_CAPABILITY_AVX512",
+    ],
     "avx2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
     "default": ["-DCPU_CAPABILITY=DEFAULT"],
 }
@@ -74,8 +81,9 @@ def _cpu_capability():
 
 def _nvcc_major(cuda_home):
     try:
-        out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"],
-                             capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(
+            [os.path.join(cuda_home, "bin", "nvcc"), "--version"], capture_output=True, text=True, check=True
+        ).stdout
     except (OSError, subprocess.CalledProcessError):
         return None
     m = re.search(r"release (\d+)\.", out)
@@ -88,7 +96,7 @@ def _want_cuda(cuda_sources):
     if torch.version.cuda is None:
         return False  # a CPU build of torch cannot link CUDA kernels
     if not _cuda_home:
-        warnings.warn("fused_mlp: no CUDA toolkit found (set CUDA_HOME); building the CPU kernels only")
+        warnings.warn("fused_mlp: no CUDA toolkit found (set CUDA_HOME); building the CPU kernels only", stacklevel=2)
         return False
     toolkit_major = _nvcc_major(_cuda_home)
     torch_major = int(torch.version.cuda.split(".")[0])
@@ -96,7 +104,9 @@ def _want_cuda(cuda_sources):
         warnings.warn(
             f"fused_mlp: the CUDA toolkit at {_cuda_home} is CUDA {toolkit_major}, but torch was built "
             f"with CUDA {torch.version.cuda}; building the CPU kernels only "
-            "(FUSED_MLP_FORCE_CUDA=1 builds CUDA anyway)")
+            "(FUSED_MLP_FORCE_CUDA=1 builds CUDA anyway)",
+            stacklevel=2,
+        )
         return False
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         # With no GPU to query, cpp_extension cannot pick architectures itself.
@@ -113,7 +123,10 @@ def _write_build_info(capability, with_cuda):
         f"CPU_CAPABILITY = {capability!r}\n"
         f"WITH_CUDA = {with_cuda!r}\n"
     )
-    old = open(path).read() if os.path.exists(path) else None
+    old = None
+    if os.path.exists(path):
+        with open(path) as f:
+            old = f.read()
     if old != text:  # keep the mtime when nothing changed
         with open(path, "w") as f:
             f.write(text)
@@ -122,7 +135,8 @@ def _write_build_info(capability, with_cuda):
 def _extensions():
     rel = lambda p: os.path.relpath(p, ROOT)  # noqa: E731
     cpp_sources = [rel(os.path.join(CSRC, "ops.cpp"))] + sorted(
-        rel(p) for p in glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))
+        rel(p) for p in glob.glob(os.path.join(CSRC, "cpu", "*.cpp"))
+    )
     cuda_sources = sorted(rel(p) for p in glob.glob(os.path.join(CSRC, "cuda", "*.cu")))
     capability = _cpu_capability()
     with_cuda = _want_cuda(cuda_sources)
@@ -131,13 +145,18 @@ def _extensions():
     cxx_flags = ["-O3", "-fno-math-errno"] + _CAPABILITY_FLAGS[capability]
     include_dirs = [CSRC]
     if with_cuda:
-        return [CUDAExtension(
-            "fused_mlp._C", cpp_sources + cuda_sources, include_dirs=include_dirs,
-            extra_compile_args={"cxx": cxx_flags + ["-DFUSED_MLP_WITH_CUDA"],
-                                "nvcc": ["-O3", "-DFUSED_MLP_WITH_CUDA"]},
-        )]
-    return [CppExtension("fused_mlp._C", cpp_sources, include_dirs=include_dirs,
-                         extra_compile_args={"cxx": cxx_flags})]
+        return [
+            CUDAExtension(
+                "fused_mlp._C",
+                cpp_sources + cuda_sources,
+                include_dirs=include_dirs,
+                extra_compile_args={
+                    "cxx": cxx_flags + ["-DFUSED_MLP_WITH_CUDA"],
+                    "nvcc": ["-O3", "-DFUSED_MLP_WITH_CUDA"],
+                },
+            )
+        ]
+    return [CppExtension("fused_mlp._C", cpp_sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags})]
 
 
 setup(

@@ -39,7 +39,7 @@ def main(argv=None):
                 speeds[impl].append(speed)
     medians = {impl: statistics.median(s) for impl, s in speeds.items()}
     print(f"# Training epochs, Fashion-MNIST, batch {args.batch_size}, CPU\n\n{machine_description()}\n")
-    print("| impl | samples/s (median of %d epochs) | seconds per epoch | vs baseline |" % args.epochs)
+    print(f"| impl | samples/s (median of {args.epochs} epochs) | seconds per epoch | vs baseline |")
     print("|---|---:|---:|---:|")
     for impl, speed in medians.items():
         print(f"| {impl} | {speed:,.0f} | {len(splits.train_y) / speed:.2f} | {speed / medians['baseline']:.2f}x |")

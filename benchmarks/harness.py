@@ -75,8 +75,11 @@ def machine_description():
     except OSError:
         pass
     import os
-    return (f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, "
-            f"torch {torch.__version__}, Python {platform.python_version()}")
+
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}, Python {platform.python_version()}"
+    )
 
 
 def parse_args(argv, doc):

@@ -29,8 +29,13 @@ from torch import nn
 
 import fused_mlp
 from benchmarks.bench_linear_bn_relu import make_modules, make_step
-from benchmarks.harness import (cuda_event_time, interleaved_medians, machine_description, saved_activation_bytes,
-                                wall_time)
+from benchmarks.harness import (
+    cuda_event_time,
+    interleaved_medians,
+    machine_description,
+    saved_activation_bytes,
+    wall_time,
+)
 from fused_mlp.models import MLP
 from fused_mlp.train import make_optimizer
 
@@ -51,6 +56,7 @@ def _compile(fn):
 
 # --- the cases: each builder returns {impl: step}, {floor part: step}, and the saved-bytes probes ----
 
+
 def _generator(seed=0):
     return torch.Generator().manual_seed(seed)
 
@@ -63,13 +69,13 @@ def cross_entropy_case(batch, device):
     def class_notes_loss(x, target):  # log-softmax + NLL, as the class notes write it
         return F.nll_loss(F.log_softmax(x, dim=1), target)
 
-    losses = {"baseline": class_notes_loss, "compile": _compile(class_notes_loss),
-              "fused": fused_mlp.cross_entropy}
+    losses = {"baseline": class_notes_loss, "compile": _compile(class_notes_loss), "fused": fused_mlp.cross_entropy}
 
     def step_of(loss_fn):
         def step():
             loss_fn(x, target).backward()
             x.grad = None
+
         return step
 
     steps = {impl: step_of(fn) for impl, fn in losses.items()}
@@ -119,9 +125,15 @@ def _gemm_floor(model, batch, device, train):
     g = _generator(1)
     layers = []
     for i, (n_in, n_out) in enumerate(_linear_shapes(model)):
-        layers.append((i, torch.randn(batch, n_in, generator=g).to(device),
-                       torch.randn(n_out, n_in, generator=g).to(device), torch.randn(n_out, generator=g).to(device),
-                       torch.randn(batch, n_out, generator=g).to(device)))
+        layers.append(
+            (
+                i,
+                torch.randn(batch, n_in, generator=g).to(device),
+                torch.randn(n_out, n_in, generator=g).to(device),
+                torch.randn(n_out, generator=g).to(device),
+                torch.randn(batch, n_out, generator=g).to(device),
+            )
+        )
 
     def gemms():
         for i, x, w, b, dy in layers:
@@ -130,6 +142,7 @@ def _gemm_floor(model, batch, device, train):
                 torch.mm(dy.t(), x)
                 if i > 0:
                     torch.mm(dy, w)
+
     return gemms
 
 
@@ -150,6 +163,7 @@ def mlp_train_step_case(batch, device):
             optimizer.zero_grad(set_to_none=True)
             fn(x, y).backward()
             optimizer.step()
+
         return step
 
     steps = {impl: step_of(impl) for impl in IMPLS}
@@ -176,6 +190,7 @@ def mlp_eval_case(batch, device):
         def step():
             with torch.no_grad():
                 fn(x)
+
         return step
 
     steps = {impl: step_of(impl) for impl in IMPLS}
@@ -183,11 +198,16 @@ def mlp_eval_case(batch, device):
     return steps, floor, {}, ()
 
 
-BUILDERS = {"cross_entropy": cross_entropy_case, "linear_bn_relu": linear_bn_relu_case,
-            "mlp_train_step": mlp_train_step_case, "mlp_eval": mlp_eval_case}
+BUILDERS = {
+    "cross_entropy": cross_entropy_case,
+    "linear_bn_relu": linear_bn_relu_case,
+    "mlp_train_step": mlp_train_step_case,
+    "mlp_eval": mlp_eval_case,
+}
 
 
 # --- measuring ------------------------------------------------------------------------------------
+
 
 def _peak_bytes(fn, device):
     torch.cuda.synchronize(device)
@@ -204,8 +224,14 @@ def measure(case, batch, device, rounds, warmup):
     calls.update({f"floor:{part}": fn for part, fn in floor.items()})
     timer = cuda_event_time if device.type == "cuda" else wall_time
     medians = interleaved_medians(calls, rounds=rounds, warmup=warmup, timer=timer)
-    result = {"case": case, "batch": batch, "ms": {impl: medians[impl] * 1e3 for impl in IMPLS},
-              "floor_ms": {part: medians[f"floor:{part}"] * 1e3 for part in floor}, "saved": {}, "peak": {}}
+    result = {
+        "case": case,
+        "batch": batch,
+        "ms": {impl: medians[impl] * 1e3 for impl in IMPLS},
+        "floor_ms": {part: medians[f"floor:{part}"] * 1e3 for part in floor},
+        "saved": {},
+        "peak": {},
+    }
     for impl, probe in probes.items():
         result["saved"][impl] = saved_activation_bytes(probe, exclude=exclude)
     if device.type == "cuda":
@@ -225,41 +251,62 @@ def run(batches, device, rounds, warmup=3, cases=CASES, log=print):
 
 # --- reporting ------------------------------------------------------------------------------------
 
+
 def _ratio(a, b):
     return f"{a / b:.2f}x" if a and b else "-"
 
 
 def format_report(results, device, rounds, image=None):
-    floor_note = ("floor = the case's GEMMs alone (forward addmm; in training the weight- and "
-                  "input-gradient mms, no input gradient for the first layer), plus the Adam step "
-                  "alone for the training step; cross-entropy has no GEMM, so no floor")
-    lines = [f"# fused_mlp benchmarks, {device.type.upper()}", "",
-             machine_description() + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""), "",
-             f"Median of {rounds} interleaved rounds (baseline, compile, fused and the floor alternate "
-             "within each round; on CUDA each call is timed with CUDA events after synchronizing). Times in ms per call; speedups are baseline time / fused time; "
-             f"{floor_note}. Saved = activation bytes autograd keeps for backward (inputs and "
-             "parameters excluded).", ""]
+    floor_note = (
+        "floor = the case's GEMMs alone (forward addmm; in training the weight- and "
+        "input-gradient mms, no input gradient for the first layer), plus the Adam step "
+        "alone for the training step; cross-entropy has no GEMM, so no floor"
+    )
+    lines = [
+        f"# fused_mlp benchmarks, {device.type.upper()}",
+        "",
+        machine_description() + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""),
+        "",
+        f"Median of {rounds} interleaved rounds (baseline, compile, fused and the floor alternate "
+        "within each round; on CUDA each call is timed with CUDA events after synchronizing). "
+        "Times in ms per call; speedups are baseline time / fused time; "
+        f"{floor_note}. Saved = activation bytes autograd keeps for backward (inputs and "
+        "parameters excluded).",
+        "",
+    ]
     if image:
         lines += [f"![speedups over the baseline]({image})", ""]
     lines += ["Reproduce: `make bench` (or `python -m benchmarks.suite`).", ""]
-    header = ("| case | batch | baseline ms | compile ms | fused ms | fused samples/s | fused vs baseline "
-              "| fused vs compile | floor ms | fused / floor | saved, baseline | saved, fused | fused / baseline |")
+    header = (
+        "| case | batch | baseline ms | compile ms | fused ms | fused samples/s | fused vs baseline "
+        "| fused vs compile | floor ms | fused / floor | saved, baseline | saved, fused | fused / baseline |"
+    )
     lines += [header, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         ms, floor = r["ms"], sum(r["floor_ms"].values())
         saved = r["saved"]
-        saved_cells = (f"{saved['baseline'] / 1e6:.3f} MB | {saved['fused'] / 1e6:.3f} MB | "
-                       f"{saved['fused'] / saved['baseline']:.2f}" if saved else "- | - | -")
+        saved_cells = (
+            f"{saved['baseline'] / 1e6:.3f} MB | {saved['fused'] / 1e6:.3f} MB | "
+            f"{saved['fused'] / saved['baseline']:.2f}"
+            if saved
+            else "- | - | -"
+        )
         floor_parts = " + ".join(f"{v:.3f}" for v in r["floor_ms"].values())
         over_floor = f"{ms['fused'] / floor:.2f}" if floor else "-"
         lines.append(
             f"| {r['case']} | {r['batch']} | {ms['baseline']:.3f} | {ms['compile']:.3f} | {ms['fused']:.3f} | "
             f"{r['batch'] / (ms['fused'] / 1e3):,.0f} | {_ratio(ms['baseline'], ms['fused'])} | "
             f"{_ratio(ms['compile'], ms['fused'])} | {floor_parts or '-'} | "
-            f"{over_floor} | {saved_cells} |")
+            f"{over_floor} | {saved_cells} |"
+        )
     if any(r["peak"] for r in results):
-        lines += ["", "Peak allocated per call (MB):", "",
-                  "| case | batch | baseline | compile | fused |", "|---|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            "Peak allocated per call (MB):",
+            "",
+            "| case | batch | baseline | compile | fused |",
+            "|---|---:|---:|---:|---:|",
+        ]
         for r in results:
             p = r["peak"]
             lines.append(f"| {r['case']} | {r['batch']} | " + " | ".join(f"{p[i] / 1e6:.2f}" for i in IMPLS) + " |")
@@ -278,18 +325,29 @@ def plot(results, path, device):
         rows = [r for r in results if r["case"] == case]
         xs = range(len(rows))
         width = 0.38
-        ax.bar([x - width / 2 for x in xs], [r["ms"]["baseline"] / r["ms"]["compile"] for r in rows], width,
-               label="compile vs baseline", color="#9aa5b1")
-        ax.bar([x + width / 2 for x in xs], [r["ms"]["baseline"] / r["ms"]["fused"] for r in rows], width,
-               label="fused vs baseline", color="#1f6feb")
+        ax.bar(
+            [x - width / 2 for x in xs],
+            [r["ms"]["baseline"] / r["ms"]["compile"] for r in rows],
+            width,
+            label="compile vs baseline",
+            color="#9aa5b1",
+        )
+        ax.bar(
+            [x + width / 2 for x in xs],
+            [r["ms"]["baseline"] / r["ms"]["fused"] for r in rows],
+            width,
+            label="fused vs baseline",
+            color="#1f6feb",
+        )
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_xticks(list(xs), [str(r["batch"]) for r in rows])
         ax.set_xlabel("batch")
         ax.set_title(case)
     axes[0][0].set_ylabel("speedup over baseline (x)")
     axes[0][-1].legend(loc="lower right", fontsize=8)
-    fig.suptitle(f"fused_mlp vs the stock modules, {device.type.upper()} ({machine_description().split(',')[0]})",
-                 fontsize=10)
+    fig.suptitle(
+        f"fused_mlp vs the stock modules, {device.type.upper()} ({machine_description().split(',')[0]})", fontsize=10
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -311,8 +369,9 @@ def main(argv=None):
     if unknown:
         parser.error(f"--cases: unknown case(s) {unknown}; choose from {CASES}")
     rounds = args.rounds or (1 if args.quick else 60)
-    batches = (QUICK_BATCHES if args.quick else
-               tuple(int(b) for b in args.batches.split(",")) if args.batches else BATCHES)
+    batches = (
+        QUICK_BATCHES if args.quick else tuple(int(b) for b in args.batches.split(",")) if args.batches else BATCHES
+    )
     results = run(batches, device, rounds, warmup=1 if args.quick else 5, cases=cases)
     report = format_report(results, device, rounds, image=None if args.quick else f"{device.type}.png")
     print(report)

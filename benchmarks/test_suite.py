@@ -37,12 +37,16 @@ def _synchronized(fn):
     def call():
         fn()
         torch.cuda.synchronize()
+
     return call
 
 
 PARAMS = [(case, impl) for case in suite.CASES for impl in suite.IMPLS] + [
-    ("linear_bn_relu", "floor-gemm"), ("mlp_train_step", "floor-gemm"), ("mlp_train_step", "floor-adam"),
-    ("mlp_eval", "floor-gemm")]
+    ("linear_bn_relu", "floor-gemm"),
+    ("mlp_train_step", "floor-gemm"),
+    ("mlp_train_step", "floor-adam"),
+    ("mlp_eval", "floor-gemm"),
+]
 
 
 @pytest.mark.parametrize("device", DEVICES)

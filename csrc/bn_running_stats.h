@@ -11,8 +11,8 @@ inline void check_running_stats_update(const at::Tensor& running_mean, const at:
                                        const at::Tensor& batch_mean, const at::Tensor& batch_var, double factor) {
   constexpr const char* op = "fused_mlp::bn_update_running_stats_";
   TORCH_CHECK(running_mean.numel() == batch_mean.numel() && running_var.numel() == batch_var.numel() &&
-                  running_mean.numel() == running_var.numel(), op,
-              ": running and batch statistics must have the same number of features");
+                  running_mean.numel() == running_var.numel(),
+              op, ": running and batch statistics must have the same number of features");
   TORCH_CHECK(running_mean.device() == batch_mean.device() && running_var.device() == batch_var.device(), op,
               ": running and batch statistics must be on the same device");
   TORCH_CHECK(factor >= 0.0 && factor <= 1.0, op, ": factor must be in [0, 1], got ", factor);

@@ -8,7 +8,9 @@
 
 namespace fused_mlp {
 
-inline bool defined(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+inline bool defined(const c10::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined();
+}
 
 // The dtype of the statistics and of the per-feature arithmetic: float32, float64 for float64 input.
 inline at::ScalarType acc_type(const at::Tensor& input) {
@@ -33,20 +35,18 @@ const T* ptr_or_null(const at::Tensor& t) {
 inline void check_layer(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                         const c10::optional<at::Tensor>& bn_weight, const c10::optional<at::Tensor>& bn_bias,
                         double dropout_p, const at::Tensor& seed_offset, const char* op) {
-  TORCH_CHECK(input.dim() == 2, op, ": expected input of shape (batch, in_features), got shape ",
-              input.sizes());
+  TORCH_CHECK(input.dim() == 2, op, ": expected input of shape (batch, in_features), got shape ", input.sizes());
   TORCH_CHECK(at::isFloatingType(input.scalar_type()), op, ": expected a floating-point input, got ",
               input.scalar_type());
-  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == input.size(1), op,
-              ": weight must have shape (out_features, ", input.size(1), "), got ", weight.sizes());
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == input.size(1), op, ": weight must have shape (out_features, ",
+              input.size(1), "), got ", weight.sizes());
   TORCH_CHECK(weight.scalar_type() == input.scalar_type(), op, ": weight dtype ", weight.scalar_type(),
               " does not match input dtype ", input.scalar_type());
-  TORCH_CHECK(weight.device() == input.device(), op, ": weight is on ", weight.device(),
-              " but input is on ", input.device());
+  TORCH_CHECK(weight.device() == input.device(), op, ": weight is on ", weight.device(), " but input is on ",
+              input.device());
   const int64_t C = weight.size(0);
   if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == C, op, ": bias must have shape (", C, "), got ",
-                bias->sizes());
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == C, op, ": bias must have shape (", C, "), got ", bias->sizes());
     TORCH_CHECK(bias->scalar_type() == input.scalar_type(), op, ": bias dtype ", bias->scalar_type(),
                 " does not match input dtype ", input.scalar_type());
     TORCH_CHECK(bias->device() == input.device(), op, ": bias is on ", bias->device(), " but input is on ",
@@ -54,8 +54,8 @@ inline void check_layer(const at::Tensor& input, const at::Tensor& weight, const
   }
   for (const auto* t : {&bn_weight, &bn_bias}) {
     if (t->has_value() && (*t)->defined()) {
-      TORCH_CHECK((*t)->dim() == 1 && (*t)->size(0) == C, op,
-                  ": BatchNorm weight and bias must have shape (", C, "), got ", (*t)->sizes());
+      TORCH_CHECK((*t)->dim() == 1 && (*t)->size(0) == C, op, ": BatchNorm weight and bias must have shape (", C,
+                  "), got ", (*t)->sizes());
       TORCH_CHECK(at::isFloatingType((*t)->scalar_type()), op, ": BatchNorm parameters must be floating-point");
       TORCH_CHECK((*t)->device() == input.device(), op, ": BatchNorm parameters are on ", (*t)->device(),
                   " but input is on ", input.device());
@@ -65,8 +65,8 @@ inline void check_layer(const at::Tensor& input, const at::Tensor& weight, const
   if (dropout_p > 0.0) {
     // On the CPU, or on the input's device (where a CUDA generator's (seed, offset) lives).
     TORCH_CHECK(seed_offset.scalar_type() == at::kLong && seed_offset.numel() == 2 &&
-                    (seed_offset.device().is_cpu() || seed_offset.device() == input.device()), op,
-                ": seed_offset must be a CPU int64 tensor holding (seed, offset), or one on the input's device");
+                    (seed_offset.device().is_cpu() || seed_offset.device() == input.device()),
+                op, ": seed_offset must be a CPU int64 tensor holding (seed, offset), or one on the input's device");
   }
 }
 
@@ -82,8 +82,8 @@ inline void check_statistics_mode(const at::Tensor& input, int64_t C, bool use_b
   }
   TORCH_CHECK(defined(running_mean) && defined(running_var), op,
               ": running_mean and running_var are required when use_batch_stats is false");
-  TORCH_CHECK(running_mean->numel() == C && running_var->numel() == C, op,
-              ": running_mean and running_var must have ", C, " elements");
+  TORCH_CHECK(running_mean->numel() == C && running_var->numel() == C, op, ": running_mean and running_var must have ",
+              C, " elements");
   TORCH_CHECK(running_mean->device() == input.device() && running_var->device() == input.device(), op,
               ": running_mean and running_var must be on the input's device (", input.device(), ")");
 }
@@ -98,13 +98,14 @@ inline void check_backward_tensors(const at::Tensor& grad_out, const at::Tensor&
               grad_out.scalar_type());
   TORCH_CHECK(saved.sizes() == at::IntArrayRef({N, C}) && saved.scalar_type() == input.scalar_type(), op,
               ": saved must be the forward's pre-BN activation (batch statistics) or output "
-              "(running statistics), of shape (", N, ", ", C, "); got ", saved.sizes());
+              "(running statistics), of shape (",
+              N, ", ", C, "); got ", saved.sizes());
   const auto acc = acc_type(input);
-  TORCH_CHECK(mean.numel() == C && invstd.numel() == C && mean.scalar_type() == acc && invstd.scalar_type() == acc,
-              op, ": mean and invstd must be the forward's");
+  TORCH_CHECK(mean.numel() == C && invstd.numel() == C && mean.scalar_type() == acc && invstd.scalar_type() == acc, op,
+              ": mean and invstd must be the forward's");
   for (const at::Tensor* t : {&grad_out, &saved, &mean, &invstd}) {
-    TORCH_CHECK(t->device() == input.device(), op, ": every tensor must be on the input's device (",
-                input.device(), "), got one on ", t->device());
+    TORCH_CHECK(t->device() == input.device(), op, ": every tensor must be on the input's device (", input.device(),
+                "), got one on ", t->device());
   }
 }
 

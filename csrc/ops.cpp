@@ -27,10 +27,9 @@ TORCH_LIBRARY(fused_mlp, m) {
   // use_batch_stats: normalize with the batch's mean and biased variance (training, or
   // track_running_stats=False); else with running_mean / running_var, folded into the GEMM.
   // Dropout (p = dropout_p, 0 for none) follows csrc/common/philox.h's mapping; seed_offset is an
-  // int64 tensor (seed, offset), on the CPU or on the input's device. Returns: out; the pre-BN activation z = x W^T + b (batch
-  // statistics; empty otherwise); the per-feature mean and invstd used; the unbiased batch
-  // variance (batch statistics; the running variance otherwise). Mean, invstd and variance are
-  // float32 (float64 for float64 input).
+  // int64 tensor (seed, offset), on the CPU or on the input's device. Returns: out; the pre-BN activation z = x W^T + b
+  // (batch statistics; empty otherwise); the per-feature mean and invstd used; the unbiased batch variance (batch
+  // statistics; the running variance otherwise). Mean, invstd and variance are float32 (float64 for float64 input).
   m.def(
       "linear_bn_relu_forward(Tensor input, Tensor weight, Tensor? bias, Tensor? bn_weight, "
       "Tensor? bn_bias, Tensor? running_mean, Tensor? running_var, bool use_batch_stats, float eps, "
@@ -63,6 +62,5 @@ TORCH_LIBRARY(fused_mlp, m) {
   // A fresh (seed, offset) for one dropout mask on like's device, drawn from generator (default:
   // that device's default generator) and written by the device itself, so that a CUDA graph
   // replays it with new values as PyTorch's own dropout does. CUDA only.
-  m.def("philox_seed_offset(Tensor like, Generator? generator=None) -> Tensor",
-        {at::Tag::nondeterministic_seeded});
+  m.def("philox_seed_offset(Tensor like, Generator? generator=None) -> Tensor", {at::Tag::nondeterministic_seeded});
 }

@@ -26,29 +26,40 @@ EXIT_USAGE = 2
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
     parser.add_argument("--momentum", type=float, default=0.9, help="for --optimizer sgd")
-    parser.add_argument("--schedule", choices=["cosine", "none"], default="cosine",
-                        help="cosine: decay the learning rate to 0 over --epochs")
-    parser.add_argument("--impl", choices=["fused", "baseline", "compile"], default="fused",
-                        help="compile: the baseline model under torch.compile")
+    parser.add_argument(
+        "--schedule",
+        choices=["cosine", "none"],
+        default="cosine",
+        help="cosine: decay the learning rate to 0 over --epochs",
+    )
+    parser.add_argument(
+        "--impl",
+        choices=["fused", "baseline", "compile"],
+        default="fused",
+        help="compile: the baseline model under torch.compile",
+    )
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--data-dir", default=None,
-                        help="where the dataset is (or is downloaded to); default $FUSED_MLP_DATA or ./data")
+    parser.add_argument(
+        "--data-dir", default=None, help="where the dataset is (or is downloaded to); default $FUSED_MLP_DATA or ./data"
+    )
     parser.add_argument("--dataset", choices=sorted(data.DATASETS), default="fashion")
     parser.add_argument("--hidden", default="512,256,128,64", help="hidden layer widths")
     parser.add_argument("--dropout", type=float, default=0.3)
     parser.add_argument("--no-batch-norm", action="store_true")
     parser.add_argument("--out", default=None, help="run directory (default: runs/<dataset>-<impl>-<time>)")
     parser.add_argument("--resume", default=None, help="a checkpoint_last.pt to continue from")
-    parser.add_argument("--limit-train", type=int, default=None,
-                        help="train on the first N training images only (smoke runs)")
+    parser.add_argument(
+        "--limit-train", type=int, default=None, help="train on the first N training images only (smoke runs)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     try:
@@ -113,11 +124,23 @@ def main(argv=None):
     device = pick_device(args.device)
     torch.manual_seed(args.seed)
     model_impl = "fused" if args.impl == "fused" else "baseline"
-    model = MLP(hidden=args.hidden, dropout=args.dropout, batch_norm=not args.no_batch_norm,
-                impl=model_impl).to(device)
-    run_args = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "optimizer", "momentum",
-                                               "schedule", "impl", "seed", "dataset", "dropout",
-                                               "limit_train")}
+    model = MLP(hidden=args.hidden, dropout=args.dropout, batch_norm=not args.no_batch_norm, impl=model_impl).to(device)
+    run_args = {
+        k: getattr(args, k)
+        for k in (
+            "epochs",
+            "batch_size",
+            "lr",
+            "optimizer",
+            "momentum",
+            "schedule",
+            "impl",
+            "seed",
+            "dataset",
+            "dropout",
+            "limit_train",
+        )
+    }
     run_args.update(hidden=list(args.hidden), batch_norm=not args.no_batch_norm, device=str(device))
     if args.resume:
         check_resume(args.resume, model, run_args)
@@ -128,21 +151,29 @@ def main(argv=None):
     except data.DatasetUnavailable as err:
         fail(str(err))
     if args.limit_train:
-        splits.train_x, splits.train_y = splits.train_x[:args.limit_train], splits.train_y[:args.limit_train]
+        splits.train_x, splits.train_y = splits.train_x[: args.limit_train], splits.train_y[: args.limit_train]
     forward = torch.compile(model) if args.impl == "compile" else model
 
-    print(f"{args.dataset}: {len(splits.train_y):,} train / {len(splits.val_y):,} validation / "
-          f"{len(splits.test_y):,} test images; impl={args.impl}, device={device}, run directory {out}")
+    print(
+        f"{args.dataset}: {len(splits.train_y):,} train / {len(splits.val_y):,} validation / "
+        f"{len(splits.test_y):,} test images; impl={args.impl}, device={device}, run directory {out}"
+    )
     try:
-        metrics = fit(model, forward, splits, run_args, out, device, resume=args.resume,
-                      progress_bar=not args.no_progress)
+        metrics = fit(
+            model, forward, splits, run_args, out, device, resume=args.resume, progress_bar=not args.no_progress
+        )
     except KeyboardInterrupt:
-        print(f"\ninterrupted: the last completed epoch is saved; continue with "
-              f"--resume {os.path.join(out, 'checkpoint_last.pt')}", file=sys.stderr)
+        print(
+            f"\ninterrupted: the last completed epoch is saved; continue with "
+            f"--resume {os.path.join(out, 'checkpoint_last.pt')}",
+            file=sys.stderr,
+        )
         return 130
-    print(f"test accuracy {metrics['test_accuracy'] * 100:.2f}%  (test loss {metrics['test_loss']:.4f}, "
-          f"best validation accuracy {metrics['best']['val_accuracy'] * 100:.2f}% at epoch "
-          f"{metrics['best']['epoch']})")
+    print(
+        f"test accuracy {metrics['test_accuracy'] * 100:.2f}%  (test loss {metrics['test_loss']:.4f}, "
+        f"best validation accuracy {metrics['best']['val_accuracy'] * 100:.2f}% at epoch "
+        f"{metrics['best']['epoch']})"
+    )
     print(f"run directory: {out}")
     return 0
 

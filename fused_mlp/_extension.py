@@ -10,8 +10,7 @@ import warnings
 
 import torch
 
-_BUILD_HINT = ("build it with `pip install --no-build-isolation .` (or `make test`) "
-               "in the fused_mlp source tree")
+_BUILD_HINT = "build it with `pip install --no-build-isolation .` (or `make test`) in the fused_mlp source tree"
 
 
 class ExtensionError(ImportError):
@@ -19,18 +18,19 @@ class ExtensionError(ImportError):
 
 
 def _check_build(info):
-    if info.TORCH_VERSION != torch.__version__:
+    if torch.__version__ != info.TORCH_VERSION:
         raise ExtensionError(
             f"fused_mlp._C was built against torch {info.TORCH_VERSION} but torch "
-            f"{torch.__version__} is installed; rebuild it: {_BUILD_HINT}")
+            f"{torch.__version__} is installed; rebuild it: {_BUILD_HINT}"
+        )
     wanted = info.CPU_CAPABILITY
     have = torch.backends.cpu.get_cpu_capability().lower()
-    supported = {"default": {"default", "avx2", "avx512"}, "avx2": {"avx2", "avx512"},
-                 "avx512": {"avx512"}}
+    supported = {"default": {"default", "avx2", "avx512"}, "avx2": {"avx2", "avx512"}, "avx512": {"avx512"}}
     if have in ("default", "avx2", "avx512") and have not in supported[wanted]:
         raise ExtensionError(
             f"fused_mlp._C was compiled for {wanted.upper()} but this CPU supports {have.upper()}; "
-            f"rebuild it here, or with FUSED_MLP_CPU_CAPABILITY={have}: {_BUILD_HINT}")
+            f"rebuild it here, or with FUSED_MLP_CPU_CAPABILITY={have}: {_BUILD_HINT}"
+        )
 
 
 def load():
@@ -52,6 +52,9 @@ def load():
             raise ExtensionError(f"fused_mlp._C could not be loaded ({err}); {_BUILD_HINT}") from err
         warnings.warn(
             f"fused_mlp._C is not available ({err}); using the slower plain-PyTorch reference "
-            f"ops. To get the fused kernels, {_BUILD_HINT}.", RuntimeWarning, stacklevel=3)
+            f"ops. To get the fused kernels, {_BUILD_HINT}.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         return "reference"
     return "extension"

@@ -13,8 +13,7 @@ import torch
 __all__ = ["DATASETS", "Splits", "default_data_dir", "load_splits", "Batches", "make_loader"]
 
 DATASETS = {"fashion": "FashionMNIST", "mnist": "MNIST"}
-RAW_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
-             "t10k-labels-idx1-ubyte")
+RAW_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 VALIDATION_SIZE = 6000
 
 
@@ -30,6 +29,7 @@ def default_data_dir():
 @dataclass
 class Splits:
     """Normalized images (N, 1, 28, 28) float32 and labels (N,) int64 of each split."""
+
     train_x: torch.Tensor
     train_y: torch.Tensor
     val_x: torch.Tensor
@@ -52,7 +52,8 @@ def _torchvision_set(name, data_dir, train, download):
         raise DatasetUnavailable(
             f"{DATASETS[name]} is not in {raw} and could not be downloaded ({err}). Expected the "
             f"files {', '.join(RAW_FILES)} there (uncompressed IDX); copy them in, or run once "
-            "with network access.") from err
+            "with network access."
+        ) from err
 
 
 def load_splits(name="fashion", data_dir=None, seed=0, download=True, validation_size=VALIDATION_SIZE):
@@ -70,8 +71,17 @@ def load_splits(name="fashion", data_dir=None, seed=0, download=True, validation
     y = train.targets.long()
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
     val_idx, train_idx = order[:validation_size], order[validation_size:]
-    return Splits(x[train_idx], y[train_idx], x[val_idx], y[val_idx], normalize(test.data),
-                  test.targets.long(), list(train.classes), mean, std)
+    return Splits(
+        x[train_idx],
+        y[train_idx],
+        x[val_idx],
+        y[val_idx],
+        normalize(test.data),
+        test.targets.long(),
+        list(train.classes),
+        mean,
+        std,
+    )
 
 
 class Batches:
@@ -93,9 +103,9 @@ class Batches:
         order = torch.randperm(n, generator=self.generator) if self.shuffle else None
         for start in range(0, n, self.batch_size):
             if order is None:
-                yield self.x[start:start + self.batch_size], self.y[start:start + self.batch_size]
+                yield self.x[start : start + self.batch_size], self.y[start : start + self.batch_size]
             else:
-                idx = order[start:start + self.batch_size].to(self.x.device)
+                idx = order[start : start + self.batch_size].to(self.x.device)
                 if len(idx) == 1:
                     return
                 yield self.x[idx], self.y[idx]
@@ -109,6 +119,10 @@ def make_loader(x, y, batch_size, shuffle=False, seed=0, num_workers=0):
     """A torch.utils.data.DataLoader over the same tensors, for data that does not fit in memory
     once its Dataset is swapped in."""
     dataset = torch.utils.data.TensorDataset(x, y)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle,
-                                       generator=torch.Generator().manual_seed(seed),
-                                       num_workers=num_workers)
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=torch.Generator().manual_seed(seed),
+        num_workers=num_workers,
+    )

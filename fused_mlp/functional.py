@@ -22,8 +22,7 @@ class _CrossEntropy(torch.autograd.Function):
     # the arguments with inspect.signature, which costs more than the whole op at small sizes.
     @staticmethod
     def forward(ctx, input, target, weight, reduction, ignore_index, label_smoothing):
-        loss, logsumexp = ops.cross_entropy_forward(input, target, weight, reduction, ignore_index,
-                                                    label_smoothing)
+        loss, logsumexp = ops.cross_entropy_forward(input, target, weight, reduction, ignore_index, label_smoothing)
         ctx.save_for_backward(input, target, weight, logsumexp)
         ctx.mark_non_differentiable(logsumexp)
         ctx.options = (reduction, ignore_index, label_smoothing)
@@ -35,24 +34,27 @@ class _CrossEntropy(torch.autograd.Function):
         input, target, weight, logsumexp = ctx.saved_tensors
         grad_input = None
         if ctx.needs_input_grad[0]:
-            grad_input = ops.cross_entropy_backward(grad_loss, input, target, weight, logsumexp,
-                                                    *ctx.options)
+            grad_input = ops.cross_entropy_backward(grad_loss, input, target, weight, logsumexp, *ctx.options)
         return grad_input, None, None, None, None, None
 
 
 def _check_cross_entropy_args(input, target, weight, ignore_index, reduction, label_smoothing):
     if not isinstance(input, torch.Tensor) or not input.is_floating_point():
-        raise TypeError("cross_entropy: input must be a floating-point tensor of logits, got "
-                        f"{input.dtype if isinstance(input, torch.Tensor) else type(input).__name__}")
+        raise TypeError(
+            "cross_entropy: input must be a floating-point tensor of logits, got "
+            f"{input.dtype if isinstance(input, torch.Tensor) else type(input).__name__}"
+        )
     if input.dim() == 0:
-        raise ValueError("cross_entropy: input must have shape (C), (N, C) or (N, C, d1, ...), "
-                         "got a scalar")
+        raise ValueError("cross_entropy: input must have shape (C), (N, C) or (N, C, d1, ...), got a scalar")
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"cross_entropy: target must be a tensor, got {type(target).__name__}")
     if reduction not in _REDUCTIONS:
         raise ValueError(f"cross_entropy: reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
-    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) \
-            or not 0.0 <= label_smoothing <= 1.0:
+    if (
+        isinstance(label_smoothing, bool)
+        or not isinstance(label_smoothing, (int, float))
+        or not 0.0 <= label_smoothing <= 1.0
+    ):
         raise ValueError(f"cross_entropy: label_smoothing must be a number in [0, 1], got {label_smoothing!r}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"cross_entropy: ignore_index must be an int, got {ignore_index!r}")
@@ -61,32 +63,37 @@ def _check_cross_entropy_args(input, target, weight, ignore_index, reduction, la
     classes = input.shape[1] if input.dim() >= 2 else input.shape[0]
     if target.is_floating_point():
         if target.shape != input.shape:
-            raise ValueError("cross_entropy: a probability target must have the input's shape "
-                             f"{tuple(input.shape)}, got {tuple(target.shape)}")
+            raise ValueError(
+                "cross_entropy: a probability target must have the input's shape "
+                f"{tuple(input.shape)}, got {tuple(target.shape)}"
+            )
     else:
         if target.dtype not in (torch.int64, torch.uint8):
-            raise TypeError("cross_entropy: target must hold class indices as int64 (or uint8), "
-                            f"or class probabilities as floats; got {target.dtype}")
+            raise TypeError(
+                "cross_entropy: target must hold class indices as int64 (or uint8), "
+                f"or class probabilities as floats; got {target.dtype}"
+            )
         expected = input.shape[:1] + input.shape[2:] if input.dim() >= 2 else torch.Size([])
         if target.shape != expected:
-            raise ValueError(f"cross_entropy: a class-index target for input of shape "
-                             f"{tuple(input.shape)} must have shape {tuple(expected)}, got "
-                             f"{tuple(target.shape)}")
+            raise ValueError(
+                f"cross_entropy: a class-index target for input of shape "
+                f"{tuple(input.shape)} must have shape {tuple(expected)}, got "
+                f"{tuple(target.shape)}"
+            )
     if weight is not None:
         if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
             raise TypeError("cross_entropy: weight must be a floating-point tensor or None")
         if weight.shape != (classes,):
-            raise ValueError(f"cross_entropy: weight must have one entry per class, shape "
-                             f"({classes},), got {tuple(weight.shape)}")
+            raise ValueError(
+                f"cross_entropy: weight must have one entry per class, shape ({classes},), got {tuple(weight.shape)}"
+            )
         if weight.device != input.device:
             raise ValueError(f"cross_entropy: weight is on {weight.device} but input is on {input.device}")
         if not target.is_floating_point() and weight.dtype != input.dtype:
-            raise TypeError(f"cross_entropy: weight must have the input's dtype {input.dtype}, "
-                            f"got {weight.dtype}")
+            raise TypeError(f"cross_entropy: weight must have the input's dtype {input.dtype}, got {weight.dtype}")
 
 
-def cross_entropy(input, target, weight=None, *, ignore_index=-100, reduction="mean",
-                  label_smoothing=0.0):
+def cross_entropy(input, target, weight=None, *, ignore_index=-100, reduction="mean", label_smoothing=0.0):
     """Log-softmax + negative log-likelihood in one fused op: ``F.cross_entropy`` with the same
     arguments and results.
 
@@ -106,8 +113,9 @@ def cross_entropy(input, target, weight=None, *, ignore_index=-100, reduction="m
     prob_target = target.is_floating_point()
     if prob_target:
         if target.requires_grad:
-            raise NotImplementedError("cross_entropy: gradients with respect to a probability "
-                                      "target are not supported; pass target.detach()")
+            raise NotImplementedError(
+                "cross_entropy: gradients with respect to a probability target are not supported; pass target.detach()"
+            )
         dtype = torch.promote_types(input.dtype, target.dtype)
         input, target = input.to(dtype), target.to(dtype)
         if weight is not None:
@@ -124,12 +132,12 @@ def cross_entropy(input, target, weight=None, *, ignore_index=-100, reduction="m
     else:  # (N, C, d1, ...): one row per position, classes last
         classes = input.shape[1]
         rows_input = input.movedim(1, -1).reshape(-1, classes)
-        rows_target = (target.movedim(1, -1).reshape(-1, classes) if prob_target
-                       else target.reshape(-1))
+        rows_target = target.movedim(1, -1).reshape(-1, classes) if prob_target else target.reshape(-1)
         out_shape = input.shape[:1] + input.shape[2:]
 
-    loss, _ = _CrossEntropy.apply(rows_input, rows_target, weight, _REDUCTIONS[reduction],
-                                  ignore_index, float(label_smoothing))
+    loss, _ = _CrossEntropy.apply(
+        rows_input, rows_target, weight, _REDUCTIONS[reduction], ignore_index, float(label_smoothing)
+    )
     if reduction == "none":
         loss = loss.reshape(out_shape)
     return loss
@@ -161,11 +169,33 @@ class _LinearBNReLU(torch.autograd.Function):
     (the next layer keeps it anyway): its zeros are exactly the units ReLU or dropout cut."""
 
     @staticmethod
-    def forward(ctx, input, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                use_batch_stats, eps, dropout_p, seed_offset):
+    def forward(
+        ctx,
+        input,
+        weight,
+        bias,
+        bn_weight,
+        bn_bias,
+        running_mean,
+        running_var,
+        use_batch_stats,
+        eps,
+        dropout_p,
+        seed_offset,
+    ):
         out, pre_bn, mean, invstd, batch_var = ops.linear_bn_relu_forward(
-            input, weight, bias, bn_weight, bn_bias, running_mean, running_var, use_batch_stats,
-            eps, dropout_p, seed_offset)
+            input,
+            weight,
+            bias,
+            bn_weight,
+            bn_bias,
+            running_mean,
+            running_var,
+            use_batch_stats,
+            eps,
+            dropout_p,
+            seed_offset,
+        )
         saved = pre_bn if use_batch_stats else out
         ctx.save_for_backward(input, weight, bias, bn_weight, bn_bias, saved, mean, invstd, seed_offset)
         ctx.options = (use_batch_stats, dropout_p)
@@ -179,17 +209,38 @@ class _LinearBNReLU(torch.autograd.Function):
         use_batch_stats, dropout_p = ctx.options
         need = ctx.needs_input_grad
         # A first layer's input needs no gradient: its GEMM, the largest of the backward, is skipped.
-        grads = ops.linear_bn_relu_backward(grad_out.contiguous(), input, weight, bias, bn_weight,
-                                            bn_bias, saved, mean, invstd, use_batch_stats,
-                                            dropout_p, seed_offset, need[0])
+        grads = ops.linear_bn_relu_backward(
+            grad_out.contiguous(),
+            input,
+            weight,
+            bias,
+            bn_weight,
+            bn_bias,
+            saved,
+            mean,
+            invstd,
+            use_batch_stats,
+            dropout_p,
+            seed_offset,
+            need[0],
+        )
         grad_input, grad_weight, grad_bias, grad_bn_weight, grad_bn_bias = grads
-        return (grad_input if need[0] else None, grad_weight if need[1] else None,
-                grad_bias if need[2] else None, grad_bn_weight if need[3] else None,
-                grad_bn_bias if need[4] else None, None, None, None, None, None, None)
+        return (
+            grad_input if need[0] else None,
+            grad_weight if need[1] else None,
+            grad_bias if need[2] else None,
+            grad_bn_weight if need[3] else None,
+            grad_bn_bias if need[4] else None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
-def _check_linear_bn_relu_args(input, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                               training, dropout):
+def _check_linear_bn_relu_args(input, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, dropout):
     name = "linear_bn_relu"
     if not isinstance(input, torch.Tensor) or not input.is_floating_point():
         raise TypeError(f"{name}: input must be a floating-point tensor")
@@ -199,20 +250,30 @@ def _check_linear_bn_relu_args(input, weight, bias, bn_weight, bn_bias, running_
         raise ValueError(f"{name}: weight must have shape (out_features, in_features), got {tuple(weight.shape)}")
     out_features, in_features = weight.shape
     if input.shape[1] != in_features:
-        raise ValueError(f"{name}: input has {input.shape[1]} features but the layer expects "
-                         f"in_features={in_features}")
-    for arg, t in (("weight", weight), ("bias", bias), ("bn_weight", bn_weight), ("bn_bias", bn_bias),
-                   ("running_mean", running_mean), ("running_var", running_var)):
+        raise ValueError(f"{name}: input has {input.shape[1]} features but the layer expects in_features={in_features}")
+    for arg, t in (
+        ("weight", weight),
+        ("bias", bias),
+        ("bn_weight", bn_weight),
+        ("bn_bias", bn_bias),
+        ("running_mean", running_mean),
+        ("running_var", running_var),
+    ):
         if t is not None and t.device != input.device:
             raise ValueError(f"{name}: {arg} is on {t.device} but input is on {input.device}")
     if weight.dtype != input.dtype:
-        raise TypeError(f"{name}: input dtype {input.dtype} does not match the Linear weight dtype "
-                        f"{weight.dtype}")
+        raise TypeError(f"{name}: input dtype {input.dtype} does not match the Linear weight dtype {weight.dtype}")
     if bias is not None and (bias.shape != (out_features,) or bias.dtype != input.dtype):
-        raise ValueError(f"{name}: bias must have shape ({out_features},) and dtype {input.dtype}, got "
-                         f"{tuple(bias.shape)} {bias.dtype}")
-    for arg, t in (("bn_weight", bn_weight), ("bn_bias", bn_bias), ("running_mean", running_mean),
-                   ("running_var", running_var)):
+        raise ValueError(
+            f"{name}: bias must have shape ({out_features},) and dtype {input.dtype}, got "
+            f"{tuple(bias.shape)} {bias.dtype}"
+        )
+    for arg, t in (
+        ("bn_weight", bn_weight),
+        ("bn_bias", bn_bias),
+        ("running_mean", running_mean),
+        ("running_var", running_var),
+    ):
         if t is not None and t.shape != (out_features,):
             raise ValueError(f"{name}: {arg} must have shape ({out_features},), got {tuple(t.shape)}")
     if (running_mean is None) != (running_var is None):
@@ -222,13 +283,24 @@ def _check_linear_bn_relu_args(input, weight, bias, bn_weight, bn_bias, running_
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"{name}: dropout must be a probability in [0, 1), got {dropout!r}")
     if training and input.shape[0] <= 1:
-        raise ValueError("Expected more than 1 value per channel when training, got input size "
-                         f"{input.shape}")
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.shape}")
 
 
-def linear_bn_relu(input, weight, bias=None, *, bn_weight=None, bn_bias=None, running_mean=None,
-                   running_var=None, training=True, momentum=0.1, eps=1e-5, dropout=0.0,
-                   generator=None):
+def linear_bn_relu(
+    input,
+    weight,
+    bias=None,
+    *,
+    bn_weight=None,
+    bn_bias=None,
+    running_mean=None,
+    running_var=None,
+    training=True,
+    momentum=0.1,
+    eps=1e-5,
+    dropout=0.0,
+    generator=None,
+):
     """``dropout(relu(batch_norm(linear(input))))`` in one fused op.
 
     training: normalize with the batch's statistics and, when running statistics are given,
@@ -242,14 +314,15 @@ def linear_bn_relu(input, weight, bias=None, *, bn_weight=None, bn_bias=None, ru
     Under ``torch.autocast`` the Linear runs in the autocast dtype and BatchNorm keeps its
     parameters' dtype, as the stock modules behave.
     """
-    _check_linear_bn_relu_args(input, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                               training, dropout)
-    return _linear_bn_relu(input, weight, bias, bn_weight, bn_bias, running_mean, running_var, training,
-                           momentum, eps, dropout, generator)
+    _check_linear_bn_relu_args(input, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, dropout)
+    return _linear_bn_relu(
+        input, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, dropout, generator
+    )
 
 
-def _linear_bn_relu(input, weight, bias, bn_weight, bn_bias, running_mean, running_var, training,
-                    momentum, eps, dropout, generator=None):
+def _linear_bn_relu(
+    input, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, dropout, generator=None
+):
     """linear_bn_relu on arguments already checked (LinearBNReLU checks them before it touches
     its state)."""
     if torch.is_autocast_enabled(input.device.type):
@@ -257,9 +330,19 @@ def _linear_bn_relu(input, weight, bias, bn_weight, bn_bias, running_mean, runni
         input, weight = input.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
     seed_offset = _dropout_seed_offset(dropout, generator, input)
-    out, mean, batch_var = _LinearBNReLU.apply(input, weight, bias, bn_weight, bn_bias, running_mean,
-                                               running_var, bool(training), float(eps),
-                                               float(dropout), seed_offset)
+    out, mean, batch_var = _LinearBNReLU.apply(
+        input,
+        weight,
+        bias,
+        bn_weight,
+        bn_bias,
+        running_mean,
+        running_var,
+        bool(training),
+        float(eps),
+        float(dropout),
+        seed_offset,
+    )
     if training and running_mean is not None:
         with torch.no_grad():
             ops.bn_update_running_stats_(running_mean, running_var, mean, batch_var, float(momentum))
@@ -288,5 +371,6 @@ def folded_linear_relu_dropout(input, weight, bias, *, dropout=0.0, generator=No
         dtype = torch.get_autocast_dtype(input.device.type)
         input, weight = input.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
-    return ops.linear_relu_dropout_forward(input, weight, bias, float(dropout),
-                                           _dropout_seed_offset(dropout, generator, input))
+    return ops.linear_relu_dropout_forward(
+        input, weight, bias, float(dropout), _dropout_seed_offset(dropout, generator, input)
+    )

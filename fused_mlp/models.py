@@ -39,8 +39,9 @@ class MLP(nn.Module):
     expects log-probabilities, and applied to logits it returns a wrong loss without any error.
     """
 
-    def __init__(self, in_features=784, hidden=(512, 256, 128, 64), num_classes=10, dropout=0.3,
-                 batch_norm=True, impl="fused"):
+    def __init__(
+        self, in_features=784, hidden=(512, 256, 128, 64), num_classes=10, dropout=0.3, batch_norm=True, impl="fused"
+    ):
         super().__init__()
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"MLP: dropout must be in [0, 1), got {dropout}")

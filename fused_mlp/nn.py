@@ -27,12 +27,17 @@ class CrossEntropyLoss(torch.nn.Module):
         self.label_smoothing = label_smoothing
 
     def forward(self, input, target):
-        return F.cross_entropy(input, target, self.weight, ignore_index=self.ignore_index,
-                               reduction=self.reduction, label_smoothing=self.label_smoothing)
+        return F.cross_entropy(
+            input,
+            target,
+            self.weight,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            label_smoothing=self.label_smoothing,
+        )
 
     def extra_repr(self):
-        return (f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
-                f"label_smoothing={self.label_smoothing}")
+        return f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, label_smoothing={self.label_smoothing}"
 
 
 class LinearBNReLU(torch.nn.Module):
@@ -48,14 +53,31 @@ class LinearBNReLU(torch.nn.Module):
     forward never calls those submodules.
     """
 
-    def __init__(self, in_features, out_features, bias=True, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, dropout=0.0, device=None, dtype=None):
+    def __init__(
+        self,
+        in_features,
+        out_features,
+        bias=True,
+        eps=1e-5,
+        momentum=0.1,
+        affine=True,
+        track_running_stats=True,
+        dropout=0.0,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         _check_dropout(dropout)
         self.linear = torch.nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self.bn = torch.nn.BatchNorm1d(out_features, eps=eps, momentum=momentum, affine=affine,
-                                       track_running_stats=track_running_stats, device=device,
-                                       dtype=dtype)
+        self.bn = torch.nn.BatchNorm1d(
+            out_features,
+            eps=eps,
+            momentum=momentum,
+            affine=affine,
+            track_running_stats=track_running_stats,
+            device=device,
+            dtype=dtype,
+        )
         self.dropout = dropout
         self._fold_cache = None
 
@@ -67,8 +89,10 @@ class LinearBNReLU(torch.nn.Module):
         if not isinstance(bn, torch.nn.BatchNorm1d):
             raise TypeError(f"LinearBNReLU.from_modules: bn must be an nn.BatchNorm1d, got {type(bn).__name__}")
         if bn.num_features != linear.out_features:
-            raise ValueError(f"LinearBNReLU.from_modules: bn has {bn.num_features} features but linear "
-                             f"has out_features={linear.out_features}")
+            raise ValueError(
+                f"LinearBNReLU.from_modules: bn has {bn.num_features} features but linear "
+                f"has out_features={linear.out_features}"
+            )
         _check_dropout(dropout)
         layer = cls.__new__(cls)
         torch.nn.Module.__init__(layer)
@@ -101,13 +125,18 @@ class LinearBNReLU(torch.nn.Module):
         if bn_training and not track:
             running_mean = running_var = None
         dropout = self.dropout if self.training else 0.0
-        F._check_linear_bn_relu_args(input, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                                     use_batch_stats, dropout)
-        if (not use_batch_stats and not _needs_grad(input, weight, bias, bn_weight, bn_bias)
-                and not torch.compiler.is_compiling()):
+        F._check_linear_bn_relu_args(
+            input, weight, bias, bn_weight, bn_bias, running_mean, running_var, use_batch_stats, dropout
+        )
+        if (
+            not use_batch_stats
+            and not _needs_grad(input, weight, bias, bn_weight, bn_bias)
+            and not torch.compiler.is_compiling()
+        ):
             # Inference: one GEMM with the cached folded weights, then ReLU (+ dropout).
-            folded_weight, folded_bias = self._folded_parameters(weight, bias, bn_weight, bn_bias, running_mean,
-                                                                 running_var, bn.eps)
+            folded_weight, folded_bias = self._folded_parameters(
+                weight, bias, bn_weight, bn_bias, running_mean, running_var, bn.eps
+            )
             return F.folded_linear_relu_dropout(input, folded_weight, folded_bias, dropout=dropout)
         update = bn_training and track and bn.num_batches_tracked is not None
         momentum = 0.0
@@ -115,10 +144,19 @@ class LinearBNReLU(torch.nn.Module):
             bn.num_batches_tracked.add_(1)
             momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
         pass_running = update or not use_batch_stats
-        return F._linear_bn_relu(input, weight, bias, bn_weight, bn_bias,
-                                 running_mean if pass_running else None,
-                                 running_var if pass_running else None, use_batch_stats, momentum,
-                                 bn.eps, dropout)
+        return F._linear_bn_relu(
+            input,
+            weight,
+            bias,
+            bn_weight,
+            bn_bias,
+            running_mean if pass_running else None,
+            running_var if pass_running else None,
+            use_batch_stats,
+            momentum,
+            bn.eps,
+            dropout,
+        )
 
     def extra_repr(self):
         return f"dropout={self.dropout}"

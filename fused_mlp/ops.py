@@ -18,31 +18,57 @@ _impl = reference if BACKEND == "reference" else torch.ops.fused_mlp
 def cross_entropy_forward(input, target, weight, reduction, ignore_index, label_smoothing):
     """(rows, classes) logits -> (loss, logsumexp); loss has shape (rows,) for reduction 0
     (none) and () for 1 (mean) and 2 (sum)."""
-    return _impl.cross_entropy_forward(input, target, weight, reduction, ignore_index,
-                                       label_smoothing)
+    return _impl.cross_entropy_forward(input, target, weight, reduction, ignore_index, label_smoothing)
 
 
-def cross_entropy_backward(grad_loss, input, target, weight, logsumexp, reduction, ignore_index,
-                           label_smoothing):
+def cross_entropy_backward(grad_loss, input, target, weight, logsumexp, reduction, ignore_index, label_smoothing):
     """The gradient of cross_entropy_forward's loss with respect to its input."""
-    return _impl.cross_entropy_backward(grad_loss, input, target, weight, logsumexp, reduction,
-                                        ignore_index, label_smoothing)
+    return _impl.cross_entropy_backward(
+        grad_loss, input, target, weight, logsumexp, reduction, ignore_index, label_smoothing
+    )
 
 
-def linear_bn_relu_forward(input, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                           use_batch_stats, eps, dropout_p, seed_offset):
+def linear_bn_relu_forward(
+    input, weight, bias, bn_weight, bn_bias, running_mean, running_var, use_batch_stats, eps, dropout_p, seed_offset
+):
     """-> (out, pre_bn, mean, invstd, batch_var); see csrc/ops.cpp."""
-    return _impl.linear_bn_relu_forward(input, weight, bias, bn_weight, bn_bias, running_mean,
-                                       running_var, use_batch_stats, eps, dropout_p, seed_offset)
+    return _impl.linear_bn_relu_forward(
+        input, weight, bias, bn_weight, bn_bias, running_mean, running_var, use_batch_stats, eps, dropout_p, seed_offset
+    )
 
 
-def linear_bn_relu_backward(grad_out, input, weight, bias, bn_weight, bn_bias, saved, mean, invstd,
-                            use_batch_stats, dropout_p, seed_offset, need_grad_input=True):
+def linear_bn_relu_backward(
+    grad_out,
+    input,
+    weight,
+    bias,
+    bn_weight,
+    bn_bias,
+    saved,
+    mean,
+    invstd,
+    use_batch_stats,
+    dropout_p,
+    seed_offset,
+    need_grad_input=True,
+):
     """-> (grad_input, grad_weight, grad_bias, grad_bn_weight, grad_bn_bias); grad_input is empty
     (its GEMM skipped) without need_grad_input."""
-    return _impl.linear_bn_relu_backward(grad_out, input, weight, bias, bn_weight, bn_bias, saved,
-                                        mean, invstd, use_batch_stats, dropout_p, seed_offset,
-                                        need_grad_input)
+    return _impl.linear_bn_relu_backward(
+        grad_out,
+        input,
+        weight,
+        bias,
+        bn_weight,
+        bn_bias,
+        saved,
+        mean,
+        invstd,
+        use_batch_stats,
+        dropout_p,
+        seed_offset,
+        need_grad_input,
+    )
 
 
 def bn_update_running_stats_(running_mean, running_var, batch_mean, batch_var, factor):
@@ -64,16 +90,16 @@ def philox_seed_offset(like, generator=None):
 if BACKEND == "extension":
 
     @torch.library.register_fake("fused_mlp::cross_entropy_forward")
-    def _cross_entropy_forward_fake(input, target, weight, reduction, ignore_index,
-                                    label_smoothing):
+    def _cross_entropy_forward_fake(input, target, weight, reduction, ignore_index, label_smoothing):
         torch._check(input.dim() == 2, lambda: "cross_entropy_forward: input must be 2-D")
         rows = input.shape[0]
         loss = input.new_empty((rows,) if reduction == reference.REDUCTION_NONE else ())
         return loss, input.new_empty((rows,), dtype=torch.float64)
 
     @torch.library.register_fake("fused_mlp::cross_entropy_backward")
-    def _cross_entropy_backward_fake(grad_loss, input, target, weight, logsumexp, reduction,
-                                     ignore_index, label_smoothing):
+    def _cross_entropy_backward_fake(
+        grad_loss, input, target, weight, logsumexp, reduction, ignore_index, label_smoothing
+    ):
         torch._check(input.dim() == 2, lambda: "cross_entropy_backward: input must be 2-D")
         return torch.empty_like(input, memory_format=torch.contiguous_format)
 
@@ -82,8 +108,9 @@ if BACKEND == "extension":
         return input.new_empty((input.shape[0], weight.shape[0]))
 
     @torch.library.register_fake("fused_mlp::linear_bn_relu_forward")
-    def _linear_bn_relu_forward_fake(input, weight, bias, bn_weight, bn_bias, running_mean,
-                                     running_var, use_batch_stats, eps, dropout_p, seed_offset):
+    def _linear_bn_relu_forward_fake(
+        input, weight, bias, bn_weight, bn_bias, running_mean, running_var, use_batch_stats, eps, dropout_p, seed_offset
+    ):
         torch._check(input.dim() == 2, lambda: "linear_bn_relu_forward: input must be 2-D")
         rows, features = input.shape[0], weight.shape[0]
         out = input.new_empty((rows, features))
@@ -92,16 +119,36 @@ if BACKEND == "extension":
         return out, pre_bn, stat(), stat(), stat()
 
     @torch.library.register_fake("fused_mlp::linear_bn_relu_backward")
-    def _linear_bn_relu_backward_fake(grad_out, input, weight, bias, bn_weight, bn_bias, saved,
-                                      mean, invstd, use_batch_stats, dropout_p, seed_offset,
-                                      need_grad_input=True):
+    def _linear_bn_relu_backward_fake(
+        grad_out,
+        input,
+        weight,
+        bias,
+        bn_weight,
+        bn_bias,
+        saved,
+        mean,
+        invstd,
+        use_batch_stats,
+        dropout_p,
+        seed_offset,
+        need_grad_input=True,
+    ):
         features = weight.shape[0]
-        param = lambda t: input.new_empty((features,), dtype=(  # noqa: E731
-            reference._acc_dtype(input.dtype) if t is None else t.dtype))
-        grad_input = (torch.empty_like(input, memory_format=torch.contiguous_format)
-                      if need_grad_input else input.new_empty((0,)))
-        return (grad_input, torch.empty_like(weight, memory_format=torch.contiguous_format),
-                input.new_empty((features,)), param(bn_weight), param(bn_bias))
+
+        def param(t):
+            return input.new_empty((features,), dtype=reference._acc_dtype(input.dtype) if t is None else t.dtype)
+
+        grad_input = (
+            torch.empty_like(input, memory_format=torch.contiguous_format) if need_grad_input else input.new_empty((0,))
+        )
+        return (
+            grad_input,
+            torch.empty_like(weight, memory_format=torch.contiguous_format),
+            input.new_empty((features,)),
+            param(bn_weight),
+            param(bn_bias),
+        )
 
     @torch.library.register_fake("fused_mlp::bn_update_running_stats_")
     def _bn_update_running_stats_fake(running_mean, running_var, batch_mean, batch_var, factor):

@@ -35,7 +35,8 @@ def _check_targets(target, classes, ignore_index):
         i = int(bad.nonzero()[0, 0])
         raise IndexError(
             f"cross_entropy: target[{i}] = {int(target[i])} is out of bounds: expected a class index "
-            f"in [0, {classes}) or ignore_index ({ignore_index})")
+            f"in [0, {classes}) or ignore_index ({ignore_index})"
+        )
 
 
 def _class_terms(target, weight, classes, ignore_index, acc):
@@ -44,8 +45,7 @@ def _class_terms(target, weight, classes, ignore_index, acc):
     _check_targets(target, classes, ignore_index)
     valid = target != ignore_index
     safe_target = torch.where(valid, target, torch.zeros_like(target))
-    w = (weight.to(acc) if weight is not None
-         else torch.ones(classes, dtype=acc, device=target.device))
+    w = weight.to(acc) if weight is not None else torch.ones(classes, dtype=acc, device=target.device)
     return valid, safe_target, w[safe_target], w
 
 
@@ -81,8 +81,7 @@ def cross_entropy_forward(input, target, weight, reduction, ignore_index, label_
     return loss.to(input.dtype), lse
 
 
-def cross_entropy_backward(grad_loss, input, target, weight, logsumexp, reduction, ignore_index,
-                           label_smoothing):
+def cross_entropy_backward(grad_loss, input, target, weight, logsumexp, reduction, ignore_index, label_smoothing):
     acc = _acc_dtype(input.dtype)
     x = input.to(acc)
     rows, classes = x.shape
@@ -144,16 +143,23 @@ def dropout_keep_mask(seed, offset, numel, p, start=0):
     offset = int(offset) & 0xFFFFFFFFFFFFFFFF
     first_block = start // 4
     blocks = np.arange(first_block, (start + numel + 3) // 4, dtype=np.uint64)
-    words = philox4x32_10((blocks & _MASK32, blocks >> np.uint64(32),
-                           np.full_like(blocks, offset & 0xFFFFFFFF), np.full_like(blocks, offset >> 32)),
-                          (seed & 0xFFFFFFFF, seed >> 32))
+    words = philox4x32_10(
+        (
+            blocks & _MASK32,
+            blocks >> np.uint64(32),
+            np.full_like(blocks, offset & 0xFFFFFFFF),
+            np.full_like(blocks, offset >> 32),
+        ),
+        (seed & 0xFFFFFFFF, seed >> 32),
+    )
     word = np.stack(words, axis=1).reshape(-1)  # element i: word i % 4 of block i // 4
-    word = word[start - first_block * 4:][:numel]
-    keep = (word >> np.uint64(8)).astype(np.float32) * np.float32(2.0 ** -24) >= np.float32(p)
+    word = word[start - first_block * 4 :][:numel]
+    keep = (word >> np.uint64(8)).astype(np.float32) * np.float32(2.0**-24) >= np.float32(p)
     return torch.from_numpy(keep)
 
 
 # --- Linear -> BatchNorm1d -> ReLU -> Dropout -------------------------------------------------------
+
 
 def _bn_affine(bn_weight, bn_bias, mean, invstd):
     """A, B with gamma * (z - mean) * invstd + beta == z * A + B."""
@@ -169,14 +175,16 @@ def _dropout_multiplier(shape, dropout_p, seed_offset, acc):
     return keep.reshape(shape).to(acc) * (1.0 / (1.0 - dropout_p))
 
 
-def linear_bn_relu_forward(input, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                           use_batch_stats, eps, dropout_p, seed_offset):
+def linear_bn_relu_forward(
+    input, weight, bias, bn_weight, bn_bias, running_mean, running_var, use_batch_stats, eps, dropout_p, seed_offset
+):
     acc = _acc_dtype(input.dtype)
     z = torch.nn.functional.linear(input, weight, bias)
     if use_batch_stats:
         if input.shape[0] <= 1:
-            raise ValueError("Expected more than 1 value per channel when training, got input size "
-                             f"{tuple(input.shape)}")
+            raise ValueError(
+                f"Expected more than 1 value per channel when training, got input size {tuple(input.shape)}"
+            )
         zf = z.to(acc)
         mean = zf.mean(dim=0)
         invstd = (zf.var(dim=0, unbiased=False) + eps).rsqrt()
@@ -195,8 +203,21 @@ def linear_bn_relu_forward(input, weight, bias, bn_weight, bn_bias, running_mean
     return y.to(input.dtype), pre_bn, mean, invstd, var
 
 
-def linear_bn_relu_backward(grad_out, input, weight, bias, bn_weight, bn_bias, saved, mean, invstd,
-                            use_batch_stats, dropout_p, seed_offset, need_grad_input=True):
+def linear_bn_relu_backward(
+    grad_out,
+    input,
+    weight,
+    bias,
+    bn_weight,
+    bn_bias,
+    saved,
+    mean,
+    invstd,
+    use_batch_stats,
+    dropout_p,
+    seed_offset,
+    need_grad_input=True,
+):
     acc = _acc_dtype(input.dtype)
     g = grad_out.to(acc)
     n = input.shape[0]
@@ -219,8 +240,13 @@ def linear_bn_relu_backward(grad_out, input, weight, bias, bn_weight, bn_bias, s
     grad_input = dz @ weight.to(acc) if need_grad_input else input.new_empty(0)
     grad_weight = dz.t() @ input.to(acc)
     param_dtype = lambda t: acc if t is None else t.dtype  # noqa: E731
-    return (grad_input.to(input.dtype), grad_weight.to(weight.dtype), grad_bias.to(input.dtype),
-            sum_dy_zhat.to(param_dtype(bn_weight)), sum_dy.to(param_dtype(bn_bias)))
+    return (
+        grad_input.to(input.dtype),
+        grad_weight.to(weight.dtype),
+        grad_bias.to(input.dtype),
+        sum_dy_zhat.to(param_dtype(bn_weight)),
+        sum_dy.to(param_dtype(bn_bias)),
+    )
 
 
 def linear_relu_dropout_forward(input, weight, bias, dropout_p, seed_offset):

@@ -7,8 +7,15 @@ import time
 
 import torch
 
-__all__ = ["train_one_epoch", "validate", "fit", "save_checkpoint", "load_checkpoint",
-           "make_optimizer", "make_scheduler"]
+__all__ = [
+    "train_one_epoch",
+    "validate",
+    "fit",
+    "save_checkpoint",
+    "load_checkpoint",
+    "make_optimizer",
+    "make_scheduler",
+]
 
 
 def make_optimizer(model, name="adam", lr=1e-3, momentum=0.9):
@@ -51,8 +58,9 @@ def train_one_epoch(model, forward, batches, optimizer, device, progress=None):
         seen += len(y)
         if progress is not None:
             progress.update(len(y))
-            progress.set_postfix(loss=f"{total_loss / seen:.4f}",
-                                 samples_per_s=f"{seen / (time.perf_counter() - start):.0f}")
+            progress.set_postfix(
+                loss=f"{total_loss / seen:.4f}", samples_per_s=f"{seen / (time.perf_counter() - start):.0f}"
+            )
     return total_loss / max(seen, 1), seen / (time.perf_counter() - start)
 
 
@@ -78,6 +86,7 @@ def validate(model, forward, batches, device, return_predictions=False):
 
 
 # --- checkpoints --------------------------------------------------------------------------------
+
 
 def _atomic_write(path, write):
     """Writes through a temporary file in the same directory, fsyncs it, then renames it over
@@ -105,8 +114,11 @@ def save_checkpoint(path, model, optimizer, scheduler, epoch, args, train_batche
         "args": args,
         "history": history,
         "best": best,
-        "rng": {"torch": torch.get_rng_state(), "shuffle": train_batches.generator.get_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+        "rng": {
+            "torch": torch.get_rng_state(),
+            "shuffle": train_batches.generator.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        },
     }
     _atomic_write(path, lambda f: torch.save(state, f))
 
@@ -131,6 +143,7 @@ def load_checkpoint(path, model, optimizer, scheduler, train_batches):
 
 # --- the run ------------------------------------------------------------------------------------
 
+
 def fit(model, forward, splits, args, out_dir, device, resume=None, log=print, progress_bar=True):
     """Trains for args["epochs"] epochs, validating after each, and writes into out_dir:
     checkpoint_last.pt and checkpoint_best.pt (by validation accuracy), metrics.json, and the
@@ -138,8 +151,9 @@ def fit(model, forward, splits, args, out_dir, device, resume=None, log=print, p
     model."""
     from .data import Batches
 
-    train_batches = Batches(splits.train_x, splits.train_y, args["batch_size"], shuffle=True,
-                            seed=args["seed"], device=device)
+    train_batches = Batches(
+        splits.train_x, splits.train_y, args["batch_size"], shuffle=True, seed=args["seed"], device=device
+    )
     val_batches = Batches(splits.val_x, splits.val_y, 1024, device=device)
     test_batches = Batches(splits.test_x, splits.test_y, 1024, device=device)
     optimizer = make_optimizer(model, args["optimizer"], args["lr"], args.get("momentum", 0.9))
@@ -157,8 +171,14 @@ def fit(model, forward, splits, args, out_dir, device, resume=None, log=print, p
         bar = None
         if progress_bar:
             from tqdm import tqdm
-            bar = tqdm(total=train_batches.num_samples(), desc=f"epoch {epoch}/{args['epochs']}",
-                       unit="img", leave=False, dynamic_ncols=True)
+
+            bar = tqdm(
+                total=train_batches.num_samples(),
+                desc=f"epoch {epoch}/{args['epochs']}",
+                unit="img",
+                leave=False,
+                dynamic_ncols=True,
+            )
         start = time.perf_counter()
         train_loss, speed = train_one_epoch(model, forward, train_batches, optimizer, device, bar)
         if bar is not None:
@@ -167,16 +187,26 @@ def fit(model, forward, splits, args, out_dir, device, resume=None, log=print, p
         if scheduler is not None:
             scheduler.step()
         seconds = time.perf_counter() - start
-        history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
-                        "val_accuracy": val_acc, "samples_per_s": speed, "seconds": seconds,
-                        "lr": optimizer.param_groups[0]["lr"]})
+        history.append(
+            {
+                "epoch": epoch,
+                "train_loss": train_loss,
+                "val_loss": val_loss,
+                "val_accuracy": val_acc,
+                "samples_per_s": speed,
+                "seconds": seconds,
+                "lr": optimizer.param_groups[0]["lr"],
+            }
+        )
         if val_acc > best["val_accuracy"]:
             best = {"val_accuracy": val_acc, "epoch": epoch}
             save_checkpoint(best_path, model, optimizer, scheduler, epoch, args, train_batches, history, best)
         save_checkpoint(last_path, model, optimizer, scheduler, epoch, args, train_batches, history, best)
         write_json(os.path.join(out_dir, "metrics.json"), metrics)
-        log(f"epoch {epoch:3d}  train loss {train_loss:.4f}  val loss {val_loss:.4f}  "
-            f"val acc {val_acc * 100:.2f}%  {speed:,.0f} samples/s  {seconds:.1f} s")
+        log(
+            f"epoch {epoch:3d}  train loss {train_loss:.4f}  val loss {val_loss:.4f}  "
+            f"val acc {val_acc * 100:.2f}%  {speed:,.0f} samples/s  {seconds:.1f} s"
+        )
 
     test_loss, test_acc, predictions = validate(model, forward, test_batches, device, return_predictions=True)
     metrics.update(best=best, test_loss=test_loss, test_accuracy=test_acc)
@@ -188,10 +218,13 @@ def fit(model, forward, splits, args, out_dir, device, resume=None, log=print, p
 
 # --- plots --------------------------------------------------------------------------------------
 
+
 def _pyplot():
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     return plt
 
 
@@ -216,22 +249,32 @@ def plot_confusion(targets, predictions, classes, path):
     plt = _pyplot()
     n = len(classes)
     matrix = torch.zeros(n, n, dtype=torch.long)
-    matrix.index_put_((targets.long(), predictions.long()), torch.ones_like(targets, dtype=torch.long),
-                      accumulate=True)
+    matrix.index_put_((targets.long(), predictions.long()), torch.ones_like(targets, dtype=torch.long), accumulate=True)
     fig, ax = plt.subplots(figsize=(8, 7))
     image = ax.imshow(matrix.numpy(), cmap="Blues")
-    ax.set(xticks=range(n), yticks=range(n), xlabel="predicted", ylabel="true",
-           title=f"Test confusion matrix (accuracy {matrix.diag().sum().item() / max(matrix.sum().item(), 1) * 100:.2f}%)")
+    ax.set(
+        xticks=range(n),
+        yticks=range(n),
+        xlabel="predicted",
+        ylabel="true",
+        title=f"Test confusion matrix (accuracy {matrix.diag().sum().item() / max(matrix.sum().item(), 1) * 100:.2f}%)",
+    )
     ax.set_xticklabels(classes, rotation=45, ha="right")
     ax.set_yticklabels(classes)
     threshold = matrix.max().item() / 2 if matrix.numel() else 0
     for i in range(n):
         for j in range(n):
-            ax.text(j, i, int(matrix[i, j]), ha="center", va="center", fontsize=7,
-                    color="white" if matrix[i, j] > threshold else "black")
+            ax.text(
+                j,
+                i,
+                int(matrix[i, j]),
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if matrix[i, j] > threshold else "black",
+            )
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return matrix
-

@@ -11,8 +11,12 @@ def data_dir():
     that need it skip when it is absent, except under CI, where they fail."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     path = os.environ.get("FUSED_MLP_DATA") or os.path.join(root, "..", "shared", "data")
-    missing = [f for name in ("FashionMNIST", "MNIST") for f in data.RAW_FILES
-               if not os.path.isfile(os.path.join(path, name, "raw", f))]
+    missing = [
+        f
+        for name in ("FashionMNIST", "MNIST")
+        for f in data.RAW_FILES
+        if not os.path.isfile(os.path.join(path, name, "raw", f))
+    ]
     if missing:
         message = f"the Fashion-MNIST / MNIST files are not in {path}"
         if os.environ.get("CI") == "true":

@@ -12,7 +12,7 @@ from benchmarks import bench_cross_entropy, bench_linear_bn_relu, suite  # noqa:
 
 def test_cross_entropy_benchmark_quick(capsys):
     results = bench_cross_entropy.main(["--quick"])
-    (shape, medians, saved), = results
+    ((shape, medians, saved),) = results
     assert shape == bench_cross_entropy.QUICK_SHAPES[0]
     assert set(medians) == {"eager", "compile", "fused"} and all(m > 0 for m in medians.values())
     rows, classes = shape
@@ -25,8 +25,9 @@ def test_cross_entropy_benchmark_quick(capsys):
 def test_linear_bn_relu_benchmark_quick(capsys):
     results = bench_linear_bn_relu.main(["--quick"])
     assert [(mode, shape) for mode, shape, _, _ in results] == [
-        (mode, bench_linear_bn_relu.QUICK_CASES[0]) for mode in bench_linear_bn_relu.MODES]
-    for mode, shape, medians, saved in results:
+        (mode, bench_linear_bn_relu.QUICK_CASES[0]) for mode in bench_linear_bn_relu.MODES
+    ]
+    for mode, _shape, medians, saved in results:
         assert set(medians) == {"eager", "compile", "fused", "floor"} and all(m > 0 for m in medians.values())
         if mode == "train":
             # eager keeps the Linear and BatchNorm outputs, the ReLU output and the dropout mask.
@@ -68,8 +69,22 @@ def test_suite_rejects_unknown_cases():
 def test_pytest_benchmark_cases_quick():
     """The pytest-benchmark cases, each run once on a small batch (benchmarking disabled)."""
     env = dict(os.environ, FUSED_MLP_BENCH_QUICK="1")
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-disable",
-                             os.path.join(ROOT, "benchmarks", "test_suite.py")],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--benchmark-disable",
+            os.path.join(ROOT, "benchmarks", "test_suite.py"),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert f"{len(suite.CASES) * len(suite.IMPLS) + 4} passed" in result.stdout

@@ -55,13 +55,15 @@ def fused(x, target, weight, g, **kw):
     return loss, grad
 
 
-GRID = list(itertools.product(
-    [(37,), (16, 5), (9, 1000), (3, 4, 5), (2, 7, 3, 2)],  # 1-D, 2-D, k-dimensional
-    ["index", "prob"],
-    [False, True],  # weight
-    [0.0, 0.2],     # label smoothing
-    REDUCTIONS,
-))
+GRID = list(
+    itertools.product(
+        [(37,), (16, 5), (9, 1000), (3, 4, 5), (2, 7, 3, 2)],  # 1-D, 2-D, k-dimensional
+        ["index", "prob"],
+        [False, True],  # weight
+        [0.0, 0.2],  # label smoothing
+        REDUCTIONS,
+    )
+)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -86,8 +88,10 @@ def test_parity_with_stock(dtype, shape, target_kind, weighted, smoothing, reduc
 def test_gradcheck(shape, target_kind, ignore, weighted, smoothing, reduction):
     x, target, weight = make_case(shape, target_kind, torch.float64, weighted, ignore=ignore)
     x.requires_grad_()
-    f = lambda inp: cross_entropy(inp, target, weight, reduction=reduction,  # noqa: E731
-                                  label_smoothing=smoothing)
+
+    def f(inp):
+        return cross_entropy(inp, target, weight, reduction=reduction, label_smoothing=smoothing)
+
     assert torch.autograd.gradcheck(f, (x,))
 
 
@@ -108,8 +112,7 @@ def test_large_vocabulary(dtype, target_kind):
 @pytest.mark.parametrize("target_kind", ["index", "prob"])
 def test_extreme_logits(classes, target_kind):
     # +-1e4: exp overflows float32 without max-subtraction.
-    x, target, weight = make_case((4, classes), target_kind, torch.float32, weighted=False, ignore=False,
-                                  scale=1.0)
+    x, target, weight = make_case((4, classes), target_kind, torch.float32, weighted=False, ignore=False, scale=1.0)
     x = torch.where(x > 0, torch.full_like(x, 1e4), torch.full_like(x, -1e4)) + x
     for smoothing in (0.0, 0.1):
         want_loss, want_grad, g = stock(x, target, None, reduction="none", label_smoothing=smoothing)
@@ -161,9 +164,16 @@ def test_all_targets_ignored_and_empty_batch_follow_pytorch():
 
 
 def test_nan_and_inf_propagate_as_pytorch():
-    x = torch.tensor([[float("nan"), 1.0, 2.0], [float("inf"), 1.0, 0.0],
-                      [float("-inf"), 1.0, 0.0], [float("-inf")] * 3, [0.5, 1.0, 2.0]],
-                     requires_grad=True)
+    x = torch.tensor(
+        [
+            [float("nan"), 1.0, 2.0],
+            [float("inf"), 1.0, 0.0],
+            [float("-inf"), 1.0, 0.0],
+            [float("-inf")] * 3,
+            [0.5, 1.0, 2.0],
+        ],
+        requires_grad=True,
+    )
     t = torch.tensor([1, 1, 1, 1, 0])
     for smoothing in (0.0, 0.1):
         xs = x.detach().clone().requires_grad_()
@@ -188,8 +198,7 @@ def test_inputs_are_not_modified():
 def test_non_contiguous_input():
     x = torch.randn(7, 12).t()  # (12, 7), strided
     target = torch.randint(0, 7, (12,))
-    torch.testing.assert_close(cross_entropy(x, target, reduction="none"),
-                               F.cross_entropy(x, target, reduction="none"))
+    torch.testing.assert_close(cross_entropy(x, target, reduction="none"), F.cross_entropy(x, target, reduction="none"))
 
 
 def test_deterministic_across_runs_and_thread_counts():
@@ -227,6 +236,7 @@ def test_probability_target_gradient_is_refused_clearly():
 
 # --- the ops themselves ----------------------------------------------------------------------
 
+
 def op_args(rows, classes, target_kind, dtype=torch.float32, weighted=True, reduction=1, smoothing=0.1):
     x, target, weight = make_case((rows, classes), target_kind, dtype, weighted, ignore=True)
     return x, target, weight, reduction, -100, smoothing
@@ -242,8 +252,9 @@ def test_opcheck(target_kind, reduction):
         loss, lse = torch.ops.fused_mlp.cross_entropy_forward(*args)
         grad_loss = torch.randn_like(loss)
         x, target, weight = args[:3]
-        torch.library.opcheck(torch.ops.fused_mlp.cross_entropy_backward.default,
-                              (grad_loss, x, target, weight, lse) + args[3:])
+        torch.library.opcheck(
+            torch.ops.fused_mlp.cross_entropy_backward.default, (grad_loss, x, target, weight, lse) + args[3:]
+        )
 
 
 @pytest.mark.skipif(fused_mlp.BACKEND != "extension", reason="needs the compiled extension")

@@ -5,18 +5,21 @@ when there is one."""
 import os
 
 import pytest
+import simulated
 import torch
 import torch.nn.functional as F
 
 import fused_mlp
 from fused_mlp import reference
 
-import simulated
-
 pytestmark = pytest.mark.timeout(600)
 
-TOL = {torch.float32: (1e-5, 1e-5), torch.float64: (1e-10, 1e-10), torch.bfloat16: (2e-2, 2e-2),
-       torch.float16: (5e-3, 5e-3)}
+TOL = {
+    torch.float32: (1e-5, 1e-5),
+    torch.float64: (1e-10, 1e-10),
+    torch.bfloat16: (2e-2, 2e-2),
+    torch.float16: (5e-3, 5e-3),
+}
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +49,13 @@ def check(sim, x, target, weight, reduction, smoothing, ignore_index=-100):
     loss, lse = sim.forward(*args)
     ref_loss, ref_lse = reference.cross_entropy_forward(*args)
     torch.testing.assert_close(lse, ref_lse, rtol=rtol, atol=atol, equal_nan=True)
-    torch.testing.assert_close(loss, ref_loss, rtol=rtol, atol=atol * max(1.0, ref_loss.abs().max().item() if ref_loss.numel() else 1.0),
-                               equal_nan=True)
+    torch.testing.assert_close(
+        loss,
+        ref_loss,
+        rtol=rtol,
+        atol=atol * max(1.0, ref_loss.abs().max().item() if ref_loss.numel() else 1.0),
+        equal_nan=True,
+    )
     g = torch.randn(ref_loss.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(x.dtype)
     grad = sim.backward(g, x, target, weight, lse, reduction, ignore_index, smoothing)
     ref_grad = reference.cross_entropy_backward(g, x, target, weight, ref_lse, reduction, ignore_index, smoothing)
@@ -94,8 +102,15 @@ def test_extreme_and_non_finite_logits(sim):
     x, target, _ = case(6, 50, torch.float32, scale=1.0)
     x = torch.where(x > 0, x + 1e4, x - 1e4)
     check(sim, x, target, None, 0, 0.1)
-    special = torch.tensor([[float("nan"), 1.0, 2.0], [float("inf"), 1.0, 0.0], [float("-inf"), 1.0, 0.0],
-                            [float("-inf")] * 3, [0.5, 1.0, 2.0]])
+    special = torch.tensor(
+        [
+            [float("nan"), 1.0, 2.0],
+            [float("inf"), 1.0, 0.0],
+            [float("-inf"), 1.0, 0.0],
+            [float("-inf")] * 3,
+            [0.5, 1.0, 2.0],
+        ]
+    )
     check(sim, special, torch.tensor([1, 1, 1, 1, 0]), None, 0, 0.0)
 
 
@@ -149,5 +164,9 @@ def test_on_a_gpu_against_the_cpu_kernel(dtype):
         rtol, atol = TOL[dtype]
         torch.testing.assert_close(lg.cpu(), lc, rtol=rtol, atol=atol)
         torch.testing.assert_close(xg.grad.cpu(), xc.grad, rtol=rtol, atol=atol)
-        torch.testing.assert_close(lg.cpu(), F.cross_entropy(x.double(), target, weight.double(), label_smoothing=0.1).to(dtype),
-                                   rtol=rtol, atol=atol)
+        torch.testing.assert_close(
+            lg.cpu(),
+            F.cross_entropy(x.double(), target, weight.double(), label_smoothing=0.1).to(dtype),
+            rtol=rtol,
+            atol=atol,
+        )

@@ -50,7 +50,7 @@ def run(exe, *args):
 def check_all_passed(result):
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
-    assert lines[-1] == f"{len(lines) - 1 - sum(l.startswith('  ') for l in lines)} passed, 0 failed"
+    assert lines[-1] == f"{len(lines) - 1 - sum(line.startswith('  ') for line in lines)} passed, 0 failed"
     assert not any(line.startswith("FAIL") for line in lines)
     return lines
 
@@ -58,8 +58,16 @@ def check_all_passed(result):
 def test_simulation_self_tests(selftest):
     lines = check_all_passed(run(selftest))
     names = " ".join(lines)
-    for expected in ("__syncthreads", "__shfl_up_sync", "atomicAdd", "divergent __syncthreads",
-                     "early return", "partial warp", "threads per block", "shared memory"):
+    for expected in (
+        "__syncthreads",
+        "__shfl_up_sync",
+        "atomicAdd",
+        "divergent __syncthreads",
+        "early return",
+        "partial warp",
+        "threads per block",
+        "shared memory",
+    ):
         assert expected in names
 
 

@@ -17,8 +17,22 @@ import fused_mlp
 DOC = pathlib.Path(__file__).resolve().parent.parent / "docs" / "cross_entropy.md"
 
 INPUTS = {"x", "target", "weight", "label_smoothing"}
-RESULTS = {"m", "exp_shifted", "sumexp", "lse", "p", "nll", "smooth", "loss_none", "divisor",
-           "loss_mean", "a", "b", "scale", "grad"}
+RESULTS = {
+    "m",
+    "exp_shifted",
+    "sumexp",
+    "lse",
+    "p",
+    "nll",
+    "smooth",
+    "loss_none",
+    "divisor",
+    "loss_mean",
+    "a",
+    "b",
+    "scale",
+    "grad",
+}
 
 # The doc rounds to 4 decimals, so a right number is within half a unit in the last place; a
 # tolerance of a full unit would let a one-digit typo through.
@@ -30,8 +44,7 @@ IMPLS = {"torch": F.cross_entropy, "fused_mlp": fused_mlp.cross_entropy}
 def parse_worked_example(text):
     """name -> value of every `name = <Python literal>` entry in the fenced blocks between the
     worked-example markers. An entry may continue over lines; `#` starts a comment."""
-    section = re.search(r"<!-- worked-example:begin -->(.*?)<!-- worked-example:end -->", text,
-                        re.S)
+    section = re.search(r"<!-- worked-example:begin -->(.*?)<!-- worked-example:end -->", text, re.S)
     assert section, "worked-example markers not found"
     entries = {}
     for block in re.findall(r"^```[^\n]*\n(.*?)^```", section.group(1), re.S | re.M):
@@ -64,8 +77,9 @@ def inputs(doc):
 def assert_close(doc_value, actual, name):
     expected = torch.as_tensor(doc_value, dtype=torch.float64)
     actual = torch.as_tensor(actual, dtype=torch.float64).detach()
-    assert expected.shape == actual.shape, f"{name}: shape {tuple(expected.shape)} in the doc, " \
-                                           f"{tuple(actual.shape)} computed"
+    assert expected.shape == actual.shape, (
+        f"{name}: shape {tuple(expected.shape)} in the doc, {tuple(actual.shape)} computed"
+    )
     torch.testing.assert_close(expected, actual, rtol=0, atol=ATOL, msg=lambda m: f"{name}: {m}")
 
 

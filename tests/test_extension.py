@@ -17,8 +17,14 @@ def run_python(code, **env):
     """Runs `code` in a fresh interpreter with extra environment variables; returns the result."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("FUSED_MLP_")}
     full_env.update(env)
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=full_env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env=full_env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_version():

@@ -23,11 +23,19 @@ CONFIG_IDS = [f"bias{b}-affine{a}-track{t}-mom{m}" for b, a, t, m in CONFIGS]
 def stock_twin(layer):
     """nn.Sequential(linear, bn, relu) with the fused layer's parameters and buffers (copies)."""
     lin, bn = layer.linear, layer.bn
-    stock = nn.Sequential(OrderedDict(
-        linear=nn.Linear(lin.in_features, lin.out_features, bias=lin.bias is not None),
-        bn=nn.BatchNorm1d(bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
-                          track_running_stats=bn.track_running_stats),
-        relu=nn.ReLU()))
+    stock = nn.Sequential(
+        OrderedDict(
+            linear=nn.Linear(lin.in_features, lin.out_features, bias=lin.bias is not None),
+            bn=nn.BatchNorm1d(
+                bn.num_features,
+                eps=bn.eps,
+                momentum=bn.momentum,
+                affine=bn.affine,
+                track_running_stats=bn.track_running_stats,
+            ),
+            relu=nn.ReLU(),
+        )
+    )
     stock = stock.to(lin.weight.dtype)
     stock.load_state_dict(layer.state_dict())
     return stock
@@ -35,8 +43,7 @@ def stock_twin(layer):
 
 def make_layer(bias, affine, track, momentum, dtype=torch.float32, seed=0, in_f=20, out_f=33):
     torch.manual_seed(seed)
-    layer = LinearBNReLU(in_f, out_f, bias=bias, affine=affine, track_running_stats=track,
-                         momentum=momentum).to(dtype)
+    layer = LinearBNReLU(in_f, out_f, bias=bias, affine=affine, track_running_stats=track, momentum=momentum).to(dtype)
     if affine:
         with torch.no_grad():
             layer.bn.weight.uniform_(0.5, 1.5)
@@ -65,11 +72,11 @@ def test_parity_with_stock_modules(bias, affine, track, momentum):
     stock = stock_twin(layer)
     tol = dict(rtol=1e-4, atol=1e-5)
     g = torch.Generator().manual_seed(1)
-    for step in range(4):  # several training steps: running statistics accumulate
+    for _ in range(4):  # several training steps: running statistics accumulate
         compare_step(layer.train(), stock.train(), torch.randn(37, 20, generator=g) * 2 + 0.5, tol)
     if track:
         assert int(layer.bn.num_batches_tracked) == 4
-    for step in range(2):  # eval: outputs and the gradients of fine-tuning with frozen BN
+    for _ in range(2):  # eval: outputs and the gradients of fine-tuning with frozen BN
         compare_step(layer.eval(), stock.eval(), torch.randn(29, 20, generator=g), tol)
 
 
@@ -95,8 +102,18 @@ def test_gradcheck(bias, affine, track, training, dropout):
         gen = torch.Generator().manual_seed(123)  # the same mask on every call
         rms = None if rm is None or use_batch else rm
         rvs = None if rv is None or use_batch else rv
-        return linear_bn_relu(x, w, bb, bn_weight=gm, bn_bias=bt, running_mean=rms, running_var=rvs,
-                              training=use_batch, dropout=dropout, generator=gen)
+        return linear_bn_relu(
+            x,
+            w,
+            bb,
+            bn_weight=gm,
+            bn_bias=bt,
+            running_mean=rms,
+            running_var=rvs,
+            training=use_batch,
+            dropout=dropout,
+            generator=gen,
+        )
 
     inputs = [x, w] + ([b] if bias else []) + ([gamma, beta] if affine else [])
     assert torch.autograd.gradcheck(f, tuple(inputs))
@@ -126,10 +143,12 @@ def test_dropout_is_reproducible_and_follows_the_generator():
     b = layer(x)
     c = layer(x)
     assert torch.equal(a, b) and not torch.equal(b, c)
-    ga = linear_bn_relu(x, layer.linear.weight, layer.linear.bias, dropout=0.5,
-                        generator=torch.Generator().manual_seed(3))
-    gb = linear_bn_relu(x, layer.linear.weight, layer.linear.bias, dropout=0.5,
-                        generator=torch.Generator().manual_seed(3))
+    ga = linear_bn_relu(
+        x, layer.linear.weight, layer.linear.bias, dropout=0.5, generator=torch.Generator().manual_seed(3)
+    )
+    gb = linear_bn_relu(
+        x, layer.linear.weight, layer.linear.bias, dropout=0.5, generator=torch.Generator().manual_seed(3)
+    )
     assert torch.equal(ga, gb)
 
 
@@ -156,8 +175,11 @@ def test_philox_known_answer_vectors():
     cases = [
         ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
         ((0xFFFFFFFF,) * 4, (0xFFFFFFFF, 0xFFFFFFFF), (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
-        ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
-         (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+        (
+            (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+            (0xA4093822, 0x299F31D0),
+            (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+        ),
     ]
     for ctr, key, want in cases:
         got = torch.ops.fused_mlp.philox4x32_10(torch.tensor([ctr]), torch.tensor(key))
@@ -171,12 +193,15 @@ def test_philox_known_answer_vectors():
 def test_dropout_mask_same_in_cpp_and_reference(numel, seed, offset):
     so = torch.tensor([seed, offset])
     for p in (0.1, 0.5):
-        assert torch.equal(torch.ops.fused_mlp.dropout_mask(so, numel, p),
-                           reference.dropout_keep_mask(seed, offset, numel, p))
+        assert torch.equal(
+            torch.ops.fused_mlp.dropout_mask(so, numel, p), reference.dropout_keep_mask(seed, offset, numel, p)
+        )
     # Block indices crossing 2^32, where the counter's low word carries into the next.
     start = 4 * (2**32 - 10) + 3
-    assert torch.equal(torch.ops.fused_mlp.dropout_mask(so, numel, 0.5, start),
-                       reference.dropout_keep_mask(seed, offset, numel, 0.5, start))
+    assert torch.equal(
+        torch.ops.fused_mlp.dropout_mask(so, numel, 0.5, start),
+        reference.dropout_keep_mask(seed, offset, numel, 0.5, start),
+    )
 
 
 @needs_extension
@@ -186,13 +211,13 @@ def test_layer_mask_is_the_philox_mask_and_backward_reuses_it():
     w = torch.randn(24, 8)
     so = torch.tensor([99, 5])
     out, pre_bn, mean, invstd, _ = torch.ops.fused_mlp.linear_bn_relu_forward(
-        x, w, None, None, None, None, None, True, 1e-5, 0.25, so)
+        x, w, None, None, None, None, None, True, 1e-5, 0.25, so
+    )
     keep = reference.dropout_keep_mask(99, 5, out.numel(), 0.25).reshape(out.shape)
     active = (pre_bn - mean) * invstd > 0
     assert torch.equal(out != 0, active & keep)
     g = torch.ones_like(out)
-    grads = torch.ops.fused_mlp.linear_bn_relu_backward(g, x, w, None, None, None, pre_bn, mean, invstd,
-                                                        True, 0.25, so)
+    grads = torch.ops.fused_mlp.linear_bn_relu_backward(g, x, w, None, None, None, pre_bn, mean, invstd, True, 0.25, so)
     ref = reference.linear_bn_relu_backward(g, x, w, None, None, None, pre_bn, mean, invstd, True, 0.25, so)
     for got, want in zip(grads, ref):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
@@ -359,11 +384,28 @@ def test_opcheck(use_batch_stats, dropout):
         out, pre_bn, mean, invstd, var = torch.ops.fused_mlp.linear_bn_relu_forward(*args)
         saved = pre_bn if use_batch_stats else out
         for need_grad_input in (True, False):
-            torch.library.opcheck(torch.ops.fused_mlp.linear_bn_relu_backward.default,
-                                  (torch.randn(N, 4), x, w, b, gamma, beta, saved, mean, invstd,
-                                   use_batch_stats, dropout, so, need_grad_input))
-    torch.library.opcheck(torch.ops.fused_mlp.bn_update_running_stats_.default,
-                          (torch.randn(4), torch.rand(4), torch.randn(4), torch.rand(4), 0.1))
+            torch.library.opcheck(
+                torch.ops.fused_mlp.linear_bn_relu_backward.default,
+                (
+                    torch.randn(N, 4),
+                    x,
+                    w,
+                    b,
+                    gamma,
+                    beta,
+                    saved,
+                    mean,
+                    invstd,
+                    use_batch_stats,
+                    dropout,
+                    so,
+                    need_grad_input,
+                ),
+            )
+    torch.library.opcheck(
+        torch.ops.fused_mlp.bn_update_running_stats_.default,
+        (torch.randn(4), torch.rand(4), torch.randn(4), torch.rand(4), 0.1),
+    )
     torch.library.opcheck(torch.ops.fused_mlp.dropout_mask.default, (torch.tensor([1, 2]), 10, 0.5))
 
 
@@ -375,9 +417,22 @@ def test_backward_without_input_gradient_skips_it_and_keeps_the_rest(use_batch_s
     gamma, beta, rm, rv = torch.rand(4) + 0.5, torch.randn(4), torch.randn(4), torch.rand(4) + 0.5
     so = torch.tensor([5, 6])
     out, pre_bn, mean, invstd, _ = torch.ops.fused_mlp.linear_bn_relu_forward(
-        x, w, b, gamma, beta, rm, rv, use_batch_stats, 1e-5, 0.3, so)
-    args = (torch.randn(7, 4), x, w, b, gamma, beta, pre_bn if use_batch_stats else out, mean, invstd,
-            use_batch_stats, 0.3, so)
+        x, w, b, gamma, beta, rm, rv, use_batch_stats, 1e-5, 0.3, so
+    )
+    args = (
+        torch.randn(7, 4),
+        x,
+        w,
+        b,
+        gamma,
+        beta,
+        pre_bn if use_batch_stats else out,
+        mean,
+        invstd,
+        use_batch_stats,
+        0.3,
+        so,
+    )
     full = torch.ops.fused_mlp.linear_bn_relu_backward(*args)
     partial = torch.ops.fused_mlp.linear_bn_relu_backward(*args, False)
     assert full[0].shape == x.shape and partial[0].shape == (0,)
@@ -409,8 +464,18 @@ def test_running_stats_update_bumps_the_version_counters(dtype):
         layer.eval()
         after = layer(x)
     assert not torch.equal(before, after)
-    expected = torch.relu(torch.nn.functional.batch_norm(x @ layer.linear.weight.t() + layer.linear.bias, layer.bn.running_mean,
-                                       layer.bn.running_var, layer.bn.weight, layer.bn.bias, False, 0.0, layer.bn.eps))
+    expected = torch.relu(
+        torch.nn.functional.batch_norm(
+            x @ layer.linear.weight.t() + layer.linear.bias,
+            layer.bn.running_mean,
+            layer.bn.running_var,
+            layer.bn.weight,
+            layer.bn.bias,
+            False,
+            0.0,
+            layer.bn.eps,
+        )
+    )
     torch.testing.assert_close(after, expected, rtol=1e-5, atol=1e-5)
 
 

@@ -5,19 +5,21 @@ against fused_mlp.reference and the CPU kernels; and on a GPU, when there is one
 import itertools
 
 import pytest
+import simulated
 import torch
 from torch import nn
 
-import fused_mlp
 from fused_mlp import reference
 from fused_mlp.nn import LinearBNReLU
 
-import simulated
-
 pytestmark = pytest.mark.timeout(900)
 
-TOL = {torch.float32: (2e-5, 2e-5), torch.float64: (1e-10, 1e-10), torch.bfloat16: (3e-2, 3e-2),
-       torch.float16: (5e-3, 5e-3)}
+TOL = {
+    torch.float32: (2e-5, 2e-5),
+    torch.float64: (1e-10, 1e-10),
+    torch.bfloat16: (3e-2, 3e-2),
+    torch.float16: (5e-3, 5e-3),
+}
 SEED_OFFSET = torch.tensor([0x5DEECE66D, 12345])
 OUTPUTS = ("out", "pre_bn", "mean", "invstd", "batch_var")
 GRADS = ("grad_input", "grad_weight", "grad_bias", "grad_bn_weight", "grad_bn_bias")
@@ -31,14 +33,25 @@ def sim():
     module.set_sm_count(132)
 
 
-def layer_args(rows, in_features, features, dtype, *, bias=True, affine=True, running=True,
-               use_batch_stats=True, dropout=0.0, seed=0):
+def layer_args(
+    rows,
+    in_features,
+    features,
+    dtype,
+    *,
+    bias=True,
+    affine=True,
+    running=True,
+    use_batch_stats=True,
+    dropout=0.0,
+    seed=0,
+):
     """The forward op's arguments; BN parameters in float32 for the reduced dtypes (as a
     bfloat16 model keeps them under autocast)."""
     g = torch.Generator().manual_seed(seed + 31 * rows + features)
     param_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
     x = torch.randn(rows, in_features, generator=g, dtype=torch.float64).to(dtype)
-    w = (torch.randn(features, in_features, generator=g, dtype=torch.float64) / in_features ** 0.5).to(dtype)
+    w = (torch.randn(features, in_features, generator=g, dtype=torch.float64) / in_features**0.5).to(dtype)
     b = torch.randn(features, generator=g, dtype=torch.float64).to(dtype) if bias else None
     gamma = (torch.rand(features, generator=g, dtype=torch.float64) + 0.5).to(param_dtype) if affine else None
     beta = (torch.randn(features, generator=g, dtype=torch.float64) * 0.3).to(param_dtype) if affine else None
@@ -74,8 +87,9 @@ def check(sim, args, scale_tol=1.0):
     for name, a, b in zip(GRADS, got_grads, want_grads):
         assert a.dtype == b.dtype and a.shape == b.shape, name
         # Sums over the batch: the tolerance grows with the rows summed.
-        torch.testing.assert_close(a, b, rtol=rtol * 4, atol=atol * 4 * max(1.0, args[0].shape[0] ** 0.5),
-                                   msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            a, b, rtol=rtol * 4, atol=atol * 4 * max(1.0, args[0].shape[0] ** 0.5), msg=lambda m: f"{name}: {m}"
+        )
     return got, got_grads
 
 
@@ -88,8 +102,17 @@ CONFIGS = list(itertools.product([True, False], [True, False], ["train", "train_
 def test_every_configuration_and_dtype(sim, dtype, bias, affine, mode, dropout):
     """bias or not, affine or not; batch statistics with and without running statistics given
     (track_running_stats), and running statistics (eval); dropout off, 0.3 and 0.9."""
-    args = layer_args(13, 10, 20, dtype, bias=bias, affine=affine, running=(mode != "train_untracked"),
-                      use_batch_stats=(mode != "eval"), dropout=dropout)
+    args = layer_args(
+        13,
+        10,
+        20,
+        dtype,
+        bias=bias,
+        affine=affine,
+        running=(mode != "train_untracked"),
+        use_batch_stats=(mode != "eval"),
+        dropout=dropout,
+    )
     check(sim, args)
 
 
@@ -108,8 +131,9 @@ def test_edge_shapes(sim, rows, features):
     # rounding noise then exceeds any fixed tolerance, in both implementations. Those run in float64.
     dtype = torch.float64 if rows <= 3 else torch.float32
     for use_batch_stats, dropout in ((True, 0.3), (False, 0.9)):
-        check(sim, layer_args(rows, 3, features, dtype, use_batch_stats=use_batch_stats, dropout=dropout),
-              scale_tol=5.0)
+        check(
+            sim, layer_args(rows, 3, features, dtype, use_batch_stats=use_batch_stats, dropout=dropout), scale_tol=5.0
+        )
 
 
 def test_largest_edge_shape(sim):
@@ -130,10 +154,12 @@ def test_more_rows_than_one_grid_covers(sim):
         assert cfg["grid_x"] * cfg["grid_y"] <= 4 and cfg["rows_per_chunk"] > 8
         assert cfg["rows_per_chunk"] * cfg["chunks"] >= 1025 > cfg["rows_per_chunk"] * (cfg["chunks"] - 1)
         for use_batch_stats in (True, False):
-            check(sim, layer_args(1025, 3, 33, torch.float32, use_batch_stats=use_batch_stats, dropout=0.3),
-                  scale_tol=5.0)
-            check(sim, layer_args(300, 3, 64, torch.float32, use_batch_stats=use_batch_stats, dropout=0.3),
-                  scale_tol=5.0)
+            check(
+                sim, layer_args(1025, 3, 33, torch.float32, use_batch_stats=use_batch_stats, dropout=0.3), scale_tol=5.0
+            )
+            check(
+                sim, layer_args(300, 3, 64, torch.float32, use_batch_stats=use_batch_stats, dropout=0.3), scale_tol=5.0
+            )
     finally:
         sim.set_sm_count(132)
 
@@ -155,8 +181,9 @@ def test_dropout_mask_equals_the_cpu_mask(sim):
         out = sim.forward(*args)[0]
         keep = torch.ops.fused_mlp.dropout_mask(SEED_OFFSET, rows * features, 0.3).reshape(rows, features)
         assert torch.equal(out != 0, keep)
-        assert torch.equal(keep, reference.dropout_keep_mask(*SEED_OFFSET.tolist(), rows * features, 0.3)
-                           .reshape(rows, features))
+        assert torch.equal(
+            keep, reference.dropout_keep_mask(*SEED_OFFSET.tolist(), rows * features, 0.3).reshape(rows, features)
+        )
         cpu_out = torch.ops.fused_mlp.linear_bn_relu_forward(*args)[0]
         torch.testing.assert_close(out, cpu_out, rtol=1e-5, atol=1e-5)
         assert torch.equal(out != 0, cpu_out != 0)
@@ -235,8 +262,13 @@ def test_bad_input_is_refused_by_the_device_host_sequence(sim):
 
 # --- the compiled extension ----------------------------------------------------------------------
 
-CUDA_OPS = ("linear_bn_relu_forward", "linear_bn_relu_backward", "linear_relu_dropout_forward",
-            "bn_update_running_stats_", "philox_seed_offset")
+CUDA_OPS = (
+    "linear_bn_relu_forward",
+    "linear_bn_relu_backward",
+    "linear_relu_dropout_forward",
+    "bn_update_running_stats_",
+    "philox_seed_offset",
+)
 
 
 def test_cuda_kernels_are_registered_when_built_with_cuda():

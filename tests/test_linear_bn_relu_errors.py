@@ -22,13 +22,19 @@ def assert_untouched(layer, before):
         assert torch.equal(v, before[k]), k
 
 
-@pytest.mark.parametrize("x,match", [
-    (torch.randn(5, 8, 1), "input must have shape \\(batch, in_features\\)"),
-    (torch.randn(8), "input must have shape \\(batch, in_features\\)"),
-    (torch.randn(5, 7), "input has 7 features but the layer expects in_features=8"),
-    (torch.randn(5, 8, dtype=torch.float64), "input dtype torch.float64 does not match the Linear weight dtype torch.float32"),
-    (torch.ones(5, 8, dtype=torch.long), "input must be a floating-point tensor"),
-])
+@pytest.mark.parametrize(
+    "x,match",
+    [
+        (torch.randn(5, 8, 1), "input must have shape \\(batch, in_features\\)"),
+        (torch.randn(8), "input must have shape \\(batch, in_features\\)"),
+        (torch.randn(5, 7), "input has 7 features but the layer expects in_features=8"),
+        (
+            torch.randn(5, 8, dtype=torch.float64),
+            "input dtype torch.float64 does not match the Linear weight dtype torch.float32",
+        ),
+        (torch.ones(5, 8, dtype=torch.long), "input must be a floating-point tensor"),
+    ],
+)
 def test_bad_input(layer, x, match):
     before = snapshot(layer)
     with pytest.raises((ValueError, TypeError), match=match):
@@ -76,6 +82,7 @@ def test_parameter_shapes_are_checked():
 def test_ops_check_their_own_arguments():
     op = getattr(torch.ops.fused_mlp, "linear_bn_relu_forward", None)
     import fused_mlp
+
     if fused_mlp.BACKEND != "extension":
         pytest.skip("the compiled extension is not loaded")
     x, w, so = torch.randn(5, 8), torch.randn(4, 8), torch.tensor([1, 2])

@@ -6,18 +6,33 @@ import torch.nn.functional as F
 
 from fused_mlp.models import MLP
 
-KEYS = [f"hidden.{i}.{part}" for i in range(4) for part in (
-    "linear.weight", "linear.bias", "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var",
-    "bn.num_batches_tracked")] + ["out.weight", "out.bias"]
+KEYS = [
+    f"hidden.{i}.{part}"
+    for i in range(4)
+    for part in (
+        "linear.weight",
+        "linear.bias",
+        "bn.weight",
+        "bn.bias",
+        "bn.running_mean",
+        "bn.running_var",
+        "bn.num_batches_tracked",
+    )
+] + ["out.weight", "out.bias"]
 
 
 def test_state_dict_keys_are_the_same_for_every_impl():
     for impl in ("fused", "baseline"):
         assert list(MLP(impl=impl).state_dict().keys()) == KEYS
     plain = MLP(hidden=(128, 64), batch_norm=False)
-    assert list(plain.state_dict().keys()) == ["hidden.0.linear.weight", "hidden.0.linear.bias",
-                                               "hidden.1.linear.weight", "hidden.1.linear.bias",
-                                               "out.weight", "out.bias"]
+    assert list(plain.state_dict().keys()) == [
+        "hidden.0.linear.weight",
+        "hidden.0.linear.bias",
+        "hidden.1.linear.weight",
+        "hidden.1.linear.bias",
+        "out.weight",
+        "out.bias",
+    ]
 
 
 @pytest.mark.parametrize("batch_norm", [True, False])

@@ -19,8 +19,14 @@ def run_script(*args, data_dir=None, timeout=600):
     env = dict(os.environ)
     if data_dir:
         env["FUSED_MLP_DATA"] = data_dir
-    return subprocess.run([sys.executable, SCRIPT, "--no-progress", *args], capture_output=True,
-                          text=True, env=env, cwd=ROOT, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, SCRIPT, "--no-progress", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +61,7 @@ def test_missing_data_names_the_directory_and_files(tmp_path):
 @pytest.mark.parametrize("impl", ["fused", "baseline"])
 def test_smoke_one_epoch_on_a_subset(impl, data_dir, tmp_path):
     out = tmp_path / "run"
-    result = run_script("--epochs", "1", "--limit-train", "4000", "--impl", impl, "--out", str(out),
-                        data_dir=data_dir)
+    result = run_script("--epochs", "1", "--limit-train", "4000", "--impl", impl, "--out", str(out), data_dir=data_dir)
     assert result.returncode == 0, result.stderr
     metrics = json.loads((out / "metrics.json").read_text())
     # Measured here: 0.70 (fused) and 0.71 (baseline) after this epoch; chance is 0.10.
@@ -82,20 +87,31 @@ def test_same_seed_same_first_batch_loss(splits):
 
 
 def small_splits(splits, n=3000):
-    return data.Splits(splits.train_x[:n], splits.train_y[:n], splits.val_x[:1000], splits.val_y[:1000],
-                       splits.test_x[:1000], splits.test_y[:1000], splits.classes, splits.mean, splits.std)
+    return data.Splits(
+        splits.train_x[:n],
+        splits.train_y[:n],
+        splits.val_x[:1000],
+        splits.val_y[:1000],
+        splits.test_x[:1000],
+        splits.test_y[:1000],
+        splits.classes,
+        splits.mean,
+        splits.std,
+    )
 
 
-FIT_ARGS = dict(epochs=2, batch_size=128, lr=1e-3, optimizer="adam", momentum=0.9, schedule="cosine",
-                seed=0, impl="fused")
+FIT_ARGS = dict(
+    epochs=2, batch_size=128, lr=1e-3, optimizer="adam", momentum=0.9, schedule="cosine", seed=0, impl="fused"
+)
 
 
 def fit_fresh(splits, out_dir, resume=None, log=lambda *a: None):
     torch.manual_seed(0)
     model = MLP()
     os.makedirs(out_dir, exist_ok=True)
-    metrics = train.fit(model, model, splits, dict(FIT_ARGS), str(out_dir), "cpu", resume=resume,
-                        log=log, progress_bar=False)
+    metrics = train.fit(
+        model, model, splits, dict(FIT_ARGS), str(out_dir), "cpu", resume=resume, log=log, progress_bar=False
+    )
     return model, metrics
 
 
@@ -106,6 +122,7 @@ def test_resume_equals_an_uninterrupted_run(splits, tmp_path):
     def interrupt_after_first_epoch(line):
         if line.startswith("epoch   1"):
             raise KeyboardInterrupt  # as Ctrl-C right after epoch 1 was saved
+
     with pytest.raises(KeyboardInterrupt):
         fit_fresh(small, tmp_path / "interrupted", log=interrupt_after_first_epoch)
     checkpoint = tmp_path / "interrupted" / "checkpoint_last.pt"
@@ -126,19 +143,23 @@ def test_interrupted_save_leaves_the_previous_checkpoint(tmp_path):
     def crash(f):
         f.write(b"partial")
         raise KeyboardInterrupt
+
     with pytest.raises(KeyboardInterrupt):
         train._atomic_write(str(path), crash)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint_last.pt"]  # no temp file left
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--dataset", "cifar"], "invalid choice: 'cifar'"),
-    (["--impl", "jax"], "invalid choice: 'jax'"),
-    (["--device", "cuda"], "no CUDA GPU is available"),
-    (["--resume", "/nonexistent/checkpoint_last.pt"], "no such file"),
-    (["--out", "/proc/fused_mlp_run"], "is not a writable directory"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--dataset", "cifar"], "invalid choice: 'cifar'"),
+        (["--impl", "jax"], "invalid choice: 'jax'"),
+        (["--device", "cuda"], "no CUDA GPU is available"),
+        (["--resume", "/nonexistent/checkpoint_last.pt"], "no such file"),
+        (["--out", "/proc/fused_mlp_run"], "is not a writable directory"),
+    ],
+)
 def test_bad_command_lines_exit_2(args, message, data_dir):
     if "--device" in args and torch.cuda.is_available():
         pytest.skip("a GPU is present")
@@ -151,8 +172,9 @@ def test_mismatched_resume_is_refused_and_nothing_overwritten(data_dir, tmp_path
     out = tmp_path / "run"
     assert run_script("--epochs", "1", "--limit-train", "1000", "--out", str(out), data_dir=data_dir).returncode == 0
     files = {p.name: p.read_bytes() for p in out.iterdir()}
-    result = run_script("--epochs", "1", "--hidden", "32,16", "--resume", str(out / "checkpoint_last.pt"),
-                        data_dir=data_dir)
+    result = run_script(
+        "--epochs", "1", "--hidden", "32,16", "--resume", str(out / "checkpoint_last.pt"), data_dir=data_dir
+    )
     assert result.returncode == 2 and "does not match this model" in result.stderr
     again = run_script("--epochs", "1", "--out", str(out), data_dir=data_dir)
     assert again.returncode == 2 and "already holds a run" in again.stderr

@@ -43,8 +43,8 @@ FUSED_MLP_HD Philox4x32 philox4x32_10(Philox4x32 ctr, uint32_t key0, uint32_t ke
 // The counter of the block that holds element `index`'s word.
 FUSED_MLP_HD Philox4x32 dropout_counter(uint64_t index, uint64_t offset) {
   const uint64_t block = index / 4;
-  return Philox4x32{{static_cast<uint32_t>(block), static_cast<uint32_t>(block >> 32),
-                     static_cast<uint32_t>(offset), static_cast<uint32_t>(offset >> 32)}};
+  return Philox4x32{{static_cast<uint32_t>(block), static_cast<uint32_t>(block >> 32), static_cast<uint32_t>(offset),
+                     static_cast<uint32_t>(offset >> 32)}};
 }
 
 // keep iff the word's top 24 bits, as a fraction of 2^24, are >= p.
@@ -54,8 +54,8 @@ FUSED_MLP_HD bool dropout_keep(uint32_t word, float p) {
 
 // The keep decision of element `index` alone (kernels generate four at a time).
 FUSED_MLP_HD bool dropout_keep_element(uint64_t seed, uint64_t offset, uint64_t index, float p) {
-  const Philox4x32 r = philox4x32_10(dropout_counter(index, offset), static_cast<uint32_t>(seed),
-                                     static_cast<uint32_t>(seed >> 32));
+  const Philox4x32 r =
+      philox4x32_10(dropout_counter(index, offset), static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
   return dropout_keep(r.v[index % 4], p);
 }
 

@@ -20,9 +20,9 @@
 #include <limits>
 #include <vector>
 
-#include "cross_entropy_checks.h"
 #include "cpu/huge_pages.h"
 #include "cpu/vec_io.h"
+#include "cross_entropy_checks.h"
 
 namespace fused_mlp::cpu {
 namespace {
@@ -31,7 +31,6 @@ namespace {
 constexpr int64_t kTile = 4096;
 // Elements per parallel task, so short rows are not one task each.
 constexpr int64_t kGrainElements = 32768;
-
 
 // The logsumexp state of part of a row, relative to its max m (the online-softmax state), with
 // the sums the label-smoothing and probability-target terms need:
@@ -52,16 +51,14 @@ RowPartial<acc_t> merge(const RowPartial<acc_t>& a, const RowPartial<acc_t>& b) 
   if (a.max == -kInf || b.max == -kInf) {
     // An all -inf part adds nothing to sumexp; its coef_dot is already +-inf or NaN (or 0 without
     // coefficients), so it needs no shift.
-    return {a.max == -kInf ? b.max : a.max, a.sumexp + b.sumexp, a.coef_sum + b.coef_sum,
-            a.coef_dot + b.coef_dot};
+    return {a.max == -kInf ? b.max : a.max, a.sumexp + b.sumexp, a.coef_sum + b.coef_sum, a.coef_dot + b.coef_dot};
   }
   if (!std::isfinite(a.max) || !std::isfinite(b.max)) {
     const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
     return {nan, nan, nan, nan};
   }
   const acc_t m = std::max(a.max, b.max);
-  return {m, a.sumexp * std::exp(a.max - m) + b.sumexp * std::exp(b.max - m),
-          a.coef_sum + b.coef_sum,
+  return {m, a.sumexp * std::exp(a.max - m) + b.sumexp * std::exp(b.max - m), a.coef_sum + b.coef_sum,
           a.coef_dot + a.coef_sum * (a.max - m) + b.coef_dot + b.coef_sum * (b.max - m)};
 }
 
@@ -98,7 +95,7 @@ struct CoefLoader {
 // tile. `coef` supplies coefficients for the classes [c0, c0 + n) of the row.
 template <typename scalar_t, Coef kCoef>
 RowPartial<at::opmath_type<scalar_t>> tile_partial(const scalar_t* x, int64_t c0, int64_t n,
-                                                    const CoefLoader<scalar_t, kCoef>& coef) {
+                                                   const CoefLoader<scalar_t, kCoef>& coef) {
   using IO = VecIO<scalar_t>;
   using acc_t = typename IO::acc_t;
   using Vec = typename IO::Vec;
@@ -109,8 +106,7 @@ RowPartial<at::opmath_type<scalar_t>> tile_partial(const scalar_t* x, int64_t c0
   int64_t c = 0;
   for (; c + W <= n; c += W) vmax = at::vec::maximum(vmax, IO::load(x + c));
   if (c < n) vmax = at::vec::maximum(vmax, Vec::set(Vec(-kInf), IO::load(x + c, n - c), n - c));
-  const acc_t m = at::vec::vec_reduce_all<acc_t>(
-      [](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vmax);
+  const acc_t m = at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vmax);
 
   RowPartial<acc_t> out;
   out.max = m;
@@ -156,8 +152,8 @@ double scan_targets(const int64_t* target, const scalar_t* weight, const Problem
     const int64_t t = target[i];
     if (t == pb.ignore_index) continue;
     if (t < 0 || t >= pb.classes) {
-      TORCH_CHECK_INDEX(false, op, ": target[", i, "] = ", t, " is out of bounds: expected a class",
-                        " index in [0, ", pb.classes, ") or ignore_index (", pb.ignore_index, ")");
+      TORCH_CHECK_INDEX(false, op, ": target[", i, "] = ", t, " is out of bounds: expected a class", " index in [0, ",
+                        pb.classes, ") or ignore_index (", pb.ignore_index, ")");
     }
     total += weight ? static_cast<double>(weight[t]) : 1.0;
   }
@@ -237,9 +233,8 @@ void block_partials(const RowBlock<scalar_t>& blk, int64_t C, const scalar_t* we
 // Forward.
 
 template <typename scalar_t, Coef kCoef>
-void forward_rows(const scalar_t* x, const int64_t* target, const scalar_t* prob_target,
-                  const scalar_t* weight, const Problem& pb, at::opmath_type<scalar_t>* row_loss,
-                  double* lse_out) {
+void forward_rows(const scalar_t* x, const int64_t* target, const scalar_t* prob_target, const scalar_t* weight,
+                  const Problem& pb, at::opmath_type<scalar_t>* row_loss, double* lse_out) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t C = pb.classes;
   const int64_t tiles = (C + kTile - 1) / kTile;
@@ -248,8 +243,7 @@ void forward_rows(const scalar_t* x, const int64_t* target, const scalar_t* prob
   const acc_t spread = eps / static_cast<acc_t>(C);
 
   auto coef_for_row = [&](int64_t row) {
-    return CoefLoader<scalar_t, kCoef>{weight, prob_target ? prob_target + row * C : nullptr, keep,
-                                       spread};
+    return CoefLoader<scalar_t, kCoef>{weight, prob_target ? prob_target + row * C : nullptr, keep, spread};
   };
   // log_sum = log(p.sumexp) = lse - m. The loss uses lse - x_t as (m - x_t) + log_sum, exact where
   // it matters; the saved lse is m + log_sum in double: at |logits| ~ 1e4 a float lse would be off
@@ -313,8 +307,7 @@ void forward_rows(const scalar_t* x, const int64_t* target, const scalar_t* prob
   at::parallel_for(0, pb.rows * tiles, grain, [&](int64_t begin, int64_t end) {
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t row = unit / tiles, c0 = (unit % tiles) * kTile;
-      partials[unit] = tile_partial<scalar_t, kCoef>(x + row * C + c0, c0, std::min(kTile, C - c0),
-                                                     coef_for_row(row));
+      partials[unit] = tile_partial<scalar_t, kCoef>(x + row * C + c0, c0, std::min(kTile, C - c0), coef_for_row(row));
     }
   });
   at::parallel_for(0, pb.rows, std::max<int64_t>(1, 4096 / tiles), [&](int64_t begin, int64_t end) {
@@ -326,18 +319,17 @@ void forward_rows(const scalar_t* x, const int64_t* target, const scalar_t* prob
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_cpu(
-    const at::Tensor& input_, const at::Tensor& target_, const c10::optional<at::Tensor>& weight_,
-    int64_t reduction, int64_t ignore_index, double label_smoothing) {
+std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_cpu(const at::Tensor& input_, const at::Tensor& target_,
+                                                             const c10::optional<at::Tensor>& weight_,
+                                                             int64_t reduction, int64_t ignore_index,
+                                                             double label_smoothing) {
   constexpr const char* op = "fused_mlp::cross_entropy_forward";
-  const Problem pb = check_problem(input_, target_, weight_, reduction, ignore_index,
-                                   label_smoothing, op);
+  const Problem pb = check_problem(input_, target_, weight_, reduction, ignore_index, label_smoothing, op);
   const at::Tensor input = input_.contiguous();
   const at::Tensor target = target_.contiguous();
   const at::Tensor weight = weight_.has_value() ? weight_->contiguous() : at::Tensor();
   at::Tensor lse = at::empty({pb.rows}, input.options().dtype(at::kDouble));
-  at::Tensor loss = pb.reduction == kNone ? at::empty({pb.rows}, input.options())
-                                          : at::empty({}, input.options());
+  at::Tensor loss = pb.reduction == kNone ? at::empty({pb.rows}, input.options()) : at::empty({}, input.options());
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "cross_entropy_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -392,15 +384,14 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_cpu(
 template <typename acc_t>
 struct SplitLse {
   acc_t hi, lo;
-  explicit SplitLse(double lse)
-      : hi(static_cast<acc_t>(lse)), lo(static_cast<acc_t>(lse - static_cast<double>(hi))) {}
+  explicit SplitLse(double lse) : hi(static_cast<acc_t>(lse)), lo(static_cast<acc_t>(lse - static_cast<double>(hi))) {}
   acc_t softmax(acc_t x) const { return std::exp((x - hi) - lo); }
 };
 
 template <typename scalar_t, Coef kCoef>
-void backward_tile(const scalar_t* x, scalar_t* grad, int64_t c0, int64_t n,
-                   SplitLse<at::opmath_type<scalar_t>> lse, at::opmath_type<scalar_t> scale_a,
-                   at::opmath_type<scalar_t> scale, const CoefLoader<scalar_t, kCoef>& coef) {
+void backward_tile(const scalar_t* x, scalar_t* grad, int64_t c0, int64_t n, SplitLse<at::opmath_type<scalar_t>> lse,
+                   at::opmath_type<scalar_t> scale_a, at::opmath_type<scalar_t> scale,
+                   const CoefLoader<scalar_t, kCoef>& coef) {
   using IO = VecIO<scalar_t>;
   using acc_t = typename IO::acc_t;
   using Vec = typename IO::Vec;
@@ -416,10 +407,9 @@ void backward_tile(const scalar_t* x, scalar_t* grad, int64_t c0, int64_t n,
 }
 
 template <typename scalar_t, Coef kCoef>
-void backward_rows(const scalar_t* grad_loss, int64_t grad_stride, const scalar_t* x,
-                   const int64_t* target, const scalar_t* prob_target, const scalar_t* weight,
-                   const double* lse, const Problem& pb, double divisor,
-                   scalar_t* grad) {
+void backward_rows(const scalar_t* grad_loss, int64_t grad_stride, const scalar_t* x, const int64_t* target,
+                   const scalar_t* prob_target, const scalar_t* weight, const double* lse, const Problem& pb,
+                   double divisor, scalar_t* grad) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t C = pb.classes;
   const acc_t eps = static_cast<acc_t>(pb.label_smoothing);
@@ -540,8 +530,7 @@ void backward_rows(const scalar_t* grad_loss, int64_t grad_stride, const scalar_
         std::fill(gr, gr + n, static_cast<scalar_t>(r.kind == RowTerms::kNaN ? nan : acc_t(0)));
         continue;
       }
-      const CoefLoader<scalar_t, kCoef> coef{weight, prob_target ? prob_target + row * C : nullptr,
-                                             keep, spread};
+      const CoefLoader<scalar_t, kCoef> coef{weight, prob_target ? prob_target + row * C : nullptr, keep, spread};
       backward_tile<scalar_t, kCoef>(xr, gr, c0, n, r.lse, r.scale_a, r.scale_coef, coef);
       if (!pb.prob_target && r.t >= c0 && r.t < c0 + n) {
         // The target class, recomputed whole in acc_t so it is rounded once.
@@ -553,28 +542,23 @@ void backward_rows(const scalar_t* grad_loss, int64_t grad_stride, const scalar_
   });
 }
 
-at::Tensor cross_entropy_backward_cpu(const at::Tensor& grad_loss_, const at::Tensor& input_,
-                                      const at::Tensor& target_,
-                                      const c10::optional<at::Tensor>& weight_,
-                                      const at::Tensor& lse_, int64_t reduction,
-                                      int64_t ignore_index, double label_smoothing) {
+at::Tensor cross_entropy_backward_cpu(const at::Tensor& grad_loss_, const at::Tensor& input_, const at::Tensor& target_,
+                                      const c10::optional<at::Tensor>& weight_, const at::Tensor& lse_,
+                                      int64_t reduction, int64_t ignore_index, double label_smoothing) {
   constexpr const char* op = "fused_mlp::cross_entropy_backward";
-  const Problem pb = check_problem(input_, target_, weight_, reduction, ignore_index,
-                                   label_smoothing, op);
+  const Problem pb = check_problem(input_, target_, weight_, reduction, ignore_index, label_smoothing, op);
   TORCH_CHECK(lse_.dim() == 1 && lse_.size(0) == pb.rows && lse_.scalar_type() == at::kDouble, op,
-              ": logsumexp must be the forward's (shape (", pb.rows, "), dtype float64",
-              "), got shape ", lse_.sizes(), " and dtype ", lse_.scalar_type());
+              ": logsumexp must be the forward's (shape (", pb.rows, "), dtype float64", "), got shape ", lse_.sizes(),
+              " and dtype ", lse_.scalar_type());
   if (pb.reduction == kNone) {
-    TORCH_CHECK(grad_loss_.dim() == 1 && grad_loss_.size(0) == pb.rows, op,
-                ": grad_loss must have shape (", pb.rows, ") for reduction none, got ",
-                grad_loss_.sizes());
+    TORCH_CHECK(grad_loss_.dim() == 1 && grad_loss_.size(0) == pb.rows, op, ": grad_loss must have shape (", pb.rows,
+                ") for reduction none, got ", grad_loss_.sizes());
   } else {
     TORCH_CHECK(grad_loss_.dim() == 0, op, ": grad_loss must be a scalar for reduction mean/sum, got shape ",
                 grad_loss_.sizes());
   }
-  TORCH_CHECK(grad_loss_.scalar_type() == input_.scalar_type(), op,
-              ": grad_loss must have the input's dtype ", input_.scalar_type(), ", got ",
-              grad_loss_.scalar_type());
+  TORCH_CHECK(grad_loss_.scalar_type() == input_.scalar_type(), op, ": grad_loss must have the input's dtype ",
+              input_.scalar_type(), ", got ", grad_loss_.scalar_type());
 
   const at::Tensor input = input_.contiguous();
   const at::Tensor target = target_.contiguous();

@@ -27,8 +27,12 @@ inline uint32_t dropout_threshold(float p) {
 namespace philox_simd {
 constexpr int kLanes = 16;
 using V = __m512i;
-inline V set1(uint32_t v) { return _mm512_set1_epi32(static_cast<int>(v)); }
-inline V xor3(V a, V b, V c) { return _mm512_xor_si512(_mm512_xor_si512(a, b), c); }
+inline V set1(uint32_t v) {
+  return _mm512_set1_epi32(static_cast<int>(v));
+}
+inline V xor3(V a, V b, V c) {
+  return _mm512_xor_si512(_mm512_xor_si512(a, b), c);
+}
 // hi and lo 32 bits of a * m in each lane.
 inline void mulhilo(V a, V m, V& hi, V& lo) {
   const V even = _mm512_mul_epu32(a, m);
@@ -36,34 +40,50 @@ inline void mulhilo(V a, V m, V& hi, V& lo) {
   lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
   hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
 }
-inline V add(V a, V b) { return _mm512_add_epi32(a, b); }
-inline V iota() { return _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15); }
+inline V add(V a, V b) {
+  return _mm512_add_epi32(a, b);
+}
+inline V iota() {
+  return _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+}
 // hi + 1 in the lanes where lo_sum = lo + (something) wrapped below lo.
 inline V add_carry(V hi, V lo_sum, V lo) {
   return _mm512_mask_add_epi32(hi, _mm512_cmplt_epu32_mask(lo_sum, lo), hi, _mm512_set1_epi32(1));
 }
-inline void store(uint32_t* p, V v) { _mm512_storeu_si512(p, v); }
+inline void store(uint32_t* p, V v) {
+  _mm512_storeu_si512(p, v);
+}
 }  // namespace philox_simd
 #elif defined(CPU_CAPABILITY_AVX2)
 namespace philox_simd {
 constexpr int kLanes = 8;
 using V = __m256i;
-inline V set1(uint32_t v) { return _mm256_set1_epi32(static_cast<int>(v)); }
-inline V xor3(V a, V b, V c) { return _mm256_xor_si256(_mm256_xor_si256(a, b), c); }
+inline V set1(uint32_t v) {
+  return _mm256_set1_epi32(static_cast<int>(v));
+}
+inline V xor3(V a, V b, V c) {
+  return _mm256_xor_si256(_mm256_xor_si256(a, b), c);
+}
 inline void mulhilo(V a, V m, V& hi, V& lo) {
   const V even = _mm256_mul_epu32(a, m);
   const V odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), m);
   lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
   hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
 }
-inline V add(V a, V b) { return _mm256_add_epi32(a, b); }
-inline V iota() { return _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7); }
+inline V add(V a, V b) {
+  return _mm256_add_epi32(a, b);
+}
+inline V iota() {
+  return _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+}
 inline V add_carry(V hi, V lo_sum, V lo) {
   const V sign = _mm256_set1_epi32(static_cast<int>(0x80000000u));  // unsigned compare via signed
   const V wrapped = _mm256_cmpgt_epi32(_mm256_xor_si256(lo, sign), _mm256_xor_si256(lo_sum, sign));
   return _mm256_sub_epi32(hi, wrapped);  // wrapped lanes are -1
 }
-inline void store(uint32_t* p, V v) { _mm256_storeu_si256(reinterpret_cast<V*>(p), v); }
+inline void store(uint32_t* p, V v) {
+  _mm256_storeu_si256(reinterpret_cast<V*>(p), v);
+}
 }  // namespace philox_simd
 #endif
 
@@ -162,8 +182,7 @@ inline void multiplier_runs(uint64_t seed, uint64_t offset, const uint64_t* firs
 
 // out[k] = scale if element begin + k is kept, else 0, for k in [0, n).
 template <typename T>
-void dropout_multipliers(uint64_t seed, uint64_t offset, uint64_t begin, int64_t n, float p, T scale,
-                         T* out) {
+void dropout_multipliers(uint64_t seed, uint64_t offset, uint64_t begin, int64_t n, float p, T scale, T* out) {
   if (n <= 0) return;
   const uint64_t end = begin + static_cast<uint64_t>(n);
   const uint32_t threshold = dropout_threshold(p);
@@ -216,8 +235,8 @@ void dropout_multipliers(uint64_t seed, uint64_t offset, uint64_t begin, int64_t
 // into out[r * n + k]: the backward's rows of one feature block. With AVX-512, float, and spans
 // made of whole aligned runs of 64, runs of four rows go through Philox together.
 template <typename T>
-void dropout_multipliers_rows(uint64_t seed, uint64_t offset, uint64_t begin, uint64_t stride, int64_t rows,
-                              int64_t n, float p, T scale, T* out) {
+void dropout_multipliers_rows(uint64_t seed, uint64_t offset, uint64_t begin, uint64_t stride, int64_t rows, int64_t n,
+                              float p, T scale, T* out) {
   int64_t r = 0;
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<T, float>) {
@@ -237,7 +256,8 @@ void dropout_multipliers_rows(uint64_t seed, uint64_t offset, uint64_t begin, ui
     }
   }
 #endif
-  for (; r < rows; ++r) dropout_multipliers<T>(seed, offset, begin + static_cast<uint64_t>(r) * stride, n, p, scale, out + r * n);
+  for (; r < rows; ++r)
+    dropout_multipliers<T>(seed, offset, begin + static_cast<uint64_t>(r) * stride, n, p, scale, out + r * n);
 }
 
 }  // namespace fused_mlp::cpu

@@ -16,9 +16,9 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/TensorOperators.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/stack.h>
-#include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -41,8 +41,8 @@
 namespace fused_mlp::cpu {
 namespace {
 
-constexpr int64_t kRowBlock = 128;     // rows per reduction unit
-constexpr int64_t kFeatureVecs = 4;    // vectors of features per reduction unit
+constexpr int64_t kRowBlock = 128;        // rows per reduction unit
+constexpr int64_t kFeatureVecs = 4;       // vectors of features per reduction unit
 constexpr int64_t kGrainElements = 8192;  // two threads from 8K elements up
 
 // The dropout of one layer call: which elements survive, and the scale of the survivors.
@@ -89,8 +89,11 @@ inline at::vec::Vectorized<acc_t> load_acc(const acc_t* p, int64_t n) {
 struct Units {
   int64_t rows, features, width, feature_blocks, row_blocks;
   Units(int64_t N, int64_t C, int64_t vec_width)
-      : rows(N), features(C), width(vec_width * kFeatureVecs),
-        feature_blocks((C + width - 1) / width), row_blocks((N + kRowBlock - 1) / kRowBlock) {}
+      : rows(N),
+        features(C),
+        width(vec_width * kFeatureVecs),
+        feature_blocks((C + width - 1) / width),
+        row_blocks((N + kRowBlock - 1) / kRowBlock) {}
   int64_t count() const { return feature_blocks * row_blocks; }
   int64_t grain() const { return std::max<int64_t>(1, kGrainElements / (width * kRowBlock)); }
 };
@@ -150,9 +153,8 @@ void batch_stats(const scalar_t* z, int64_t N, int64_t C, double eps, at::opmath
 
 // out = relu(z * A + B) * dropout, with A, B per feature (A null: no affine). out may alias z.
 template <typename scalar_t>
-void affine_relu_dropout(const scalar_t* z, scalar_t* out, int64_t N, int64_t C,
-                         const at::opmath_type<scalar_t>* A, const at::opmath_type<scalar_t>* B,
-                         const Dropout& dropout) {
+void affine_relu_dropout(const scalar_t* z, scalar_t* out, int64_t N, int64_t C, const at::opmath_type<scalar_t>* A,
+                         const at::opmath_type<scalar_t>* B, const Dropout& dropout) {
   using IO = VecIO<scalar_t>;
   using acc_t = typename IO::acc_t;
   using Vec = typename IO::Vec;
@@ -186,8 +188,12 @@ at::Tensor onednn_linear_relu(const at::Tensor& input, const at::Tensor& weight,
   try {
     c10::List<std::optional<at::Scalar>> scalars;
     scalars.push_back(std::nullopt);
-    torch::jit::Stack stack{input, weight, bias.defined() ? c10::IValue(bias) : c10::IValue(),
-                            c10::IValue(std::string("relu")), c10::IValue(scalars), c10::IValue()};
+    torch::jit::Stack stack{input,
+                            weight,
+                            bias.defined() ? c10::IValue(bias) : c10::IValue(),
+                            c10::IValue(std::string("relu")),
+                            c10::IValue(scalars),
+                            c10::IValue()};
     handle->callBoxed(stack);
     return stack.at(0).toTensor();
   } catch (const c10::Error&) {
@@ -220,8 +226,8 @@ at::Tensor linear_relu_dropout(const at::Tensor& input, const at::Tensor& weight
 
 // The folded BN affine of each feature: y = z * A + B == gamma * (z - mean) * invstd + beta.
 template <typename acc_t>
-void bn_affine(int64_t C, const acc_t* gamma, const acc_t* beta, const acc_t* mean,
-               const acc_t* invstd, acc_t* A, acc_t* B) {
+void bn_affine(int64_t C, const acc_t* gamma, const acc_t* beta, const acc_t* mean, const acc_t* invstd, acc_t* A,
+               acc_t* B) {
   for (const auto f : c10::irange(C)) {
     A[f] = (gamma ? gamma[f] : acc_t(1)) * invstd[f];
     B[f] = (beta ? beta[f] : acc_t(0)) - mean[f] * A[f];
@@ -249,8 +255,8 @@ void scale_rows(const scalar_t* w, const at::opmath_type<scalar_t>* scale, int64
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn_relu_forward_cpu(
     const at::Tensor& input_, const at::Tensor& weight_, const c10::optional<at::Tensor>& bias,
     const c10::optional<at::Tensor>& bn_weight, const c10::optional<at::Tensor>& bn_bias,
-    const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var,
-    bool use_batch_stats, double eps, double dropout_p, const at::Tensor& seed_offset_) {
+    const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var, bool use_batch_stats,
+    double eps, double dropout_p, const at::Tensor& seed_offset_) {
   constexpr const char* op = "fused_mlp::linear_bn_relu_forward";
   check_layer(input_, weight_, bias, bn_weight, bn_bias, dropout_p, seed_offset_, op);
   const int64_t N = input_.size(0), C = weight_.size(0);
@@ -285,8 +291,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn
                             invstd.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>());
       bn_affine<acc_t>(C, ptr_or_null<acc_t>(gamma), ptr_or_null<acc_t>(beta), mean.const_data_ptr<acc_t>(),
                        invstd.const_data_ptr<acc_t>(), A.data(), B.data());
-      affine_relu_dropout<scalar_t>(pre_bn.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), N, C,
-                                    A.data(), B.data(), dropout);
+      affine_relu_dropout<scalar_t>(pre_bn.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), N, C, A.data(),
+                                    B.data(), dropout);
       return;
     }
     // Running statistics: fold the BN affine into the GEMM, then ReLU (+ dropout) in place.
@@ -317,12 +323,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn
 // it, and the dropout mask is regenerated from (seed, offset); with running statistics both are
 // read off the saved output (out > 0 exactly where the unit was active and kept).
 template <typename scalar_t>
-void grad_through_relu_dropout(const scalar_t* g, const scalar_t* saved, int64_t N, int64_t C,
-                               bool use_batch_stats, const at::opmath_type<scalar_t>* A,
-                               const at::opmath_type<scalar_t>* B, const at::opmath_type<scalar_t>* mean,
-                               const at::opmath_type<scalar_t>* invstd, const Dropout& dropout,
-                               at::opmath_type<scalar_t>* dy_out, at::opmath_type<scalar_t>* sum_dy,
-                               at::opmath_type<scalar_t>* sum_dy_zhat) {
+void grad_through_relu_dropout(const scalar_t* g, const scalar_t* saved, int64_t N, int64_t C, bool use_batch_stats,
+                               const at::opmath_type<scalar_t>* A, const at::opmath_type<scalar_t>* B,
+                               const at::opmath_type<scalar_t>* mean, const at::opmath_type<scalar_t>* invstd,
+                               const Dropout& dropout, at::opmath_type<scalar_t>* dy_out,
+                               at::opmath_type<scalar_t>* sum_dy, at::opmath_type<scalar_t>* sum_dy_zhat) {
   using IO = VecIO<scalar_t>;
   using acc_t = typename IO::acc_t;
   using Vec = typename IO::Vec;
@@ -418,8 +423,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn
     acc_t* dy = dy_buf.mutable_data_ptr<acc_t>();
     grad_through_relu_dropout<scalar_t>(g.const_data_ptr<scalar_t>(), saved.const_data_ptr<scalar_t>(), N, C,
                                         use_batch_stats, A.data(), B.data(), mean.const_data_ptr<acc_t>(),
-                                        invstd.const_data_ptr<acc_t>(), dropout, dy,
-                                        sum_dy.mutable_data_ptr<acc_t>(), sum_dy_zhat.mutable_data_ptr<acc_t>());
+                                        invstd.const_data_ptr<acc_t>(), dropout, dy, sum_dy.mutable_data_ptr<acc_t>(),
+                                        sum_dy_zhat.mutable_data_ptr<acc_t>());
     const acc_t* sdy = sum_dy.const_data_ptr<acc_t>();
     const acc_t* sdz = sum_dy_zhat.const_data_ptr<acc_t>();
     const acc_t* mu = mean.const_data_ptr<acc_t>();
@@ -439,9 +444,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn
         for (int64_t n = begin; n < end; ++n) {
           for (int64_t f = 0; f < C; f += W) {
             const int64_t len = std::min(W, C - f), idx = n * C + f;
-            const Vec v = at::vec::fmadd(load_acc(dy + idx, len), load_acc(A.data() + f, len),
-                                         at::vec::fmadd(load_n(z + idx, len), load_acc(D.data() + f, len),
-                                                        load_acc(E.data() + f, len)));
+            const Vec v = at::vec::fmadd(
+                load_acc(dy + idx, len), load_acc(A.data() + f, len),
+                at::vec::fmadd(load_n(z + idx, len), load_acc(D.data() + f, len), load_acc(E.data() + f, len)));
             IO::store(dzp + idx, v, len);
           }
         }
@@ -458,7 +463,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn
     }
     if (need_grad_input) {
       at::Tensor folded_weight = at::empty_like(weight);
-      scale_rows<scalar_t>(weight.const_data_ptr<scalar_t>(), A.data(), C, K, folded_weight.mutable_data_ptr<scalar_t>());
+      scale_rows<scalar_t>(weight.const_data_ptr<scalar_t>(), A.data(), C, K,
+                           folded_weight.mutable_data_ptr<scalar_t>());
       grad_input = at::mm(dz, folded_weight);
     } else {
       grad_input = at::empty({0}, input.options());
@@ -502,8 +508,7 @@ at::Tensor linear_relu_dropout_forward_cpu(const at::Tensor& input, const at::Te
   constexpr const char* op = "fused_mlp::linear_relu_dropout_forward";
   check_layer(input, weight, bias, c10::nullopt, c10::nullopt, dropout_p, seed_offset, op);
   const at::Tensor b = defined(bias) ? bias->contiguous() : at::Tensor();
-  return linear_relu_dropout(input.contiguous(), weight.contiguous(), b,
-                             Dropout(dropout_p, seed_offset.contiguous()));
+  return linear_relu_dropout(input.contiguous(), weight.contiguous(), b, Dropout(dropout_p, seed_offset.contiguous()));
 }
 
 // The running-statistics update in one pass when the running and batch statistics share a float

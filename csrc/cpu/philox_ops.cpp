@@ -43,9 +43,8 @@ at::Tensor dropout_mask_cpu(const at::Tensor& seed_offset_, int64_t numel, doubl
   const at::Tensor so = seed_offset_.contiguous();
   const int64_t* s = so.const_data_ptr<int64_t>();
   std::vector<float> mult(numel);
-  dropout_multipliers<float>(static_cast<uint64_t>(s[0]), static_cast<uint64_t>(s[1]),
-                             static_cast<uint64_t>(start), numel,
-                             static_cast<float>(p), 1.0f, mult.data());
+  dropout_multipliers<float>(static_cast<uint64_t>(s[0]), static_cast<uint64_t>(s[1]), static_cast<uint64_t>(start),
+                             numel, static_cast<float>(p), 1.0f, mult.data());
   at::Tensor out = at::empty({numel}, so.options().dtype(at::kBool));
   bool* o = out.mutable_data_ptr<bool>();
   for (const auto i : c10::irange(numel)) o[i] = mult[i] != 0.0f;

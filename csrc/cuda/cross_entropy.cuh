@@ -22,10 +22,18 @@
 
 namespace fused_mlp::cuda {
 
-FUSED_MLP_HD float acc_exp(float x) { return expf(x); }
-FUSED_MLP_HD double acc_exp(double x) { return exp(x); }
-FUSED_MLP_HD float acc_log(float x) { return logf(x); }
-FUSED_MLP_HD double acc_log(double x) { return log(x); }
+FUSED_MLP_HD float acc_exp(float x) {
+  return expf(x);
+}
+FUSED_MLP_HD double acc_exp(double x) {
+  return exp(x);
+}
+FUSED_MLP_HD float acc_log(float x) {
+  return logf(x);
+}
+FUSED_MLP_HD double acc_log(double x) {
+  return log(x);
+}
 template <typename T>
 FUSED_MLP_HD bool is_nan(T x) {
   return x != x;
@@ -83,7 +91,8 @@ inline LaunchConfig cross_entropy_rows_config(int64_t rows, int64_t classes, con
 // A warp per row, for the per-row sums of the backward.
 inline LaunchConfig cross_entropy_warp_per_row_config(int64_t rows, const LaunchLimits& limits) {
   const int64_t rows_per_block = kWarpRowThreads / kWarpSize;
-  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(limits.sm_count * 32, (rows + rows_per_block - 1) / rows_per_block));
+  const int64_t blocks =
+      std::max<int64_t>(1, std::min<int64_t>(limits.sm_count * 32, (rows + rows_per_block - 1) / rows_per_block));
   return {dim3(static_cast<unsigned>(blocks)), dim3(kWarpRowThreads), 0, true, kWarpSize, 1};
 }
 
@@ -148,8 +157,8 @@ struct ForwardArgs {
 
 // The coefficient of class c of a row, for the smoothing / probability-target sums.
 template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ acc_t class_coef(const ForwardArgs<scalar_t>& a, int64_t row, int64_t c,
-                                            acc_t keep, acc_t spread) {
+__device__ __forceinline__ acc_t class_coef(const ForwardArgs<scalar_t>& a, int64_t row, int64_t c, acc_t keep,
+                                            acc_t spread) {
   const acc_t w = a.weight ? static_cast<acc_t>(a.weight[c]) : acc_t(1);
   if (a.prob_target) return w * (static_cast<acc_t>(a.prob_target[row * a.classes + c]) * keep + spread);
   return w;
@@ -285,9 +294,9 @@ template <typename scalar_t>
 __global__ void cross_entropy_forward_block_rows(ForwardArgs<scalar_t> a) {
   using acc_t = typename AccType<scalar_t>::type;
   for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
-    row_forward<scalar_t, acc_t>(a, row, threadIdx.x, blockDim.x,
-                                 [](acc_t v) { return block_reduce<acc_t, true>(v); },
-                                 [](acc_t v) { return block_reduce<acc_t, false>(v); });
+    row_forward<scalar_t, acc_t>(
+        a, row, threadIdx.x, blockDim.x, [](acc_t v) { return block_reduce<acc_t, true>(v); },
+        [](acc_t v) { return block_reduce<acc_t, false>(v); });
   }
 }
 
@@ -296,20 +305,32 @@ __global__ void cross_entropy_forward_block_rows(ForwardArgs<scalar_t> a) {
 template <typename scalar_t, typename Launch>
 void launch_warp_rows(const Launch& launch, const LaunchConfig& cfg, const ForwardArgs<scalar_t>& args) {
   switch (cfg.lanes_per_row) {
-    case 1: return launch(cfg, cross_entropy_forward_warp_rows<scalar_t, 1, 1>, args);
-    case 2: return launch(cfg, cross_entropy_forward_warp_rows<scalar_t, 2, 1>, args);
-    case 4: return launch(cfg, cross_entropy_forward_warp_rows<scalar_t, 4, 1>, args);
-    case 8: return launch(cfg, cross_entropy_forward_warp_rows<scalar_t, 8, 1>, args);
-    case 16: return launch(cfg, cross_entropy_forward_warp_rows<scalar_t, 16, 1>, args);
-    default: break;
+    case 1:
+      return launch(cfg, cross_entropy_forward_warp_rows<scalar_t, 1, 1>, args);
+    case 2:
+      return launch(cfg, cross_entropy_forward_warp_rows<scalar_t, 2, 1>, args);
+    case 4:
+      return launch(cfg, cross_entropy_forward_warp_rows<scalar_t, 4, 1>, args);
+    case 8:
+      return launch(cfg, cross_entropy_forward_warp_rows<scalar_t, 8, 1>, args);
+    case 16:
+      return launch(cfg, cross_entropy_forward_warp_rows<scalar_t, 16, 1>, args);
+    default:
+      break;
   }
   switch (cfg.values_per_lane) {
-    case 1: return launch(cfg, cross_entropy_forward_warp_rows<scalar_t, 32, 1>, args);
-    case 2: return launch(cfg, cross_entropy_forward_warp_rows<scalar_t, 32, 2>, args);
-    case 4: return launch(cfg, cross_entropy_forward_warp_rows<scalar_t, 32, 4>, args);
-    case 8: return launch(cfg, cross_entropy_forward_warp_rows<scalar_t, 32, 8>, args);
-    case 16: return launch(cfg, cross_entropy_forward_warp_rows<scalar_t, 32, 16>, args);
-    default: return launch(cfg, cross_entropy_forward_warp_rows<scalar_t, 32, 32>, args);
+    case 1:
+      return launch(cfg, cross_entropy_forward_warp_rows<scalar_t, 32, 1>, args);
+    case 2:
+      return launch(cfg, cross_entropy_forward_warp_rows<scalar_t, 32, 2>, args);
+    case 4:
+      return launch(cfg, cross_entropy_forward_warp_rows<scalar_t, 32, 4>, args);
+    case 8:
+      return launch(cfg, cross_entropy_forward_warp_rows<scalar_t, 32, 8>, args);
+    case 16:
+      return launch(cfg, cross_entropy_forward_warp_rows<scalar_t, 32, 16>, args);
+    default:
+      return launch(cfg, cross_entropy_forward_warp_rows<scalar_t, 32, 32>, args);
   }
 }
 
@@ -331,7 +352,8 @@ __global__ void cross_entropy_batch_scalars(const int64_t* target, const scalar_
       divisor += weight ? static_cast<double>(weight[t]) : 1.0;
     }
   }
-  for (int64_t c = threadIdx.x; c < classes; c += blockDim.x) weight_total += weight ? static_cast<double>(weight[c]) : 1.0;
+  for (int64_t c = threadIdx.x; c < classes; c += blockDim.x)
+    weight_total += weight ? static_cast<double>(weight[c]) : 1.0;
   divisor = block_reduce<double, false>(divisor);
   weight_total = block_reduce<double, false>(weight_total);
   if (threadIdx.x == 0) {
@@ -342,8 +364,8 @@ __global__ void cross_entropy_batch_scalars(const int64_t* target, const scalar_
 
 // The mean or sum of the per-row losses into out (a scalar), dividing by scalars[0] for mean.
 template <typename scalar_t>
-__global__ void cross_entropy_reduce_loss(const typename AccType<scalar_t>::type* row_loss, int64_t rows,
-                                          int reduction, const double* scalars, scalar_t* out) {
+__global__ void cross_entropy_reduce_loss(const typename AccType<scalar_t>::type* row_loss, int64_t rows, int reduction,
+                                          const double* scalars, scalar_t* out) {
   double total = 0;
   for (int64_t i = threadIdx.x; i < rows; i += blockDim.x) total += static_cast<double>(row_loss[i]);
   total = block_reduce<double, false>(total);
@@ -373,7 +395,7 @@ struct BackwardArgs {
   const scalar_t* prob_target;
   const scalar_t* weight;
   const double* logsumexp;
-  const double* scalars;  // cross_entropy_batch_scalars' output
+  const double* scalars;                              // cross_entropy_batch_scalars' output
   const typename AccType<scalar_t>::type* prob_mass;  // (rows,) sum_c coef_c, probability targets
   int64_t rows, classes, ignore_index;
   int reduction;

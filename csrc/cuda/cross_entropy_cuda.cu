@@ -15,19 +15,17 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_cuda(const at::Tensor& 
                                                               double label_smoothing) {
   const c10::cuda::CUDAGuard guard(input.device());
   const StreamLaunch launch = current_stream_launch(input);
-  return cross_entropy_forward_device(launch, device_limits(input.device().index()), input, target, weight,
-                                      reduction, ignore_index, label_smoothing,
-                                      "fused_mlp::cross_entropy_forward");
+  return cross_entropy_forward_device(launch, device_limits(input.device().index()), input, target, weight, reduction,
+                                      ignore_index, label_smoothing, "fused_mlp::cross_entropy_forward");
 }
 
-at::Tensor cross_entropy_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& input,
-                                       const at::Tensor& target, const c10::optional<at::Tensor>& weight,
-                                       const at::Tensor& logsumexp, int64_t reduction, int64_t ignore_index,
-                                       double label_smoothing) {
+at::Tensor cross_entropy_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
+                                       const c10::optional<at::Tensor>& weight, const at::Tensor& logsumexp,
+                                       int64_t reduction, int64_t ignore_index, double label_smoothing) {
   const c10::cuda::CUDAGuard guard(input.device());
   const StreamLaunch launch = current_stream_launch(input);
-  return cross_entropy_backward_device(launch, device_limits(input.device().index()), grad_loss, input, target,
-                                       weight, logsumexp, reduction, ignore_index, label_smoothing,
+  return cross_entropy_backward_device(launch, device_limits(input.device().index()), grad_loss, input, target, weight,
+                                       logsumexp, reduction, ignore_index, label_smoothing,
                                        "fused_mlp::cross_entropy_backward");
 }
 

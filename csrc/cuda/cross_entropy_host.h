@@ -30,8 +30,8 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_device(const Launch& la
   const auto acc = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor lse = at::empty({pb.rows}, input.options().dtype(at::kDouble));
   at::Tensor row_loss = at::empty({pb.rows}, input.options().dtype(acc));
-  at::Tensor loss = pb.reduction == fused_mlp::kNone ? at::empty({pb.rows}, input.options())
-                                                     : at::empty({}, input.options());
+  at::Tensor loss =
+      pb.reduction == fused_mlp::kNone ? at::empty({pb.rows}, input.options()) : at::empty({}, input.options());
   at::Tensor scalars = at::empty({2}, input.options().dtype(at::kDouble));
   for (at::Tensor* t : {&lse, &row_loss, &loss, &scalars}) launch.poison(*t);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "cross_entropy_forward_device", [&] {
@@ -40,8 +40,12 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_device(const Launch& la
                                pb.prob_target ? nullptr : target.const_data_ptr<int64_t>(),
                                pb.prob_target ? target.const_data_ptr<scalar_t>() : nullptr,
                                weight.defined() ? weight.const_data_ptr<scalar_t>() : nullptr,
-                               pb.rows, pb.classes, pb.ignore_index, pb.label_smoothing,
-                               row_loss.mutable_data_ptr<acc_t>(), lse.mutable_data_ptr<double>()};
+                               pb.rows,
+                               pb.classes,
+                               pb.ignore_index,
+                               pb.label_smoothing,
+                               row_loss.mutable_data_ptr<acc_t>(),
+                               lse.mutable_data_ptr<double>()};
     if (pb.rows > 0) {
       const LaunchConfig rows_cfg = cross_entropy_rows_config(pb.rows, pb.classes, limits);
       if (rows_cfg.warp_per_row) {
@@ -53,8 +57,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_device(const Launch& la
     if (pb.reduction == fused_mlp::kNone) {
       if (pb.rows > 0) {
         launch(cross_entropy_elementwise_config(pb.rows, limits), cross_entropy_write_row_losses<scalar_t>,
-               static_cast<const acc_t*>(row_loss.const_data_ptr<acc_t>()), pb.rows,
-               loss.mutable_data_ptr<scalar_t>());
+               static_cast<const acc_t*>(row_loss.const_data_ptr<acc_t>()), pb.rows, loss.mutable_data_ptr<scalar_t>());
       }
       return;
     }
@@ -76,8 +79,8 @@ at::Tensor cross_entropy_backward_device(const Launch& launch, const LaunchLimit
                                          const char* op) {
   const Problem pb = check_problem(input_, target_, weight_, reduction, ignore_index, label_smoothing, op);
   TORCH_CHECK(lse_.dim() == 1 && lse_.size(0) == pb.rows && lse_.scalar_type() == at::kDouble, op,
-              ": logsumexp must be the forward's (shape (", pb.rows, "), dtype float64), got shape ",
-              lse_.sizes(), " and dtype ", lse_.scalar_type());
+              ": logsumexp must be the forward's (shape (", pb.rows, "), dtype float64), got shape ", lse_.sizes(),
+              " and dtype ", lse_.scalar_type());
   TORCH_CHECK(grad_loss_.scalar_type() == input_.scalar_type() &&
                   (pb.reduction == fused_mlp::kNone ? (grad_loss_.dim() == 1 && grad_loss_.size(0) == pb.rows)
                                                     : grad_loss_.dim() == 0),
@@ -99,20 +102,36 @@ at::Tensor cross_entropy_backward_device(const Launch& launch, const LaunchLimit
     launch(cross_entropy_reduce_config(limits), cross_entropy_batch_scalars<scalar_t>, t, w, pb.rows, pb.classes,
            pb.ignore_index, scalars.mutable_data_ptr<double>());
     if (pb.prob_target) {
-      ForwardArgs<scalar_t> fa{input.const_data_ptr<scalar_t>(), t, pt, w, pb.rows, pb.classes, pb.ignore_index,
-                               pb.label_smoothing, nullptr, nullptr};
+      ForwardArgs<scalar_t> fa{input.const_data_ptr<scalar_t>(),
+                               t,
+                               pt,
+                               w,
+                               pb.rows,
+                               pb.classes,
+                               pb.ignore_index,
+                               pb.label_smoothing,
+                               nullptr,
+                               nullptr};
       const LaunchConfig cfg = cross_entropy_warp_per_row_config(pb.rows, limits);
       launch(cfg, cross_entropy_prob_mass<scalar_t>, fa, prob_mass.mutable_data_ptr<acc_t>());
     }
     BackwardArgs<scalar_t> args{grad_loss_.const_data_ptr<scalar_t>(),
                                 pb.reduction == fused_mlp::kNone ? grad_loss_.stride(0) : 0,
-                                input.const_data_ptr<scalar_t>(), t, pt, w, lse.const_data_ptr<double>(),
+                                input.const_data_ptr<scalar_t>(),
+                                t,
+                                pt,
+                                w,
+                                lse.const_data_ptr<double>(),
                                 scalars.const_data_ptr<double>(),
                                 pb.prob_target ? prob_mass.const_data_ptr<acc_t>() : nullptr,
-                                pb.rows, pb.classes, pb.ignore_index, static_cast<int>(pb.reduction),
-                                pb.label_smoothing, grad.mutable_data_ptr<scalar_t>()};
-    launch(cross_entropy_elementwise_config(pb.rows * pb.classes, limits),
-           cross_entropy_backward_elementwise<scalar_t>, args);
+                                pb.rows,
+                                pb.classes,
+                                pb.ignore_index,
+                                static_cast<int>(pb.reduction),
+                                pb.label_smoothing,
+                                grad.mutable_data_ptr<scalar_t>()};
+    launch(cross_entropy_elementwise_config(pb.rows * pb.classes, limits), cross_entropy_backward_elementwise<scalar_t>,
+           args);
   });
   return grad;
 }

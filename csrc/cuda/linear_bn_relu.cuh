@@ -24,10 +24,10 @@
 
 namespace fused_mlp::cuda {
 
-constexpr int kFeatureLanes = 32;                        // a reduction block's threads across features
-constexpr int kRowLanes = 8;                             // ... and down the rows
+constexpr int kFeatureLanes = 32;  // a reduction block's threads across features
+constexpr int kRowLanes = 8;       // ... and down the rows
 constexpr int kReduceThreads = kFeatureLanes * kRowLanes;
-constexpr int kGroup = 4;                                // elements per Philox block
+constexpr int kGroup = 4;  // elements per Philox block
 constexpr int kElementwiseThreads = 256;
 constexpr int kFeatureThreads = 256;
 constexpr int kWarpPerFeatureThreads = 128;
@@ -57,8 +57,8 @@ inline ReduceConfig bn_reduce_config(int64_t N, int64_t C, int features_per_thre
   const int64_t first_guess = std::min(wanted, most);
   const int64_t rows_per_chunk = (N + first_guess - 1) / first_guess;
   const int64_t chunks = (N + rows_per_chunk - 1) / rows_per_chunk;
-  return {dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(chunks)), dim3(kReduceThreads), 0,
-          rows_per_chunk, chunks};
+  return {dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(chunks)), dim3(kReduceThreads), 0, rows_per_chunk,
+          chunks};
 }
 
 // A grid-stride loop over `items` work items (groups of four elements, elements, or features).
@@ -88,7 +88,9 @@ FUSED_MLP_HD bool packs_of_four(const T* p) {
   return reinterpret_cast<uintptr_t>(p) % (sizeof(T) * kGroup) == 0;
 }
 
-FUSED_MLP_HD int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
+FUSED_MLP_HD int64_t min_i64(int64_t a, int64_t b) {
+  return a < b ? a : b;
+}
 
 // relu that keeps NaN, as torch.relu does.
 template <typename T>
@@ -239,8 +241,8 @@ __global__ void bn_stats_partial(const scalar_t* __restrict__ z, int64_t N, int6
     for (int j = 0; j < kF; ++j) {
       WelfordState<acc_t, acc_t> s{mean[j], m2[j], count};
       for (int k = 1; k < kRowLanes; ++k) {
-        s = welford_merge_or_empty(s, WelfordState<acc_t, acc_t>{s_mean[k][lane * kF + j], s_m2[k][lane * kF + j],
-                                                                  s_count[k]});
+        s = welford_merge_or_empty(
+            s, WelfordState<acc_t, acc_t>{s_mean[k][lane * kF + j], s_m2[k][lane * kF + j], s_count[k]});
       }
       if (f0 + j < C) {
         part_mean[chunk * C + f0 + j] = s.mean;
@@ -312,8 +314,8 @@ template <typename scalar_t>
 __global__ void bn_affine(int64_t C, const typename AccType<scalar_t>::type* __restrict__ gamma,
                           const typename AccType<scalar_t>::type* __restrict__ beta,
                           const typename AccType<scalar_t>::type* __restrict__ mean,
-                          const typename AccType<scalar_t>::type* __restrict__ invstd, const scalar_t* __restrict__ bias,
-                          typename AccType<scalar_t>::type* __restrict__ affine,
+                          const typename AccType<scalar_t>::type* __restrict__ invstd,
+                          const scalar_t* __restrict__ bias, typename AccType<scalar_t>::type* __restrict__ affine,
                           typename AccType<scalar_t>::type* __restrict__ folded_bias) {
   using acc_t = typename AccType<scalar_t>::type;
   for (int64_t f = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; f < C;
@@ -328,8 +330,9 @@ __global__ void bn_affine(int64_t C, const typename AccType<scalar_t>::type* __r
 
 // out[f, k] = w[f, k] * scale[f] for the (C, K) weight: W' = W * A.
 template <typename scalar_t>
-__global__ void scale_weight_rows(const scalar_t* __restrict__ w, const typename AccType<scalar_t>::type* __restrict__ scale,
-                                  int64_t C, int64_t K, scalar_t* __restrict__ out) {
+__global__ void scale_weight_rows(const scalar_t* __restrict__ w,
+                                  const typename AccType<scalar_t>::type* __restrict__ scale, int64_t C, int64_t K,
+                                  scalar_t* __restrict__ out) {
   using acc_t = typename AccType<scalar_t>::type;
   const int64_t numel = C * K;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel;
@@ -344,8 +347,8 @@ __global__ void scale_weight_rows(const scalar_t* __restrict__ w, const typename
 // is z, the ReLU input is z * A + B and the dropout multiplier m is regenerated; with running
 // statistics `saved` is the output, nonzero exactly where the unit was active and kept.
 template <typename acc_t>
-__device__ __forceinline__ acc_t grad_through_relu_dropout(bool use_batch_stats, acc_t g, acc_t saved, acc_t a,
-                                                           acc_t b, acc_t m, acc_t kept_scale) {
+__device__ __forceinline__ acc_t grad_through_relu_dropout(bool use_batch_stats, acc_t g, acc_t saved, acc_t a, acc_t b,
+                                                           acc_t m, acc_t kept_scale) {
   if (use_batch_stats) return saved * a + b > acc_t(0) ? g * m : acc_t(0);
   return saved > acc_t(0) ? g * kept_scale : acc_t(0);
 }

@@ -17,8 +17,8 @@ namespace {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn_relu_forward_cuda(
     const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
     const c10::optional<at::Tensor>& bn_weight, const c10::optional<at::Tensor>& bn_bias,
-    const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var,
-    bool use_batch_stats, double eps, double dropout_p, const at::Tensor& seed_offset) {
+    const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var, bool use_batch_stats,
+    double eps, double dropout_p, const at::Tensor& seed_offset) {
   const c10::cuda::CUDAGuard guard(input.device());
   return linear_bn_relu_forward_device(current_stream_launch(input), device_limits(input.device().index()), input,
                                        weight, bias, bn_weight, bn_bias, running_mean, running_var, use_batch_stats,
@@ -28,9 +28,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn_relu_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& weight,
     const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& bn_weight,
-    const c10::optional<at::Tensor>& bn_bias, const at::Tensor& saved, const at::Tensor& mean,
-    const at::Tensor& invstd, bool use_batch_stats, double dropout_p, const at::Tensor& seed_offset,
-    bool need_grad_input) {
+    const c10::optional<at::Tensor>& bn_bias, const at::Tensor& saved, const at::Tensor& mean, const at::Tensor& invstd,
+    bool use_batch_stats, double dropout_p, const at::Tensor& seed_offset, bool need_grad_input) {
   const c10::cuda::CUDAGuard guard(input.device());
   return linear_bn_relu_backward_device(current_stream_launch(input), device_limits(input.device().index()), grad_out,
                                         input, weight, bias, bn_weight, bn_bias, saved, mean, invstd, use_batch_stats,
@@ -41,8 +40,8 @@ at::Tensor linear_relu_dropout_forward_cuda(const at::Tensor& input, const at::T
                                             const c10::optional<at::Tensor>& bias, double dropout_p,
                                             const at::Tensor& seed_offset) {
   const c10::cuda::CUDAGuard guard(input.device());
-  return linear_relu_dropout_forward_device(current_stream_launch(input), device_limits(input.device().index()),
-                                            input, weight, bias, dropout_p, seed_offset,
+  return linear_relu_dropout_forward_device(current_stream_launch(input), device_limits(input.device().index()), input,
+                                            weight, bias, dropout_p, seed_offset,
                                             "fused_mlp::linear_relu_dropout_forward");
 }
 

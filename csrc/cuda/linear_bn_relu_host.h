@@ -84,8 +84,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn
     const at::Tensor& seed_offset, const char* op) {
   using namespace layer_detail;
   check_layer(input_, weight_, bias, bn_weight, bn_bias, dropout_p, seed_offset, op);
-  TORCH_CHECK(limits.max_threads_per_block >= kReduceThreads, op, ": the device allows fewer than ",
-              kReduceThreads, " threads per block");
+  TORCH_CHECK(limits.max_threads_per_block >= kReduceThreads, op, ": the device allows fewer than ", kReduceThreads,
+              " threads per block");
   const int64_t N = input_.size(0), C = weight_.size(0), K = weight_.size(1);
   check_statistics_mode(input_, C, use_batch_stats, running_mean, running_var, op);
   const auto acc = acc_type(input_);
@@ -104,31 +104,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn
     at::Tensor affine = at::empty({2 * C}, stat_options);
     for (at::Tensor* t : {&mean, &invstd, &var, &out, &affine}) launch.poison(*t);
     if (C == 0) return {out, pre_bn, mean, invstd, var};
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "linear_bn_relu_forward_device", [&] {
-      using acc_t = typename AccType<scalar_t>::type;
-      const scalar_t* z = pre_bn.const_data_ptr<scalar_t>();
-      scalar_t* o = out.mutable_data_ptr<scalar_t>();
-      const int kF = reduce_features_per_thread<scalar_t>(C, {z});
-      const ReduceConfig cfg = bn_reduce_config(N, C, kF, limits);
-      const std::pair<at::Tensor, at::Tensor> parts = partial_buffers(launch, cfg, C, stat_options);
-      const at::Tensor& part_mean = parts.first;
-      const at::Tensor& part_m2 = parts.second;
-      if (kF == kGroup) {
-        launch(cfg, bn_stats_partial<scalar_t, kGroup>, z, N, C, cfg.rows_per_chunk,
-               part_mean.mutable_data_ptr<acc_t>(), part_m2.mutable_data_ptr<acc_t>());
-      } else {
-        launch(cfg, bn_stats_partial<scalar_t, 1>, z, N, C, cfg.rows_per_chunk, part_mean.mutable_data_ptr<acc_t>(),
-               part_m2.mutable_data_ptr<acc_t>());
-      }
-      launch(bn_feature_config(C, limits), bn_stats_finalize<acc_t>,
-             static_cast<const acc_t*>(part_mean.const_data_ptr<acc_t>()),
-             static_cast<const acc_t*>(part_m2.const_data_ptr<acc_t>()), N, C, cfg.rows_per_chunk, cfg.chunks, eps,
-             ptr_or_null<acc_t>(gamma), ptr_or_null<acc_t>(beta), mean.mutable_data_ptr<acc_t>(),
-             invstd.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>(), affine.mutable_data_ptr<acc_t>());
-      const acc_t* af = affine.const_data_ptr<acc_t>();
-      launch(bn_elementwise_config((N * C + kGroup - 1) / kGroup, limits), affine_relu_dropout<scalar_t>, z, af,
-             af + C, N * C, C, all_packed<scalar_t>({z, o}), dropout.args, o);
-    });
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kHalf, at::kBFloat16, input.scalar_type(), "linear_bn_relu_forward_device", [&] {
+          using acc_t = typename AccType<scalar_t>::type;
+          const scalar_t* z = pre_bn.const_data_ptr<scalar_t>();
+          scalar_t* o = out.mutable_data_ptr<scalar_t>();
+          const int kF = reduce_features_per_thread<scalar_t>(C, {z});
+          const ReduceConfig cfg = bn_reduce_config(N, C, kF, limits);
+          const std::pair<at::Tensor, at::Tensor> parts = partial_buffers(launch, cfg, C, stat_options);
+          const at::Tensor& part_mean = parts.first;
+          const at::Tensor& part_m2 = parts.second;
+          if (kF == kGroup) {
+            launch(cfg, bn_stats_partial<scalar_t, kGroup>, z, N, C, cfg.rows_per_chunk,
+                   part_mean.mutable_data_ptr<acc_t>(), part_m2.mutable_data_ptr<acc_t>());
+          } else {
+            launch(cfg, bn_stats_partial<scalar_t, 1>, z, N, C, cfg.rows_per_chunk, part_mean.mutable_data_ptr<acc_t>(),
+                   part_m2.mutable_data_ptr<acc_t>());
+          }
+          launch(bn_feature_config(C, limits), bn_stats_finalize<acc_t>,
+                 static_cast<const acc_t*>(part_mean.const_data_ptr<acc_t>()),
+                 static_cast<const acc_t*>(part_m2.const_data_ptr<acc_t>()), N, C, cfg.rows_per_chunk, cfg.chunks, eps,
+                 ptr_or_null<acc_t>(gamma), ptr_or_null<acc_t>(beta), mean.mutable_data_ptr<acc_t>(),
+                 invstd.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>(), affine.mutable_data_ptr<acc_t>());
+          const acc_t* af = affine.const_data_ptr<acc_t>();
+          launch(bn_elementwise_config((N * C + kGroup - 1) / kGroup, limits), affine_relu_dropout<scalar_t>, z, af,
+                 af + C, N * C, C, all_packed<scalar_t>({z, o}), dropout.args, o);
+        });
     return {out, pre_bn, mean, invstd, var};
   }
 
@@ -145,14 +146,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn
     using acc_t = typename AccType<scalar_t>::type;
     const at::Tensor bias_c = defined(bias) ? bias->contiguous() : at::Tensor();
     if (C > 0) {
-      launch(bn_feature_config(C, limits), bn_affine<scalar_t>, C, ptr_or_null<acc_t>(gamma),
-             ptr_or_null<acc_t>(beta), static_cast<const acc_t*>(mean.const_data_ptr<acc_t>()),
+      launch(bn_feature_config(C, limits), bn_affine<scalar_t>, C, ptr_or_null<acc_t>(gamma), ptr_or_null<acc_t>(beta),
+             static_cast<const acc_t*>(mean.const_data_ptr<acc_t>()),
              static_cast<const acc_t*>(invstd.const_data_ptr<acc_t>()), ptr_or_null<scalar_t>(bias_c),
              affine.mutable_data_ptr<acc_t>(), folded_bias.mutable_data_ptr<acc_t>());
     }
     if (C * K > 0) {
       launch(bn_elementwise_config(C * K, limits), scale_weight_rows<scalar_t>, weight.const_data_ptr<scalar_t>(),
-             static_cast<const acc_t*>(affine.const_data_ptr<acc_t>()), C, K, folded_weight.mutable_data_ptr<scalar_t>());
+             static_cast<const acc_t*>(affine.const_data_ptr<acc_t>()), C, K,
+             folded_weight.mutable_data_ptr<scalar_t>());
     }
     out = at::mm(input, folded_weight.t());
     launch_bias_relu_dropout<scalar_t>(launch, limits, out, folded_bias, dropout.args);
@@ -169,8 +171,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn
     bool need_grad_input, const char* op) {
   using namespace layer_detail;
   check_layer(input_, weight_, bias, bn_weight, bn_bias, dropout_p, seed_offset, op);
-  TORCH_CHECK(limits.max_threads_per_block >= kReduceThreads, op, ": the device allows fewer than ",
-              kReduceThreads, " threads per block");
+  TORCH_CHECK(limits.max_threads_per_block >= kReduceThreads, op, ": the device allows fewer than ", kReduceThreads,
+              " threads per block");
   const int64_t N = input_.size(0), C = weight_.size(0), K = weight_.size(1);
   check_backward_tensors(grad_out_, input_, saved_, mean_, invstd_, C, op);
   const auto acc = acc_type(input_);
@@ -218,8 +220,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn
       }
       launch(bn_feature_config(C, limits), bn_backward_finalize<acc_t>,
              static_cast<const acc_t*>(part_dy.const_data_ptr<acc_t>()),
-             static_cast<const acc_t*>(part_dyz.const_data_ptr<acc_t>()), N, C, cfg.chunks, use_batch_stats, af, mu,
-             is, sum_dy.mutable_data_ptr<acc_t>(), sum_dy_zhat.mutable_data_ptr<acc_t>(), coef.mutable_data_ptr<acc_t>());
+             static_cast<const acc_t*>(part_dyz.const_data_ptr<acc_t>()), N, C, cfg.chunks, use_batch_stats, af, mu, is,
+             sum_dy.mutable_data_ptr<acc_t>(), sum_dy_zhat.mutable_data_ptr<acc_t>(), coef.mutable_data_ptr<acc_t>());
       scalar_t* dzp = dz.mutable_data_ptr<scalar_t>();
       launch(bn_elementwise_config((N * C + kGroup - 1) / kGroup, limits), bn_backward_input<scalar_t>, gp, sp, N * C,
              C, all_packed<scalar_t>({gp, sp, dzp}), use_batch_stats, af,
@@ -239,8 +241,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn
       at::Tensor folded_weight = at::empty_like(weight);
       launch.poison(folded_weight);
       if (C * K > 0) {
-        launch(bn_elementwise_config(C * K, limits), scale_weight_rows<scalar_t>, weight.const_data_ptr<scalar_t>(),
-               af, C, K, folded_weight.mutable_data_ptr<scalar_t>());
+        launch(bn_elementwise_config(C * K, limits), scale_weight_rows<scalar_t>, weight.const_data_ptr<scalar_t>(), af,
+               C, K, folded_weight.mutable_data_ptr<scalar_t>());
       }
       grad_input = at::mm(dz, folded_weight);
     }
@@ -271,9 +273,9 @@ at::Tensor linear_relu_dropout_forward_device(const Launch& launch, const Launch
   const DeviceDropout dropout = device_dropout(dropout_p, seed_offset, input);
   at::Tensor out = at::mm(input.contiguous(), weight.contiguous().t());
   const at::Tensor bias_acc = defined(bias) ? bias->to(acc_type(input)).contiguous() : at::Tensor();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "linear_relu_dropout_forward_device", [&] {
-    launch_bias_relu_dropout<scalar_t>(launch, limits, out, bias_acc, dropout.args);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, input.scalar_type(), "linear_relu_dropout_forward_device",
+      [&] { launch_bias_relu_dropout<scalar_t>(launch, limits, out, bias_acc, dropout.args); });
   return out;
 }
 

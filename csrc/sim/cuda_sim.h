@@ -195,8 +195,7 @@ inline BlockState& block() {
 }
 
 template <typename T>
-T shuffle(unsigned mask, T value, int (*source)(int lane, int arg, int width), int arg, int width,
-          const char* what) {
+T shuffle(unsigned mask, T value, int (*source)(int lane, int arg, int width), int arg, int width, const char* what) {
   static_assert(sizeof(T) <= 8, "shuffles move at most 8 bytes");
   BlockState& b = block();
   if (mask != 0xffffffffu) {
@@ -218,14 +217,15 @@ T shuffle(unsigned mask, T value, int (*source)(int lane, int arg, int width), i
 
 }  // namespace detail
 
-inline void set_barrier_timeout(std::chrono::milliseconds timeout) { detail::barrier_timeout() = timeout; }
+inline void set_barrier_timeout(std::chrono::milliseconds timeout) {
+  detail::barrier_timeout() = timeout;
+}
 
 // Runs kernel(args...) over grid x block threads with `shared_bytes` of dynamic shared memory,
 // checked against the limits. Throws SimError for what a GPU would refuse and for barrier or
 // shuffle misuse; rethrows the first exception a simulated thread raised.
 template <typename Kernel, typename... Args>
-void launch(const DeviceLimits& limits, dim3 grid, dim3 block, size_t shared_bytes, Kernel kernel,
-            Args... args) {
+void launch(const DeviceLimits& limits, dim3 grid, dim3 block, size_t shared_bytes, Kernel kernel, Args... args) {
   const long threads = static_cast<long>(block.x) * block.y * block.z;
   if (threads < 1 || threads > limits.max_threads_per_block) {
     std::ostringstream msg;
@@ -254,7 +254,7 @@ void launch(const DeviceLimits& limits, dim3 grid, dim3 block, size_t shared_byt
         for (size_t w = 0; w < state.warp_barriers.size(); ++w) state.warp_barriers[w].reset(32);
         state.abort.store(false);
         std::fill(smem.begin(), smem.end(), 0xFF);  // poison: unwritten floats read as NaN
-        std::exception_ptr error, consequence;  // the first failure, and the aborts it caused
+        std::exception_ptr error, consequence;      // the first failure, and the aborts it caused
         std::mutex error_mutex;
         detail::Pool::instance().run(state.threads, [&](int t) {
           detail::thread_idx = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
@@ -301,8 +301,8 @@ inline void __syncthreads() {
 template <typename T>
 T __shfl_sync(unsigned mask, T value, int src_lane, int width = 32) {
   return ::cuda_sim::detail::shuffle<T>(
-      mask, value, [](int lane, int src, int w) { return (lane / w) * w + ((src % w) + w) % w; }, src_lane,
-      width, "__shfl_sync");
+      mask, value, [](int lane, int src, int w) { return (lane / w) * w + ((src % w) + w) % w; }, src_lane, width,
+      "__shfl_sync");
 }
 template <typename T>
 T __shfl_xor_sync(unsigned mask, T value, int lane_mask, int width = 32) {
@@ -317,15 +317,14 @@ T __shfl_xor_sync(unsigned mask, T value, int lane_mask, int width = 32) {
 template <typename T>
 T __shfl_down_sync(unsigned mask, T value, unsigned delta, int width = 32) {
   return ::cuda_sim::detail::shuffle<T>(
-      mask, value,
-      [](int lane, int d, int w) { return (lane % w) + d < w ? lane + d : lane; }, static_cast<int>(delta),
+      mask, value, [](int lane, int d, int w) { return (lane % w) + d < w ? lane + d : lane; }, static_cast<int>(delta),
       width, "__shfl_down_sync");
 }
 template <typename T>
 T __shfl_up_sync(unsigned mask, T value, unsigned delta, int width = 32) {
   return ::cuda_sim::detail::shuffle<T>(
-      mask, value, [](int lane, int d, int w) { return (lane % w) >= d ? lane - d : lane; },
-      static_cast<int>(delta), width, "__shfl_up_sync");
+      mask, value, [](int lane, int d, int w) { return (lane % w) >= d ? lane - d : lane; }, static_cast<int>(delta),
+      width, "__shfl_up_sync");
 }
 
 template <typename T>
@@ -333,20 +332,30 @@ T atomicAdd(T* address, T value) {
   return std::atomic_ref<T>(*address).fetch_add(value);
 }
 
-inline float __expf(float x) { return std::exp(x); }
-inline float __logf(float x) { return std::log(x); }
-inline float __fdividef(float a, float b) { return a / b; }
-inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
-inline double rsqrt(double x) { return 1.0 / std::sqrt(x); }
+inline float __expf(float x) {
+  return std::exp(x);
+}
+inline float __logf(float x) {
+  return std::log(x);
+}
+inline float __fdividef(float a, float b) {
+  return a / b;
+}
+inline float rsqrtf(float x) {
+  return 1.0f / std::sqrt(x);
+}
+inline double rsqrt(double x) {
+  return 1.0 / std::sqrt(x);
+}
 template <typename T>
 T __ldg(const T* p) {
   return *p;
 }
 
 // A failed device-side assert stops the launch with an error, as a GPU's stops the kernel.
-#define FUSED_MLP_DEVICE_ASSERT(cond)                                                 \
-  do {                                                                                \
-    if (!(cond)) throw ::cuda_sim::SimError("device-side assert failed: " #cond);    \
+#define FUSED_MLP_DEVICE_ASSERT(cond)                                             \
+  do {                                                                            \
+    if (!(cond)) throw ::cuda_sim::SimError("device-side assert failed: " #cond); \
   } while (0)
 
 namespace fused_mlp {

@@ -24,7 +24,9 @@ struct Case {
   int sm_count;
 };
 
-bool close(double a, double b) { return std::fabs(a - b) <= 1e-4 * (1.0 + std::fabs(b)); }
+bool close(double a, double b) {
+  return std::fabs(a - b) <= 1e-4 * (1.0 + std::fabs(b));
+}
 
 void run_case(const Case& k) {
   std::mt19937 rng(static_cast<unsigned>(k.rows * 131 + k.classes));
@@ -40,15 +42,24 @@ void run_case(const Case& k) {
     for (int64_t c = 0; c < C; ++c) s += (prob[r * C + c] = uniform(rng));
     for (int64_t c = 0; c < C; ++c) prob[r * C + c] = static_cast<float>(prob[r * C + c] / s);
   }
-  for (int64_t r = 0; r < R && !k.prob; ++r) target[r] = (k.ignore && r % 3 == 0) ? -100 : static_cast<int64_t>(rng() % C);
+  for (int64_t r = 0; r < R && !k.prob; ++r)
+    target[r] = (k.ignore && r % 3 == 0) ? -100 : static_cast<int64_t>(rng() % C);
 
   const LaunchLimits limits{k.sm_count, 1024};
   cuda_sim::DeviceLimits sim = cuda_sim::kH100;
   sim.sm_count = k.sm_count;
   std::vector<float> row_loss(R), grad(R * C), mass(k.prob ? R : 0), grad_out(R, 1.0f);
   std::vector<double> lse(R), scalars(2);
-  ForwardArgs<float> fa{x.data(), k.prob ? nullptr : target.data(), k.prob ? prob.data() : nullptr,
-                        k.weighted ? weight.data() : nullptr, R, C, -100, k.smoothing, row_loss.data(), lse.data()};
+  ForwardArgs<float> fa{x.data(),
+                        k.prob ? nullptr : target.data(),
+                        k.prob ? prob.data() : nullptr,
+                        k.weighted ? weight.data() : nullptr,
+                        R,
+                        C,
+                        -100,
+                        k.smoothing,
+                        row_loss.data(),
+                        lse.data()};
   const LaunchConfig rows_cfg = cross_entropy_rows_config(R, C, limits);
   auto sim_launch = [&](const LaunchConfig& cfg, auto kernel, auto... args) {
     cuda_sim::launch(sim, cfg.grid, cfg.block, cfg.shared_bytes, kernel, args...);
@@ -65,8 +76,21 @@ void run_case(const Case& k) {
     const LaunchConfig cfg = cross_entropy_warp_per_row_config(R, limits);
     cuda_sim::launch(sim, cfg.grid, cfg.block, 0, cross_entropy_prob_mass<float>, fa, mass.data());
   }
-  BackwardArgs<float> ba{grad_out.data(), 1, x.data(), fa.target, fa.prob_target, fa.weight, lse.data(),
-                         scalars.data(), k.prob ? mass.data() : nullptr, R, C, -100, kNone, k.smoothing, grad.data()};
+  BackwardArgs<float> ba{grad_out.data(),
+                         1,
+                         x.data(),
+                         fa.target,
+                         fa.prob_target,
+                         fa.weight,
+                         lse.data(),
+                         scalars.data(),
+                         k.prob ? mass.data() : nullptr,
+                         R,
+                         C,
+                         -100,
+                         kNone,
+                         k.smoothing,
+                         grad.data()};
   const LaunchConfig ew = cross_entropy_elementwise_config(R * C, limits);
   cuda_sim::launch(sim, ew.grid, ew.block, 0, cross_entropy_backward_elementwise<float>, ba);
 
@@ -97,8 +121,8 @@ void run_case(const Case& k) {
     }
   }
   std::printf("%s rows=%lld classes=%lld prob=%d weighted=%d ignore=%d smoothing=%.1f sm_count=%d\n",
-              ok ? "PASS" : "FAIL", static_cast<long long>(R), static_cast<long long>(C), k.prob, k.weighted,
-              k.ignore, k.smoothing, k.sm_count);
+              ok ? "PASS" : "FAIL", static_cast<long long>(R), static_cast<long long>(C), k.prob, k.weighted, k.ignore,
+              k.smoothing, k.sm_count);
   (ok ? passed : failed)++;
 }
 

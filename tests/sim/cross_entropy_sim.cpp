@@ -14,26 +14,31 @@ using fused_mlp::cuda::LaunchConfig;
 using fused_mlp::cuda::LaunchLimits;
 
 using sim_launch::SimLaunch;
-LaunchLimits limits() { return sim_launch::launch_limits(); }
+LaunchLimits limits() {
+  return sim_launch::launch_limits();
+}
 
 std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& input, const at::Tensor& target,
                                            const c10::optional<at::Tensor>& weight, int64_t reduction,
                                            int64_t ignore_index, double label_smoothing) {
   return fused_mlp::cuda::cross_entropy_forward_device(SimLaunch{}, limits(), input, target, weight, reduction,
-                                                       ignore_index, label_smoothing, "simulated cross_entropy_forward");
+                                                       ignore_index, label_smoothing,
+                                                       "simulated cross_entropy_forward");
 }
 
 at::Tensor backward(const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
                     const c10::optional<at::Tensor>& weight, const at::Tensor& lse, int64_t reduction,
                     int64_t ignore_index, double label_smoothing) {
-  return fused_mlp::cuda::cross_entropy_backward_device(SimLaunch{}, limits(), grad_loss, input, target, weight,
-                                                        lse, reduction, ignore_index, label_smoothing,
+  return fused_mlp::cuda::cross_entropy_backward_device(SimLaunch{}, limits(), grad_loss, input, target, weight, lse,
+                                                        reduction, ignore_index, label_smoothing,
                                                         "simulated cross_entropy_backward");
 }
 
 // Shrinks the simulated device (fewer SMs), so that a small input already needs more rows than
 // one grid covers and the kernels' grid-stride loops run.
-void set_sm_count(int64_t sm_count) { sim_launch::limits.sm_count = static_cast<int>(sm_count); }
+void set_sm_count(int64_t sm_count) {
+  sim_launch::limits.sm_count = static_cast<int>(sm_count);
+}
 
 pybind11::dict launch_config(int64_t rows, int64_t classes) {
   const LaunchConfig cfg = fused_mlp::cuda::cross_entropy_rows_config(rows, classes, limits());

@@ -24,7 +24,9 @@ struct Case {
   int sm_count;
 };
 
-bool close(double a, double b, double tol = 2e-4) { return std::fabs(a - b) <= tol * (1.0 + std::fabs(b)); }
+bool close(double a, double b, double tol = 2e-4) {
+  return std::fabs(a - b) <= tol * (1.0 + std::fabs(b));
+}
 
 struct Sim {
   cuda_sim::DeviceLimits device;
@@ -84,16 +86,16 @@ void run_case(const Case& k) {
   // Backward with batch statistics.
   std::vector<float> coef(2 * C), sum_dy(C), sum_dyz(C), dz(N * C);
   if (kF == kGroup) {
-    launch(rc, bn_backward_partial<float, kGroup>, grad.data(), z.data(), N, C, rc.rows_per_chunk, true,
-           affine.data(), mean.data(), invstd.data(), dropout, part_a.data(), part_b.data());
+    launch(rc, bn_backward_partial<float, kGroup>, grad.data(), z.data(), N, C, rc.rows_per_chunk, true, affine.data(),
+           mean.data(), invstd.data(), dropout, part_a.data(), part_b.data());
   } else {
     launch(rc, bn_backward_partial<float, 1>, grad.data(), z.data(), N, C, rc.rows_per_chunk, true, affine.data(),
            mean.data(), invstd.data(), dropout, part_a.data(), part_b.data());
   }
   launch(bn_feature_config(C, launch.limits), bn_backward_finalize<float>, part_a.data(), part_b.data(), N, C,
          rc.chunks, true, affine.data(), mean.data(), invstd.data(), sum_dy.data(), sum_dyz.data(), coef.data());
-  launch(ew, bn_backward_input<float>, grad.data(), z.data(), N * C, C, true, true, affine.data(), coef.data(),
-         dropout, dz.data());
+  launch(ew, bn_backward_input<float>, grad.data(), z.data(), N * C, C, true, true, affine.data(), coef.data(), dropout,
+         dz.data());
 
   bool ok = true;
   for (int64_t f = 0; f < C; ++f) {
@@ -132,8 +134,8 @@ void run_case(const Case& k) {
   launch(ew, affine_relu_dropout<float>, y.data(), static_cast<const float*>(nullptr), folded_bias.data(), N * C, C,
          true, dropout, y.data());
   if (kF == kGroup) {
-    launch(rc, bn_backward_partial<float, kGroup>, grad.data(), y.data(), N, C, rc.rows_per_chunk, false,
-           affine.data(), running_mean.data(), run_invstd.data(), dropout, part_a.data(), part_b.data());
+    launch(rc, bn_backward_partial<float, kGroup>, grad.data(), y.data(), N, C, rc.rows_per_chunk, false, affine.data(),
+           running_mean.data(), run_invstd.data(), dropout, part_a.data(), part_b.data());
   } else {
     launch(rc, bn_backward_partial<float, 1>, grad.data(), y.data(), N, C, rc.rows_per_chunk, false, affine.data(),
            running_mean.data(), run_invstd.data(), dropout, part_a.data(), part_b.data());
@@ -177,9 +179,9 @@ void run_case(const Case& k) {
 
 int main() {
   const Case cases[] = {
-      {2, 1, 3, 0.0f, 132},    {3, 31, 5, 0.3f, 132},   {31, 32, 4, 0.9f, 132},  {33, 33, 2, 0.3f, 132},
-      {2, 1023, 2, 0.3f, 132}, {5, 1025, 3, 0.0f, 132}, {3, 4097, 2, 0.3f, 132}, {1025, 33, 3, 0.3f, 1},
-      {1025, 64, 2, 0.9f, 132},
+      {2, 1, 3, 0.0f, 132},    {3, 31, 5, 0.3f, 132},   {31, 32, 4, 0.9f, 132},
+      {33, 33, 2, 0.3f, 132},  {2, 1023, 2, 0.3f, 132}, {5, 1025, 3, 0.0f, 132},
+      {3, 4097, 2, 0.3f, 132}, {1025, 33, 3, 0.3f, 1},  {1025, 64, 2, 0.9f, 132},
   };
   for (const Case& k : cases) run_case(k);
   std::printf("%d passed, %d failed\n", passed, failed);

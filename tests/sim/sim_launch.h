@@ -7,7 +7,9 @@
 
 #include <limits>
 
+// The simulated CUDA keywords first: the device code below is written in them.
 #include "sim/cuda_sim.h"
+
 #include "cuda/device_common.cuh"
 
 namespace sim_launch {
@@ -26,6 +28,8 @@ struct SimLaunch {
   }
 };
 
-inline fused_mlp::cuda::LaunchLimits launch_limits() { return {limits.sm_count, limits.max_threads_per_block}; }
+inline fused_mlp::cuda::LaunchLimits launch_limits() {
+  return {limits.sm_count, limits.max_threads_per_block};
+}
 
 }  // namespace sim_launch

@@ -123,8 +123,11 @@ int main(int argc, char** argv) {
       for (int lane = 0; lane < 32; ++lane) {
         const int* o = out.data() + warp * 32 * 6 + lane * 6;
         const int seg = (lane / 8) * 8;
-        const int want[6] = {30, (lane ^ 1) * 10, (lane < 31 ? lane + 1 : lane) * 10,
-                             (lane >= 2 ? lane - 2 : lane) * 10, (seg + ((lane % 8) ^ 4)) * 10,
+        const int want[6] = {30,
+                             (lane ^ 1) * 10,
+                             (lane < 31 ? lane + 1 : lane) * 10,
+                             (lane >= 2 ? lane - 2 : lane) * 10,
+                             (seg + ((lane % 8) ^ 4)) * 10,
                              ((lane % 8) + 4 < 8 ? lane + 4 : lane) * 10};
         for (int k = 0; k < 6; ++k) {
           if (o[k] != want[k]) return false;
@@ -155,9 +158,8 @@ int main(int argc, char** argv) {
   });
   check("an early return before a full-mask shuffle is reported", [] {
     std::vector<float> out(32);
-    return refused(
-        [&] { cuda_sim::launch(kH100, dim3(1), dim3(32), 0, early_return_before_shuffle, out.data()); },
-        "__shfl_xor_sync not reached by every thread");
+    return refused([&] { cuda_sim::launch(kH100, dim3(1), dim3(32), 0, early_return_before_shuffle, out.data()); },
+                   "__shfl_xor_sync not reached by every thread");
   });
   check("a full-mask shuffle in a partial warp is reported", [] {
     std::vector<float> out(48);
@@ -171,9 +173,8 @@ int main(int argc, char** argv) {
   });
   check("more shared memory than the device allows is refused", [] {
     std::vector<float> out(32);
-    return refused(
-        [&] { cuda_sim::launch(kH100, dim3(1), dim3(32), 300 * 1024, read_unwritten_shared, out.data()); },
-        "bytes of shared memory");
+    return refused([&] { cuda_sim::launch(kH100, dim3(1), dim3(32), 300 * 1024, read_unwritten_shared, out.data()); },
+                   "bytes of shared memory");
   });
   check("dynamic shared memory starts poisoned (unwritten floats are NaN)", [] {
     std::vector<float> out(32);
