@@ -1,18 +1,38 @@
 """Fused cross-entropy vs F.cross_entropy (eager) vs torch.compile, forward + backward.
 
-python -m benchmarks.bench_cross_entropy            # the table, written to benchmarks/results/
+python -m benchmarks.bench_cross_entropy            # the tables, written to benchmarks/results/
 python -m benchmarks.bench_cross_entropy --quick    # tiny shapes, one round: a smoke run
+
+The second table is the large vocabulary under both CPU allocator settings (PyTorch's default, and
+transparent huge pages with THP_MEM_ALLOC_ENABLE=1, which is read once per process: each setting
+runs in a process of its own), in both call orders, against the bandwidth bound of the same run.
 """
+
+import json
+import os
+import statistics
+import subprocess
+import sys
 
 import torch
 import torch.nn.functional as F
 
 import fused_mlp
-from benchmarks.harness import interleaved_medians, machine_description, parse_args, publish, saved_activation_bytes
+from benchmarks.harness import (
+    interleaved_medians,
+    machine_description,
+    parse_args,
+    publish,
+    saved_activation_bytes,
+    wall_time,
+)
 
 SHAPES = [(4096, 10), (4096, 1000), (4096, 32000)]
 QUICK_SHAPES = [(64, 10)]
 IMPLS = ("eager", "compile", "fused")
+LARGE_VOCABULARY = (4096, 32000)
+QUICK_LARGE_VOCABULARY = (64, 1000)
+ALLOCATORS = {"default": {}, "THP_MEM_ALLOC_ENABLE=1": {"THP_MEM_ALLOC_ENABLE": "1"}}
 
 
 def make_inputs(rows, classes, seed=0):
@@ -67,18 +87,102 @@ def format_table(results):
     return "\n".join(lines)
 
 
+def bandwidth_bound(x):
+    """What any forward + backward must at least move: two reads of the logits (the forward's and
+    the backward's) and one write of a fresh tensor of their size (the gradient)."""
+
+    def step():
+        x.sum()
+        x.sum()
+        torch.empty_like(x).fill_(1.0)
+
+    return step
+
+
+def allocator_rounds(shape, rounds):
+    """In this process (one allocator setting): per round, the fused and the eager step in
+    alternating order, then the bandwidth bound. Returns the samples of each order in seconds."""
+    x, target = make_inputs(*shape)
+    steps = {
+        "fused": training_step(fused_mlp.cross_entropy, x, target),
+        "eager": training_step(F.cross_entropy, x, target),
+    }
+    bound = bandwidth_bound(x)
+    for fn in (*steps.values(), bound):
+        fn()
+    samples = {"fused first": [], "eager first": []}
+    for r in range(2 * rounds):
+        order = ("fused", "eager") if r % 2 == 0 else ("eager", "fused")
+        times = {name: wall_time(steps[name]) for name in order}
+        times["bound"] = wall_time(bound)
+        samples[f"{order[0]} first"].append(times)
+    return samples
+
+
+def run_allocators(shape, rounds):
+    """{setting: {order: {fused, eager, bound: median seconds}}}, each setting in a fresh process."""
+    out = {}
+    for setting, env in ALLOCATORS.items():
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.bench_cross_entropy",
+                "--allocator-worker",
+                *map(str, shape),
+                str(rounds),
+            ],
+            env={**{k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}, **env},
+            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        samples = json.loads(result.stdout.splitlines()[-1])
+        out[setting] = {
+            order: {name: statistics.median(t[name] for t in times) for name in ("fused", "eager", "bound")}
+            for order, times in samples.items()
+        }
+    return out
+
+
+def format_allocator_table(shape, results):
+    lines = [
+        f"| ({shape[0]}, {shape[1]}) | order | eager ms | fused ms | fused vs eager | bound ms | fused / bound |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for setting, orders in results.items():
+        for order, m in orders.items():
+            lines.append(
+                f"| {setting} | {order} | {m['eager'] * 1e3:.1f} | {m['fused'] * 1e3:.1f} | "
+                f"{m['eager'] / m['fused']:.2f}x | {m['bound'] * 1e3:.1f} | {m['fused'] / m['bound']:.2f} |"
+            )
+    return "\n".join(lines)
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--allocator-worker"]:
+        rows, classes, rounds = map(int, argv[1:4])
+        print(json.dumps(allocator_rounds((rows, classes), rounds)))
+        return None
     args = parse_args(argv, __doc__)
     shapes = QUICK_SHAPES if args.quick else SHAPES
     results = run(shapes, rounds=args.rounds)
-    table = format_table(results)
+    vocabulary = QUICK_LARGE_VOCABULARY if args.quick else LARGE_VOCABULARY
+    allocators = run_allocators(vocabulary, rounds=max(1, args.rounds // 2))
     report = (
         f"# Cross-entropy, forward + backward, CPU\n\n{machine_description()}\n\n"
         "Median of interleaved rounds; saved for backward = bytes autograd keeps beyond the "
-        "logits and targets.\n\n" + table + "\n"
+        "logits and targets.\n\n" + format_table(results) + "\n\n"
+        "## A large vocabulary: allocator settings and call order\n\n"
+        "Each allocator setting in a process of its own, applied to both sides. Each round runs the "
+        "fused and the eager step in one order, then the bandwidth bound: two reads of the logits and "
+        "one write of a fresh tensor of their size, what any forward + backward moves at least. "
+        "Rounds alternate the order; medians per order.\n\n" + format_allocator_table(vocabulary, allocators) + "\n"
     )
     publish(report, "cross_entropy_cpu.md", args.quick)
-    return results
+    return results, allocators
 
 
 if __name__ == "__main__":

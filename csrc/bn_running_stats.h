@@ -5,7 +5,10 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include "common/host_device.h"
+
 namespace fused_mlp {
+FUSED_MLP_ISA_BEGIN
 
 inline void check_running_stats_update(const at::Tensor& running_mean, const at::Tensor& running_var,
                                        const at::Tensor& batch_mean, const at::Tensor& batch_var, double factor) {
@@ -27,4 +30,5 @@ inline void bn_update_running_stats(at::Tensor& running_mean, at::Tensor& runnin
   running_var.mul_(1.0 - factor).add_(batch_var.to(running_var.scalar_type()), factor);
 }
 
+FUSED_MLP_ISA_END
 }  // namespace fused_mlp

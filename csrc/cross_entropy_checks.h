@@ -1,19 +1,21 @@
 // The argument checks of the cross-entropy ops, shared by every backend's launcher.
 #pragma once
 
+#include <ATen/core/Reduction.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
 #include <cstdint>
 
-namespace fused_mlp {
+#include "common/host_device.h"
 
-enum Reduction : int64_t { kNone = 0, kMean = 1, kSum = 2 };
+namespace fused_mlp {
+FUSED_MLP_ISA_BEGIN
 
 struct Problem {
   int64_t rows, classes;
   bool prob_target;
-  Reduction reduction;
+  at::Reduction::Reduction reduction;
   int64_t ignore_index;
   double label_smoothing;
 };
@@ -50,7 +52,31 @@ inline Problem check_problem(const at::Tensor& input, const at::Tensor& target, 
     TORCH_CHECK(w.scalar_type() == input.scalar_type(), op, ": weight must have the input's dtype ",
                 input.scalar_type(), ", got ", w.scalar_type());
   }
-  return {input.size(0), input.size(1), prob, static_cast<Reduction>(reduction), ignore_index, label_smoothing};
+  return {input.size(0), input.size(1),  prob, static_cast<at::Reduction::Reduction>(reduction),
+          ignore_index,  label_smoothing};
 }
 
+// The backward's tensors besides the forward's arguments: the forward's logsumexp, and a grad_loss
+// of the loss's shape and the input's dtype.
+inline void check_backward(const Problem& pb, const at::Tensor& input, const at::Tensor& grad_loss,
+                           const at::Tensor& logsumexp, const char* op) {
+  TORCH_CHECK(logsumexp.dim() == 1 && logsumexp.size(0) == pb.rows && logsumexp.scalar_type() == at::kDouble, op,
+              ": logsumexp must be the forward's (shape (", pb.rows, "), dtype float64), got shape ", logsumexp.sizes(),
+              " and dtype ", logsumexp.scalar_type());
+  TORCH_CHECK(logsumexp.device() == input.device(), op, ": logsumexp is on ", logsumexp.device(), " but input is on ",
+              input.device());
+  if (pb.reduction == at::Reduction::None) {
+    TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == pb.rows, op, ": grad_loss must have shape (", pb.rows,
+                ") for reduction none, got ", grad_loss.sizes());
+  } else {
+    TORCH_CHECK(grad_loss.dim() == 0, op, ": grad_loss must be a scalar for reduction mean/sum, got shape ",
+                grad_loss.sizes());
+  }
+  TORCH_CHECK(grad_loss.scalar_type() == input.scalar_type(), op, ": grad_loss must have the input's dtype ",
+              input.scalar_type(), ", got ", grad_loss.scalar_type());
+  TORCH_CHECK(grad_loss.device() == input.device(), op, ": grad_loss is on ", grad_loss.device(), " but input is on ",
+              input.device());
+}
+
+FUSED_MLP_ISA_END
 }  // namespace fused_mlp

@@ -3,18 +3,19 @@
 // and read their optional arguments the same way.
 #pragma once
 
+#include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <utility>
+
+#include "common/host_device.h"
+
 namespace fused_mlp {
+FUSED_MLP_ISA_BEGIN
 
 inline bool defined(const c10::optional<at::Tensor>& t) {
   return t.has_value() && t->defined();
-}
-
-// The dtype of the statistics and of the per-feature arithmetic: float32, float64 for float64 input.
-inline at::ScalarType acc_type(const at::Tensor& input) {
-  return input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
 // A per-feature parameter as a contiguous acc tensor, or undefined when absent.
@@ -30,6 +31,30 @@ inline at::ScalarType param_type(const c10::optional<at::Tensor>& t, at::ScalarT
 template <typename T>
 const T* ptr_or_null(const at::Tensor& t) {
   return t.defined() ? t.const_data_ptr<T>() : nullptr;
+}
+
+// BatchNorm's optional affine parameters: one per feature, floating-point, on the input's device.
+inline void check_bn_params(const at::Tensor& input, int64_t C, const c10::optional<at::Tensor>& bn_weight,
+                            const c10::optional<at::Tensor>& bn_bias, const char* op) {
+  for (const auto* t : {&bn_weight, &bn_bias}) {
+    if (t->has_value() && (*t)->defined()) {
+      TORCH_CHECK((*t)->dim() == 1 && (*t)->size(0) == C, op, ": BatchNorm weight and bias must have shape (", C,
+                  "), got ", (*t)->sizes());
+      TORCH_CHECK(at::isFloatingType((*t)->scalar_type()), op, ": BatchNorm parameters must be floating-point");
+      TORCH_CHECK((*t)->device() == input.device(), op, ": BatchNorm parameters are on ", (*t)->device(),
+                  " but input is on ", input.device());
+    }
+  }
+}
+
+inline void check_dropout(const at::Tensor& input, double dropout_p, const at::Tensor& seed_offset, const char* op) {
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1), got ", dropout_p);
+  if (dropout_p > 0.0) {
+    // On the CPU, or on the input's device (where a CUDA generator's (seed, offset) lives).
+    TORCH_CHECK(seed_offset.scalar_type() == at::kLong && seed_offset.numel() == 2 &&
+                    (seed_offset.device().is_cpu() || seed_offset.device() == input.device()),
+                op, ": seed_offset must be a CPU int64 tensor holding (seed, offset), or one on the input's device");
+  }
 }
 
 inline void check_layer(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
@@ -52,21 +77,31 @@ inline void check_layer(const at::Tensor& input, const at::Tensor& weight, const
     TORCH_CHECK(bias->device() == input.device(), op, ": bias is on ", bias->device(), " but input is on ",
                 input.device());
   }
-  for (const auto* t : {&bn_weight, &bn_bias}) {
-    if (t->has_value() && (*t)->defined()) {
-      TORCH_CHECK((*t)->dim() == 1 && (*t)->size(0) == C, op, ": BatchNorm weight and bias must have shape (", C,
-                  "), got ", (*t)->sizes());
-      TORCH_CHECK(at::isFloatingType((*t)->scalar_type()), op, ": BatchNorm parameters must be floating-point");
-      TORCH_CHECK((*t)->device() == input.device(), op, ": BatchNorm parameters are on ", (*t)->device(),
-                  " but input is on ", input.device());
-    }
-  }
-  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1), got ", dropout_p);
-  if (dropout_p > 0.0) {
-    // On the CPU, or on the input's device (where a CUDA generator's (seed, offset) lives).
-    TORCH_CHECK(seed_offset.scalar_type() == at::kLong && seed_offset.numel() == 2 &&
-                    (seed_offset.device().is_cpu() || seed_offset.device() == input.device()),
-                op, ": seed_offset must be a CPU int64 tensor holding (seed, offset), or one on the input's device");
+  check_bn_params(input, C, bn_weight, bn_bias, op);
+  check_dropout(input, dropout_p, seed_offset, op);
+}
+
+// The pre-BN activation the stage ops take: (rows, features), floating-point, and, to compute batch
+// statistics from, two rows or more (as PyTorch requires).
+inline void check_pre_bn(const at::Tensor& pre_bn, bool batch_stats, const char* op) {
+  TORCH_CHECK(pre_bn.dim() == 2, op, ": expected pre_bn of shape (batch, features), got shape ", pre_bn.sizes());
+  TORCH_CHECK(at::isFloatingType(pre_bn.scalar_type()), op, ": expected a floating-point pre_bn, got ",
+              pre_bn.scalar_type());
+  TORCH_CHECK(!batch_stats || pre_bn.size(0) > 1,
+              "Expected more than 1 value per channel when training, got input size ", pre_bn.sizes());
+}
+
+// The per-feature statistics an epilogue normalizes with: (features,) in the accumulation dtype, on
+// pre_bn's device, as bn_batch_stats returns them.
+inline void check_feature_stats(const at::Tensor& pre_bn, const at::Tensor& mean, const at::Tensor& invstd,
+                                const char* op) {
+  const int64_t C = pre_bn.size(1);
+  const auto acc = at::toOpMathType(pre_bn.scalar_type());
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"mean", &mean}, {"invstd", &invstd}}) {
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == C && t->scalar_type() == acc, op, ": ", name, " must have shape (", C,
+                ") and dtype ", acc, ", got shape ", t->sizes(), " and dtype ", t->scalar_type());
+    TORCH_CHECK(t->device() == pre_bn.device(), op, ": ", name, " is on ", t->device(), " but pre_bn is on ",
+                pre_bn.device());
   }
 }
 
@@ -100,7 +135,7 @@ inline void check_backward_tensors(const at::Tensor& grad_out, const at::Tensor&
               ": saved must be the forward's pre-BN activation (batch statistics) or output "
               "(running statistics), of shape (",
               N, ", ", C, "); got ", saved.sizes());
-  const auto acc = acc_type(input);
+  const auto acc = at::toOpMathType(input.scalar_type());
   TORCH_CHECK(mean.numel() == C && invstd.numel() == C && mean.scalar_type() == acc && invstd.scalar_type() == acc, op,
               ": mean and invstd must be the forward's");
   for (const at::Tensor* t : {&grad_out, &saved, &mean, &invstd}) {
@@ -109,4 +144,5 @@ inline void check_backward_tensors(const at::Tensor& grad_out, const at::Tensor&
   }
 }
 
+FUSED_MLP_ISA_END
 }  // namespace fused_mlp

@@ -1,11 +1,29 @@
 // Every op schema of the fused_mlp namespace, in one place.
-// Kernels are registered per backend: csrc/cpu/*.cpp (CPU), csrc/cuda/*.cu (CUDA).
+// Kernels are registered per backend: csrc/cpu_dispatch.cpp (CPU, over the per-instruction-set
+// kernels of csrc/cpu/*.cpp), csrc/cuda/*.cu (CUDA).
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/kernels.h"
+
+namespace {
+
+// _C.cpu_capability(): the instruction set of the CPU kernels this process runs.
+PyObject* cpu_capability(PyObject*, PyObject*) {
+  return PyUnicode_FromString(fused_mlp::cpu::cpu_capability_name(fused_mlp::cpu::cpu_capability()));
+}
+
+PyMethodDef methods[] = {
+    {"cpu_capability", cpu_capability, METH_NOARGS,
+     "The instruction set (DEFAULT, AVX2 or AVX512) of the CPU kernels in use: the best this CPU supports, "
+     "or less if ATEN_CPU_CAPABILITY asks for less."},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
 // An importable module, so `import fused_mlp._C` loads the library and runs the registrations below.
 extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);
 }
 
@@ -44,6 +62,14 @@ TORCH_LIBRARY(fused_mlp, m) {
       "Tensor? bn_weight, Tensor? bn_bias, Tensor saved, Tensor mean, Tensor invstd, "
       "bool use_batch_stats, float dropout_p, Tensor seed_offset, bool need_grad_input=True) -> (Tensor grad_input, "
       "Tensor grad_weight, Tensor grad_bias, Tensor grad_bn_weight, Tensor grad_bn_bias)");
+  // The forward with batch statistics after its GEMM is these two stages, also ops of their own:
+  // the per-feature mean, invstd and unbiased variance of the pre-BN activation (as the forward
+  // returns them; reduced in a fixed order, so the same bits at any thread count), and the
+  // normalize -> ReLU -> dropout epilogue.
+  m.def("bn_batch_stats(Tensor pre_bn, float eps) -> (Tensor mean, Tensor invstd, Tensor batch_var)");
+  m.def(
+      "bn_relu_dropout(Tensor pre_bn, Tensor mean, Tensor invstd, Tensor? bn_weight, Tensor? bn_bias, "
+      "float dropout_p, Tensor seed_offset) -> Tensor");
   // running = (1 - factor) * running + factor * batch, in place: BatchNorm's running statistics.
   m.def(
       "bn_update_running_stats_(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor batch_mean, "

@@ -60,7 +60,9 @@ def parse_args(argv=None):
     parser.add_argument(
         "--limit-train", type=int, default=None, help="train on the first N training images only (smoke runs)"
     )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (off anyway when stderr is not a terminal)"
+    )
     args = parser.parse_args(argv)
     try:
         args.hidden = tuple(int(w) for w in args.hidden.split(",") if w.strip())

@@ -14,7 +14,7 @@ _BUILD_HINT = "build it with `pip install --no-build-isolation .` (or `make test
 
 
 class ExtensionError(ImportError):
-    """The compiled extension is missing, or cannot run with this torch or this CPU."""
+    """The compiled extension is missing, or cannot run with this torch."""
 
 
 def _check_build(info):
@@ -22,14 +22,6 @@ def _check_build(info):
         raise ExtensionError(
             f"fused_mlp._C was built against torch {info.TORCH_VERSION} but torch "
             f"{torch.__version__} is installed; rebuild it: {_BUILD_HINT}"
-        )
-    wanted = info.CPU_CAPABILITY
-    have = torch.backends.cpu.get_cpu_capability().lower()
-    supported = {"default": {"default", "avx2", "avx512"}, "avx2": {"avx2", "avx512"}, "avx512": {"avx512"}}
-    if have in ("default", "avx2", "avx512") and have not in supported[wanted]:
-        raise ExtensionError(
-            f"fused_mlp._C was compiled for {wanted.upper()} but this CPU supports {have.upper()}; "
-            f"rebuild it here, or with FUSED_MLP_CPU_CAPABILITY={have}: {_BUILD_HINT}"
         )
 
 

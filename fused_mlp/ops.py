@@ -71,6 +71,16 @@ def linear_bn_relu_backward(
     )
 
 
+def bn_batch_stats(pre_bn, eps):
+    """-> (mean, invstd, batch_var) of pre_bn's columns: the forward's statistics stage."""
+    return _impl.bn_batch_stats(pre_bn, eps)
+
+
+def bn_relu_dropout(pre_bn, mean, invstd, bn_weight, bn_bias, dropout_p, seed_offset):
+    """relu(bn_weight * (pre_bn - mean) * invstd + bn_bias) * dropout: the forward's epilogue stage."""
+    return _impl.bn_relu_dropout(pre_bn, mean, invstd, bn_weight, bn_bias, dropout_p, seed_offset)
+
+
 def bn_update_running_stats_(running_mean, running_var, batch_mean, batch_var, factor):
     """running = (1 - factor) * running + factor * batch, in place."""
     _impl.bn_update_running_stats_(running_mean, running_var, batch_mean, batch_var, factor)
@@ -149,6 +159,17 @@ if BACKEND == "extension":
             param(bn_weight),
             param(bn_bias),
         )
+
+    @torch.library.register_fake("fused_mlp::bn_batch_stats")
+    def _bn_batch_stats_fake(pre_bn, eps):
+        torch._check(pre_bn.dim() == 2, lambda: "bn_batch_stats: pre_bn must be 2-D")
+        stat = pre_bn.new_empty((pre_bn.shape[1],), dtype=reference._acc_dtype(pre_bn.dtype))
+        return stat, torch.empty_like(stat), torch.empty_like(stat)
+
+    @torch.library.register_fake("fused_mlp::bn_relu_dropout")
+    def _bn_relu_dropout_fake(pre_bn, mean, invstd, bn_weight, bn_bias, dropout_p, seed_offset):
+        torch._check(pre_bn.dim() == 2, lambda: "bn_relu_dropout: pre_bn must be 2-D")
+        return torch.empty_like(pre_bn, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake("fused_mlp::bn_update_running_stats_")
     def _bn_update_running_stats_fake(running_mean, running_var, batch_mean, batch_var, factor):

@@ -6,7 +6,9 @@ oracle the tests hold the kernels to. They favour clarity over speed: unlike the
 materialize the log-probabilities.
 """
 
-import numpy as np
+import math
+import struct
+
 import torch
 
 REDUCTION_NONE, REDUCTION_MEAN, REDUCTION_SUM = 0, 1, 2
@@ -30,6 +32,10 @@ def _log_softmax(x):
 
 
 def _check_targets(target, classes, ignore_index):
+    # Meta tensors have shapes but no values, and a traced graph cannot branch on one: nothing to
+    # check there (the gather below still refuses an index past the classes on real tensors).
+    if target.device.type == "meta" or torch.compiler.is_compiling():
+        return
     bad = (target != ignore_index) & ((target < 0) | (target >= classes))
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
@@ -63,7 +69,7 @@ def cross_entropy_forward(input, target, weight, reduction, ignore_index, label_
     if target.is_floating_point():
         w = weight.to(acc) if weight is not None else torch.ones(classes, dtype=acc, device=x.device)
         per_row = -(log_prob * _smoothed_prob_target(target, eps, acc) * w).sum(dim=1)
-        divisor = torch.tensor(float(rows), dtype=torch.float64)
+        divisor = float(rows)
     else:
         valid, t, w_t, w = _class_terms(target, weight, classes, ignore_index, acc)
         per_row = -log_prob.gather(1, t[:, None]).squeeze(1) * w_t
@@ -115,47 +121,108 @@ def cross_entropy_backward(grad_loss, input, target, weight, logsumexp, reductio
 
 
 # --- dropout masks: Philox4x32-10 with the mapping of csrc/common/philox.h ------------------------
+#
+# Torch has no unsigned 32- or 64-bit arithmetic on every device, so the words live in int64
+# tensors as values in [0, 2^32). A 32x32-bit product would overflow int64; each multiplier is
+# split into 16-bit halves instead, so no intermediate reaches 2^49 (see _philox_rounds).
 
-_MASK32 = np.uint64(0xFFFFFFFF)
-_PHILOX_MUL = (np.uint64(0xD2511F53), np.uint64(0xCD9E8D57))
-_PHILOX_WEYL = (np.uint64(0x9E3779B9), np.uint64(0xBB67AE85))
+_MASK32 = 0xFFFFFFFF
+_PHILOX_MUL = (0xD2511F53, 0xCD9E8D57)
+_PHILOX_WEYL = (0x9E3779B9, 0xBB67AE85)
+_PHILOX_ROUNDS = 10
+
+
+def _philox_rounds(c0, c1, c2, c3, key0, key1):
+    """Philox4x32-10 on int64 tensors holding 32-bit words (broadcast to one shape); key0 and key1
+    are 0-dim tensors, so a key on the device is never read on the host. Returns the output words
+    as the rows of two (2, n) tensors: (c0, c2) and (c3, c1)."""
+    device = c0.device
+    weyl = torch.tensor(_PHILOX_WEYL, dtype=torch.int64, device=device)[:, None]
+    rounds = torch.arange(_PHILOX_ROUNDS, dtype=torch.int64, device=device)
+    # The key of every round at once: (k + r * weyl) mod 2^32, as the 32-bit additions wrap.
+    keys = (torch.stack([key0, key1]).reshape(2, 1) + weyl * rounds) & _MASK32
+    mul = torch.tensor(_PHILOX_MUL, dtype=torch.int64, device=device)[:, None]
+    mul_hi, mul_lo = mul >> 16, mul & 0xFFFF
+    # Rows (c0, c2) meet the multipliers (M0, M1) together. A round maps them to
+    #   c0 = hi(M1 c2) ^ c1 ^ k0,  c1 = lo(M1 c2),  c2 = hi(M0 c0) ^ c3 ^ k1,  c3 = lo(M0 c0),
+    # so the low words, kept as rows (c3, c1), line up with the high words they are xored with,
+    # and only the new (c0, c2) swaps rows, which the writes into `even` do for free.
+    even = torch.stack(torch.broadcast_tensors(c0, c2))
+    low = torch.stack(torch.broadcast_tensors(c3, c1))
+    # Reused buffers: at these sizes allocating a result costs as much as computing it.
+    a, b, hi = torch.empty_like(even), torch.empty_like(even), torch.empty_like(even)
+    for r in range(_PHILOX_ROUNDS):
+        # M x = b 2^16 + a with a = M_lo x and b = M_hi x, both < 2^48; s = b + (a >> 16) < 2^49
+        # gives hi = s >> 16 and lo = (s mod 2^16) 2^16 + (a mod 2^16).
+        torch.mul(even, mul_lo, out=a)
+        torch.mul(even, mul_hi, out=b)
+        torch.bitwise_right_shift(a, 16, out=hi)
+        b.add_(hi)
+        torch.bitwise_right_shift(b, 16, out=hi)
+        b.bitwise_and_(0xFFFF).bitwise_left_shift_(16).bitwise_or_(a.bitwise_and_(0xFFFF))
+        hi.bitwise_xor_(low)
+        torch.bitwise_xor(hi[1], keys[0, r], out=even[0])
+        torch.bitwise_xor(hi[0], keys[1, r], out=even[1])
+        low, b = b, low
+    return even, low
 
 
 def philox4x32_10(counter, key):
-    """Philox4x32-10 on numpy arrays: counter = four arrays of 32-bit words (any integer dtype),
-    key = two 32-bit words. Returns the four output words as uint64 arrays holding 32-bit values
-    (a uint64 holds the 32x32-bit products exactly)."""
-    c0, c1, c2, c3 = (np.asarray(c, dtype=np.uint64) & _MASK32 for c in counter)
-    k0, k1 = (np.uint64(k) & _MASK32 for k in key)
-    for _ in range(10):
-        p0 = _PHILOX_MUL[0] * c0
-        p1 = _PHILOX_MUL[1] * c2
-        c0, c1, c2, c3 = (p1 >> np.uint64(32)) ^ c1 ^ k0, p1 & _MASK32, (p0 >> np.uint64(32)) ^ c3 ^ k1, p0 & _MASK32
-        k0 = (k0 + _PHILOX_WEYL[0]) & _MASK32
-        k1 = (k1 + _PHILOX_WEYL[1]) & _MASK32
-    return c0, c1, c2, c3
+    """Philox4x32-10 of each row of counter, an (n, 4) int64 tensor of 32-bit words, with key, a
+    2-element int64 tensor of 32-bit words; returns the (n, 4) int64 output words on counter's
+    device, as torch.ops.fused_mlp.philox4x32_10 does."""
+    c = counter.to(torch.int64) & _MASK32
+    k = key.to(device=counter.device, dtype=torch.int64).reshape(2) & _MASK32
+    even, low = _philox_rounds(c[:, 0], c[:, 1], c[:, 2], c[:, 3], k[0], k[1])
+    return torch.stack([even[0], low[1], even[1], low[0]], dim=1)
 
 
-def dropout_keep_mask(seed, offset, numel, p, start=0):
-    """The keep mask (bool tensor of numel elements) of dropout with probability p for elements
-    start .. start + numel - 1, as every backend computes it."""
-    seed = int(seed) & 0xFFFFFFFFFFFFFFFF
-    offset = int(offset) & 0xFFFFFFFFFFFFFFFF
+def _float32(x):
+    """x rounded to the nearest float32, as the kernels receive p."""
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+def dropout_mask(seed_offset, numel, p, start=0):
+    """The keep mask (bool tensor of numel elements, on seed_offset's device) of dropout with
+    probability p for elements start .. start + numel - 1, as torch.ops.fused_mlp.dropout_mask.
+    seed_offset is the int64 tensor (seed, offset); each is a 64-bit number stored as a signed
+    int64, and is never read on the host."""
+    so = seed_offset.to(torch.int64).reshape(2)
+    device = so.device
+    # & and an arithmetic shift then & give the unsigned 32-bit halves of a negative int64 too.
+    seed_lo, seed_hi = so[0] & _MASK32, (so[0] >> 32) & _MASK32
+    offset_lo, offset_hi = so[1] & _MASK32, (so[1] >> 32) & _MASK32
     first_block = start // 4
-    blocks = np.arange(first_block, (start + numel + 3) // 4, dtype=np.uint64)
-    words = philox4x32_10(
-        (
-            blocks & _MASK32,
-            blocks >> np.uint64(32),
-            np.full_like(blocks, offset & 0xFFFFFFFF),
-            np.full_like(blocks, offset >> 32),
-        ),
-        (seed & 0xFFFFFFFF, seed >> 32),
-    )
-    word = np.stack(words, axis=1).reshape(-1)  # element i: word i % 4 of block i // 4
-    word = word[start - first_block * 4 :][:numel]
-    keep = (word >> np.uint64(8)).astype(np.float32) * np.float32(2.0**-24) >= np.float32(p)
-    return torch.from_numpy(keep)
+    blocks = torch.arange(first_block, (start + numel + 3) // 4, dtype=torch.int64, device=device)
+    even, low = _philox_rounds(blocks & _MASK32, blocks >> 32, offset_lo, offset_hi, seed_lo, seed_hi)
+    # (word >> 8) * 2^-24 >= float32(p) is exact in float32, so it is the integer comparison
+    # word >= t * 2^8 with t the smallest 24-bit value at or above float32(p) * 2^24.
+    threshold = math.ceil(_float32(p) * 2.0**24) << 8
+    keep_even, keep_low = even >= threshold, low >= threshold
+    # Element i takes word i % 4 of block i // 4.
+    keep = torch.stack([keep_even[0], keep_low[1], keep_even[1], keep_low[0]], dim=1).reshape(-1)
+    return keep[start - first_block * 4 :][:numel]
+
+
+def dropout_keep_mask(seed, offset, numel, p, start=0, *, device=None):
+    """dropout_mask for a separate seed and offset, each a Python int or an int64 tensor (any
+    64-bit value; negative ones stand for their two's-complement bits). The mask is on device,
+    else on the seed's device if it is a tensor, else on the CPU."""
+    if device is None:
+        device = seed.device if isinstance(seed, torch.Tensor) else torch.device("cpu")
+    parts = [
+        v.to(device=device, dtype=torch.int64).reshape(())
+        if isinstance(v, torch.Tensor)
+        else torch.tensor(_as_int64(int(v)), dtype=torch.int64, device=device)
+        for v in (seed, offset)
+    ]
+    return dropout_mask(torch.stack(parts), numel, p, start)
+
+
+def _as_int64(v):
+    """A Python int's low 64 bits as a signed int64 value, as torch.tensor needs them."""
+    v &= 0xFFFFFFFFFFFFFFFF
+    return v - (1 << 64) if v >= 1 << 63 else v
 
 
 # --- Linear -> BatchNorm1d -> ReLU -> Dropout -------------------------------------------------------
@@ -168,11 +235,33 @@ def _bn_affine(bn_weight, bn_bias, mean, invstd):
     return a, b
 
 
-def _dropout_multiplier(shape, dropout_p, seed_offset, acc):
+def _dropout_multiplier(like, dropout_p, seed_offset, acc):
+    """The dropout multipliers (0 or 1 / (1 - p)) of a tensor shaped like `like`, on its device;
+    seed_offset moves there as the CUDA kernels move it (a copy toward the input, never a read)."""
     if dropout_p <= 0:
         return None
-    keep = dropout_keep_mask(int(seed_offset[0]), int(seed_offset[1]), shape[0] * shape[1], dropout_p)
-    return keep.reshape(shape).to(acc) * (1.0 / (1.0 - dropout_p))
+    keep = dropout_mask(seed_offset.to(like.device), like.numel(), dropout_p)
+    return keep.reshape(like.shape).to(acc) * (1.0 / (1.0 - dropout_p))
+
+
+def bn_batch_stats(pre_bn, eps):
+    """Per feature (column) of pre_bn: the mean, 1 / sqrt(biased variance + eps) and the unbiased
+    variance, in the accumulation dtype."""
+    if pre_bn.shape[0] <= 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(pre_bn.shape)}")
+    z = pre_bn.to(_acc_dtype(pre_bn.dtype))
+    return z.mean(dim=0), (z.var(dim=0, unbiased=False) + eps).rsqrt(), z.var(dim=0, unbiased=True)
+
+
+def bn_relu_dropout(pre_bn, mean, invstd, bn_weight, bn_bias, dropout_p, seed_offset):
+    """relu(bn_weight * (pre_bn - mean) * invstd + bn_bias) * dropout, in pre_bn's dtype."""
+    acc = _acc_dtype(pre_bn.dtype)
+    a, b = _bn_affine(bn_weight, bn_bias, mean, invstd)
+    y = torch.relu(pre_bn.to(acc) * a + b)
+    mult = _dropout_multiplier(y, dropout_p, seed_offset, acc)
+    if mult is not None:
+        y = y * mult
+    return y.to(pre_bn.dtype)
 
 
 def linear_bn_relu_forward(
@@ -181,26 +270,14 @@ def linear_bn_relu_forward(
     acc = _acc_dtype(input.dtype)
     z = torch.nn.functional.linear(input, weight, bias)
     if use_batch_stats:
-        if input.shape[0] <= 1:
-            raise ValueError(
-                f"Expected more than 1 value per channel when training, got input size {tuple(input.shape)}"
-            )
-        zf = z.to(acc)
-        mean = zf.mean(dim=0)
-        invstd = (zf.var(dim=0, unbiased=False) + eps).rsqrt()
-        var = zf.var(dim=0, unbiased=True)
+        mean, invstd, var = bn_batch_stats(z, eps)
         pre_bn = z
     else:
         mean = running_mean.to(acc).clone()
         var = running_var.to(acc).clone()
         invstd = (var + eps).rsqrt()
         pre_bn = input.new_empty(0)
-    a, b = _bn_affine(bn_weight, bn_bias, mean, invstd)
-    y = torch.relu(z.to(acc) * a + b)
-    mult = _dropout_multiplier(y.shape, dropout_p, seed_offset, acc)
-    if mult is not None:
-        y = y * mult
-    return y.to(input.dtype), pre_bn, mean, invstd, var
+    return bn_relu_dropout(z, mean, invstd, bn_weight, bn_bias, dropout_p, seed_offset), pre_bn, mean, invstd, var
 
 
 def linear_bn_relu_backward(
@@ -224,7 +301,7 @@ def linear_bn_relu_backward(
     a, b = _bn_affine(bn_weight, bn_bias, mean, invstd)
     if use_batch_stats:
         z = saved.to(acc)
-        mult = _dropout_multiplier(z.shape, dropout_p, seed_offset, acc)
+        mult = _dropout_multiplier(z, dropout_p, seed_offset, acc)
         dy = torch.where(z * a + b > 0, g if mult is None else g * mult, torch.zeros_like(g))
         zhat = (z - mean) * invstd
         sum_dy, sum_dy_zhat = dy.sum(dim=0), (dy * zhat).sum(dim=0)
@@ -252,7 +329,7 @@ def linear_bn_relu_backward(
 def linear_relu_dropout_forward(input, weight, bias, dropout_p, seed_offset):
     acc = _acc_dtype(input.dtype)
     y = torch.relu(torch.nn.functional.linear(input, weight, bias).to(acc))
-    mult = _dropout_multiplier(y.shape, dropout_p, seed_offset, acc)
+    mult = _dropout_multiplier(y, dropout_p, seed_offset, acc)
     if mult is not None:
         y = y * mult
     return y.to(input.dtype)

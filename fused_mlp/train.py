@@ -147,8 +147,9 @@ def load_checkpoint(path, model, optimizer, scheduler, train_batches):
 def fit(model, forward, splits, args, out_dir, device, resume=None, log=print, progress_bar=True):
     """Trains for args["epochs"] epochs, validating after each, and writes into out_dir:
     checkpoint_last.pt and checkpoint_best.pt (by validation accuracy), metrics.json, and the
-    plots. Returns the metrics dict, with the final test accuracy and loss of the last epoch's
-    model."""
+    plots. log gets one line per epoch; with progress_bar, a bar on stderr follows the epoch
+    while stderr is a terminal. Returns the metrics dict, with the final test accuracy and loss of
+    the last epoch's model."""
     from .data import Batches
 
     train_batches = Batches(
@@ -172,12 +173,15 @@ def fit(model, forward, splits, args, out_dir, device, resume=None, log=print, p
         if progress_bar:
             from tqdm import tqdm
 
+            # disable=None: no bar when stderr, where it is drawn, is not a terminal. A redirected
+            # or CI log then holds the epoch lines alone instead of every redrawn frame.
             bar = tqdm(
                 total=train_batches.num_samples(),
                 desc=f"epoch {epoch}/{args['epochs']}",
                 unit="img",
                 leave=False,
                 dynamic_ncols=True,
+                disable=None,
             )
         start = time.perf_counter()
         train_loss, speed = train_one_epoch(model, forward, train_batches, optimizer, device, bar)

@@ -11,7 +11,7 @@ from benchmarks import bench_cross_entropy, bench_linear_bn_relu, suite  # noqa:
 
 
 def test_cross_entropy_benchmark_quick(capsys):
-    results = bench_cross_entropy.main(["--quick"])
+    results, allocators = bench_cross_entropy.main(["--quick"])
     ((shape, medians, saved),) = results
     assert shape == bench_cross_entropy.QUICK_SHAPES[0]
     assert set(medians) == {"eager", "compile", "fused"} and all(m > 0 for m in medians.values())
@@ -19,7 +19,12 @@ def test_cross_entropy_benchmark_quick(capsys):
     # eager keeps the (rows, classes) log-probabilities; the fused op keeps one float64 per row.
     assert saved["eager"] >= rows * classes * 4
     assert saved["fused"] == rows * 8
-    assert "| (64, 10) |" in capsys.readouterr().out
+    assert set(allocators) == set(bench_cross_entropy.ALLOCATORS)
+    for orders in allocators.values():
+        assert set(orders) == {"fused first", "eager first"}
+        assert all(t > 0 for m in orders.values() for t in m.values())
+    out = capsys.readouterr().out
+    assert "| (64, 10) |" in out and "| THP_MEM_ALLOC_ENABLE=1 | eager first |" in out
 
 
 def test_linear_bn_relu_benchmark_quick(capsys):

@@ -66,6 +66,7 @@ GRID = list(
 )
 
 
+@pytest.mark.cpu_parity
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape,target_kind,weighted,smoothing,reduction", GRID)
 def test_parity_with_stock(dtype, shape, target_kind, weighted, smoothing, reduction):
@@ -95,6 +96,7 @@ def test_gradcheck(shape, target_kind, ignore, weighted, smoothing, reduction):
     assert torch.autograd.gradcheck(f, (x,))
 
 
+@pytest.mark.cpu_parity
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("target_kind", ["index", "prob"])
 def test_large_vocabulary(dtype, target_kind):
@@ -108,6 +110,7 @@ def test_large_vocabulary(dtype, target_kind):
         torch.testing.assert_close(grad.double(), want_grad, rtol=rtol, atol=atol)
 
 
+@pytest.mark.cpu_parity
 @pytest.mark.parametrize("classes", [10, 50_000])
 @pytest.mark.parametrize("target_kind", ["index", "prob"])
 def test_extreme_logits(classes, target_kind):
@@ -122,6 +125,7 @@ def test_extreme_logits(classes, target_kind):
         torch.testing.assert_close(grad.double(), want_grad, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.cpu_parity
 def test_module_matches_stock_module():
     x, target, weight = make_case((12, 7), "index", torch.float32, weighted=True, ignore=True)
     ours = fnn.CrossEntropyLoss(weight, ignore_index=-100, reduction="sum", label_smoothing=0.05)
@@ -163,6 +167,7 @@ def test_all_targets_ignored_and_empty_batch_follow_pytorch():
     assert empty.grad.shape == (0, 4)
 
 
+@pytest.mark.cpu_parity
 def test_nan_and_inf_propagate_as_pytorch():
     x = torch.tensor(
         [
@@ -195,18 +200,20 @@ def test_inputs_are_not_modified():
         assert torch.equal(before, after)
 
 
+@pytest.mark.cpu_parity
 def test_non_contiguous_input():
     x = torch.randn(7, 12).t()  # (12, 7), strided
     target = torch.randint(0, 7, (12,))
     torch.testing.assert_close(cross_entropy(x, target, reduction="none"), F.cross_entropy(x, target, reduction="none"))
 
 
+@pytest.mark.cpu_parity
 def test_deterministic_across_runs_and_thread_counts():
     x, target, weight = make_case((64, 20_000), "index", torch.float32, True, True)
     threads = torch.get_num_threads()
     results = []
     try:
-        for n in (threads, 1, threads):
+        for n in (1, 2, 3, 1):
             torch.set_num_threads(n)
             xr = x.clone().requires_grad_()
             loss = cross_entropy(xr, target, weight, label_smoothing=0.1)
@@ -257,6 +264,7 @@ def test_opcheck(target_kind, reduction):
         )
 
 
+@pytest.mark.cpu_parity
 @pytest.mark.skipif(fused_mlp.BACKEND != "extension", reason="needs the compiled extension")
 @pytest.mark.parametrize("target_kind", ["index", "prob"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])

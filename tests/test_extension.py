@@ -114,3 +114,38 @@ def test_torch_version_mismatch_is_named():
     fallback = run_python(code + "print(fused_mlp.BACKEND)")
     assert fallback.returncode == 0 and fallback.stdout.strip() == "reference"
     assert "built against torch" in fallback.stderr
+
+
+@pytest.mark.skipif(fused_mlp.BACKEND != "extension", reason="needs the compiled extension")
+def test_a_build_without_cuda_names_the_op_and_how_to_build_with_cuda(tmp_path):
+    """csrc/cuda_unavailable.cpp, what a CPU-only build registers for the CUDA key, loaded over this
+    build's CUDA kernels in a fresh process; each op is then called as the dispatcher would call
+    it for CUDA tensors (there is no GPU to make one)."""
+    code = f"""
+        import warnings, torch, fused_mlp
+        from torch.utils.cpp_extension import load
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # it overrides this build's CUDA kernels, on purpose
+            load(name="fused_mlp_cuda_unavailable", sources=[{os.path.join(ROOT, "csrc", "cuda_unavailable.cpp")!r}],
+                 build_directory={str(tmp_path)!r}, is_python_module=False)
+        cuda = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+        x, t = torch.randn(4, 3), torch.zeros(4, dtype=torch.long)
+        calls = {{
+            "cross_entropy_forward": (x, t, None, 1, -100, 0.0),
+            "linear_bn_relu_forward": (x, torch.randn(2, 3), None, None, None, None, None, True, 1e-5, 0.0,
+                                       torch.zeros(2, dtype=torch.long)),
+            "philox_seed_offset": (x, None),
+        }}
+        for name, args in calls.items():
+            try:
+                getattr(torch.ops.fused_mlp, name).default.redispatch(cuda, *args)
+            except RuntimeError as err:
+                print(type(err).__name__, str(err).splitlines()[0])
+        """
+    result = run_python(code)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 3, result.stdout
+    for line, name in zip(lines, ("cross_entropy_forward", "linear_bn_relu_forward", "philox_seed_offset")):
+        assert line.startswith(f"RuntimeError fused_mlp::{name}: this build of fused_mlp has no CUDA kernels"), line
+        assert "CUDA_HOME" in line and "pip install --no-build-isolation ." in line, line

@@ -96,3 +96,29 @@ def test_ops_check_their_own_arguments():
         op(x, w, None, None, None, None, None, False, 1e-5, 0.0, so)
     with pytest.raises(RuntimeError, match="seed_offset must be a CPU int64 tensor"):
         op(x, w, None, None, None, None, None, True, 1e-5, 0.5, torch.tensor([1.0, 2.0]))
+
+
+def test_stage_ops_check_their_own_arguments():
+    import fused_mlp
+
+    if fused_mlp.BACKEND != "extension":
+        pytest.skip("the compiled extension is not loaded")
+    stats, epilogue = torch.ops.fused_mlp.bn_batch_stats, torch.ops.fused_mlp.bn_relu_dropout
+    z, so = torch.randn(5, 4), torch.tensor([1, 2])
+    mean, invstd, _ = stats(z, 1e-5)
+    with pytest.raises(RuntimeError, match="expected pre_bn of shape \\(batch, features\\)"):
+        stats(torch.randn(5), 1e-5)
+    with pytest.raises(RuntimeError, match="Expected more than 1 value per channel when training"):
+        stats(z[:1], 1e-5)
+    with pytest.raises(RuntimeError, match="expected a floating-point pre_bn"):
+        stats(z.long(), 1e-5)
+    with pytest.raises(RuntimeError, match="mean must have shape \\(4\\) and dtype Float"):
+        epilogue(z, mean[:3], invstd, None, None, 0.0, so)
+    with pytest.raises(RuntimeError, match="invstd must have shape \\(4\\) and dtype Float"):
+        epilogue(z, mean, invstd.double(), None, None, 0.0, so)
+    with pytest.raises(RuntimeError, match="BatchNorm weight and bias must have shape \\(4\\)"):
+        epilogue(z, mean, invstd, torch.ones(3), None, 0.0, so)
+    with pytest.raises(RuntimeError, match="dropout_p must be in \\[0, 1\\)"):
+        epilogue(z, mean, invstd, None, None, 1.5, so)
+    # One row is enough to normalize with given statistics.
+    assert epilogue(z[:1], mean, invstd, None, None, 0.0, so).shape == (1, 4)

@@ -1,5 +1,6 @@
 """The Fashion-MNIST training loop and its command line, on the real data."""
 
+import io
 import json
 import os
 import subprocess
@@ -179,3 +180,38 @@ def test_mismatched_resume_is_refused_and_nothing_overwritten(data_dir, tmp_path
     again = run_script("--epochs", "1", "--out", str(out), data_dir=data_dir)
     assert again.returncode == 2 and "already holds a run" in again.stderr
     assert {p.name: p.read_bytes() for p in out.iterdir()} == files
+
+
+def test_a_redirected_log_gets_one_line_per_epoch_and_no_bar(data_dir, tmp_path):
+    # As under CI or `> log 2>&1`: stdout and stderr both a pipe, and no --no-progress.
+    result = subprocess.run(
+        [sys.executable, SCRIPT, "--epochs", "2", "--limit-train", "2000", "--out", str(tmp_path / "run")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=dict(os.environ, FUSED_MLP_DATA=data_dir),
+        cwd=ROOT,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout
+    assert "\r" not in result.stdout
+    assert "epoch 1/2" not in result.stdout and "img/s" not in result.stdout
+    epoch_lines = [line for line in result.stdout.splitlines() if line.startswith("epoch")]
+    assert [line.split()[1] for line in epoch_lines] == ["1", "2"]
+    assert all("train loss" in line and "val acc" in line for line in epoch_lines)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_a_terminal_still_gets_the_bar(splits, tmp_path, monkeypatch):
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    torch.manual_seed(0)
+    model = MLP()
+    lines = []
+    train.fit(model, model, small_splits(splits), dict(FIT_ARGS, epochs=1), str(tmp_path), "cpu", log=lines.append)
+    assert "\r" in terminal.getvalue() and "epoch 1/1" in terminal.getvalue()
+    assert len(lines) == 1 and lines[0].startswith("epoch   1")

@@ -6,7 +6,7 @@
 //   counter = ((i / 4) low 32 bits, (i / 4) high 32 bits, offset low 32 bits, offset high 32 bits)
 //   word    = output word i % 4 of philox4x32_10(counter, key)
 //   keep    = (word >> 8) * 2^-24 >= p
-// fused_mlp/reference.py implements the same mapping in numpy.
+// fused_mlp/reference.py implements the same mapping in torch integer ops, on any device.
 #pragma once
 
 #include <cstdint>
@@ -14,6 +14,7 @@
 #include "common/host_device.h"
 
 namespace fused_mlp {
+FUSED_MLP_ISA_BEGIN
 
 struct Philox4x32 {
   uint32_t v[4];
@@ -59,4 +60,5 @@ FUSED_MLP_HD bool dropout_keep_element(uint64_t seed, uint64_t offset, uint64_t 
   return dropout_keep(r.v[index % 4], p);
 }
 
+FUSED_MLP_ISA_END
 }  // namespace fused_mlp

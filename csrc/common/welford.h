@@ -7,6 +7,7 @@
 #include "common/host_device.h"
 
 namespace fused_mlp {
+FUSED_MLP_ISA_BEGIN
 
 template <typename V, typename S>
 struct WelfordState {
@@ -31,4 +32,5 @@ FUSED_MLP_HD WelfordState<V, S> welford_merge_or_empty(const WelfordState<V, S>&
   return welford_merge(a, b);
 }
 
+FUSED_MLP_ISA_END
 }  // namespace fused_mlp

@@ -14,22 +14,24 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/util/irange.h>
-#include <torch/library.h>
 
 #include <cmath>
 #include <limits>
 #include <vector>
 
-#include "cpu/huge_pages.h"
+#include "cpu/kernels.h"
 #include "cpu/vec_io.h"
 #include "cross_entropy_checks.h"
 
 namespace fused_mlp::cpu {
+FUSED_MLP_ISA_BEGIN
 namespace {
 
-// Classes per tile: a float tile (16 KiB) stays in L1 between its two passes.
+// Classes per tile: a float tile (16 KiB) stays between its two passes in the L1 data cache, which
+// is 32 KiB or more on every x86-64 CPU of the last decade.
 constexpr int64_t kTile = 4096;
-// Elements per parallel task, so short rows are not one task each.
+// Elements per parallel task, so short rows are not one task each: starting a parallel region
+// costs microseconds on any CPU, the work of a few thousand elements about as much.
 constexpr int64_t kGrainElements = 32768;
 
 // The logsumexp state of part of a row, relative to its max m (the online-softmax state), with
@@ -329,7 +331,8 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_cpu(const at::Tensor& i
   const at::Tensor target = target_.contiguous();
   const at::Tensor weight = weight_.has_value() ? weight_->contiguous() : at::Tensor();
   at::Tensor lse = at::empty({pb.rows}, input.options().dtype(at::kDouble));
-  at::Tensor loss = pb.reduction == kNone ? at::empty({pb.rows}, input.options()) : at::empty({}, input.options());
+  at::Tensor loss =
+      pb.reduction == at::Reduction::None ? at::empty({pb.rows}, input.options()) : at::empty({}, input.options());
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "cross_entropy_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -341,7 +344,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_cpu(const at::Tensor& i
 
     std::vector<acc_t> row_loss_buf;
     acc_t* row_loss;
-    if (pb.reduction == kNone && std::is_same_v<scalar_t, acc_t>) {
+    if (pb.reduction == at::Reduction::None && std::is_same_v<scalar_t, acc_t>) {
       row_loss = reinterpret_cast<acc_t*>(loss.mutable_data_ptr<scalar_t>());
     } else {
       row_loss_buf.resize(pb.rows);
@@ -359,7 +362,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_cpu(const at::Tensor& i
     }
 
     scalar_t* out = loss.mutable_data_ptr<scalar_t>();
-    if (pb.reduction == kNone) {
+    if (pb.reduction == at::Reduction::None) {
       if (!std::is_same_v<scalar_t, acc_t>) {
         for (const auto i : c10::irange(pb.rows)) out[i] = static_cast<scalar_t>(row_loss[i]);
       }
@@ -367,7 +370,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_cpu(const at::Tensor& i
     }
     double total = 0;  // a fixed-order sum: the same bits at any thread count
     for (const auto i : c10::irange(pb.rows)) total += static_cast<double>(row_loss[i]);
-    if (pb.reduction == kMean) total /= divisor;  // 0/0 = NaN, as PyTorch
+    if (pb.reduction == at::Reduction::Mean) total /= divisor;  // 0/0 = NaN, as PyTorch
     *out = static_cast<scalar_t>(total);
   });
   return {loss, lse};
@@ -448,8 +451,9 @@ void backward_rows(const scalar_t* grad_loss, int64_t grad_stride, const scalar_
     int64_t t = -1;
   };
   acc_t reduced_scale = 0;  // reduction mean / sum: the same scale for every row
-  if (pb.reduction != kNone) {
-    reduced_scale = static_cast<acc_t>(static_cast<acc_t>(grad_loss[0]) / (pb.reduction == kMean ? divisor : 1.0));
+  if (pb.reduction != at::Reduction::None) {
+    reduced_scale =
+        static_cast<acc_t>(static_cast<acc_t>(grad_loss[0]) / (pb.reduction == at::Reduction::Mean ? divisor : 1.0));
   }
   auto row_terms = [&](int64_t row) {
     RowTerms r;
@@ -461,7 +465,7 @@ void backward_rows(const scalar_t* grad_loss, int64_t grad_stride, const scalar_
     if (target && r.t == pb.ignore_index) return r;  // kZero
     r.kind = RowTerms::kValue;
     r.lse = SplitLse<acc_t>(lse[row]);
-    r.scale = pb.reduction == kNone ? static_cast<acc_t>(grad_loss[row * grad_stride]) : reduced_scale;
+    r.scale = pb.reduction == at::Reduction::None ? static_cast<acc_t>(grad_loss[row * grad_stride]) : reduced_scale;
     r.scale_coef = r.scale * (pb.prob_target ? acc_t(1) : spread);
     if (pb.prob_target) {
       r.scale_a = r.scale * prob_mass[row];
@@ -547,25 +551,13 @@ at::Tensor cross_entropy_backward_cpu(const at::Tensor& grad_loss_, const at::Te
                                       int64_t reduction, int64_t ignore_index, double label_smoothing) {
   constexpr const char* op = "fused_mlp::cross_entropy_backward";
   const Problem pb = check_problem(input_, target_, weight_, reduction, ignore_index, label_smoothing, op);
-  TORCH_CHECK(lse_.dim() == 1 && lse_.size(0) == pb.rows && lse_.scalar_type() == at::kDouble, op,
-              ": logsumexp must be the forward's (shape (", pb.rows, "), dtype float64", "), got shape ", lse_.sizes(),
-              " and dtype ", lse_.scalar_type());
-  if (pb.reduction == kNone) {
-    TORCH_CHECK(grad_loss_.dim() == 1 && grad_loss_.size(0) == pb.rows, op, ": grad_loss must have shape (", pb.rows,
-                ") for reduction none, got ", grad_loss_.sizes());
-  } else {
-    TORCH_CHECK(grad_loss_.dim() == 0, op, ": grad_loss must be a scalar for reduction mean/sum, got shape ",
-                grad_loss_.sizes());
-  }
-  TORCH_CHECK(grad_loss_.scalar_type() == input_.scalar_type(), op, ": grad_loss must have the input's dtype ",
-              input_.scalar_type(), ", got ", grad_loss_.scalar_type());
+  check_backward(pb, input_, grad_loss_, lse_, op);
 
   const at::Tensor input = input_.contiguous();
   const at::Tensor target = target_.contiguous();
   const at::Tensor weight = weight_.has_value() ? weight_->contiguous() : at::Tensor();
   const at::Tensor lse = lse_.contiguous();
   at::Tensor grad = at::empty_like(input, at::MemoryFormat::Contiguous);
-  advise_huge_pages(grad.data_ptr(), grad.nbytes());
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "cross_entropy_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -575,7 +567,7 @@ at::Tensor cross_entropy_backward_cpu(const at::Tensor& grad_loss_, const at::Te
     const scalar_t* pt = pb.prob_target ? target.const_data_ptr<scalar_t>() : nullptr;
     const double divisor = scan_targets<scalar_t>(t, w, pb, op);
     const scalar_t* g = grad_loss_.const_data_ptr<scalar_t>();
-    const int64_t g_stride = pb.reduction == kNone ? grad_loss_.stride(0) : 0;
+    const int64_t g_stride = pb.reduction == at::Reduction::None ? grad_loss_.stride(0) : 0;
     const double* l = lse.const_data_ptr<double>();
     scalar_t* out = grad.mutable_data_ptr<scalar_t>();
     if (pb.prob_target) {
@@ -592,10 +584,11 @@ at::Tensor cross_entropy_backward_cpu(const at::Tensor& grad_loss_, const at::Te
 }
 
 }  // namespace
+FUSED_MLP_ISA_END
 
-TORCH_LIBRARY_IMPL(fused_mlp, CPU, m) {
-  m.impl("cross_entropy_forward", &cross_entropy_forward_cpu);
-  m.impl("cross_entropy_backward", &cross_entropy_backward_cpu);
+const CrossEntropyKernels& FUSED_MLP_THIS_CPU_VARIANT(cross_entropy_kernels)() {
+  static constexpr CrossEntropyKernels kernels{&cross_entropy_forward_cpu, &cross_entropy_backward_cpu};
+  return kernels;
 }
 
 }  // namespace fused_mlp::cpu

@@ -13,9 +13,11 @@
 #include <immintrin.h>
 #endif
 
+#include "common/host_device.h"
 #include "common/philox.h"
 
 namespace fused_mlp::cpu {
+FUSED_MLP_ISA_BEGIN
 
 // keep iff (word >> 8) >= threshold: the integer form of (word >> 8) * 2^-24 >= p, exact since
 // both sides scale by a power of two.
@@ -260,4 +262,5 @@ void dropout_multipliers_rows(uint64_t seed, uint64_t offset, uint64_t begin, ui
     dropout_multipliers<T>(seed, offset, begin + static_cast<uint64_t>(r) * stride, n, p, scale, out + r * n);
 }
 
+FUSED_MLP_ISA_END
 }  // namespace fused_mlp::cpu

@@ -26,24 +26,35 @@
 #include <ATen/ops/relu.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/irange.h>
-#include <torch/library.h>
 
+#include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
+#include <map>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <tuple>
 #include <vector>
 
 #include "bn_running_stats.h"
 #include "common/welford.h"
 #include "cpu/dropout_mask.h"
+#include "cpu/kernels.h"
 #include "cpu/vec_io.h"
 #include "linear_bn_relu_checks.h"
 
 namespace fused_mlp::cpu {
+FUSED_MLP_ISA_BEGIN
 namespace {
 
-constexpr int64_t kRowBlock = 128;        // rows per reduction unit
-constexpr int64_t kFeatureVecs = 4;       // vectors of features per reduction unit
-constexpr int64_t kGrainElements = 8192;  // two threads from 8K elements up
+// A reduction unit: kRowBlock rows by kFeatureVecs vectors of features, at most 32 KiB of float
+// input (with AVX-512), read twice while it sits in the L1 / L2 cache of any of these CPUs.
+constexpr int64_t kRowBlock = 128;
+constexpr int64_t kFeatureVecs = 4;
+// Two threads from 8K elements up: below that the work costs less than starting a parallel region.
+constexpr int64_t kGrainElements = 8192;
 
 // The dropout of one layer call: which elements survive, and the scale of the survivors.
 struct Dropout {
@@ -201,22 +212,77 @@ at::Tensor onednn_linear_relu(const at::Tensor& input, const at::Tensor& weight,
   }
 }
 
-// oneDNN's matmul with a ReLU post-op sets up a primitive on every call (tens of microseconds
-// here), which only pays off on large GEMMs: on this project's 2-core AVX-512 machine it lost to
-// addmm + relu_ up to 3.4e7 multiply-adds (e.g. 1024 x 256 -> 128) and won from 1e8 (256 x 784 -> 512).
-constexpr int64_t kOneDnnMinMacs = 100'000'000;
+// relu(x W^T + b) has two forms: ATen's GEMM (at::addmm: MKL or oneDNN, as ATen picks) and then
+// ReLU in place, or oneDNN's matmul with ReLU as a post-op, which saves that pass over the output
+// but sets up a oneDNN primitive on every call. Which is faster depends on the CPU, on the GEMM
+// kernels each library has for it, on the shape and on the thread count, so no size threshold
+// holds everywhere: the first call of each (shape, dtype, bias, threads) times both and keeps the
+// faster for the rest of the process. FUSED_MLP_LINEAR_RELU=aten or =onednn skips the timing and
+// always takes one form. The two forms differ only in the GEMM's rounding.
+enum class LinearReluForm { kAten, kOneDnn };
 
-// relu(x W^T + b) * dropout: one GEMM, then the epilogue in place on its output.
+// FUSED_MLP_LINEAR_RELU, read once: the form it fixes, or none (auto).
+std::optional<LinearReluForm> forced_linear_relu_form() {
+  const char* env = std::getenv("FUSED_MLP_LINEAR_RELU");
+  const std::string value = env ? env : "";
+  if (value == "aten") return LinearReluForm::kAten;
+  if (value == "onednn") return LinearReluForm::kOneDnn;
+  TORCH_CHECK(value.empty() || value == "auto", "FUSED_MLP_LINEAR_RELU must be auto, aten or onednn, got '", value,
+              "'");
+  return std::nullopt;
+}
+
+at::Tensor aten_linear_relu(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias) {
+  at::Tensor out = bias.defined() ? at::addmm(bias, input, weight.t()) : at::mm(input, weight.t());
+  return at::relu_(out);
+}
+
+// relu(x W^T + b), in the form that is faster here for this call's GEMM.
+at::Tensor linear_relu(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias) {
+  const auto dtype = input.scalar_type();
+  if (dtype != at::kFloat && dtype != at::kBFloat16) return aten_linear_relu(input, weight, bias);
+  static const std::optional<LinearReluForm> forced = forced_linear_relu_form();
+  const auto run = [&](LinearReluForm form) {
+    at::Tensor out = form == LinearReluForm::kOneDnn ? onednn_linear_relu(input, weight, bias) : at::Tensor();
+    return out.defined() ? out : aten_linear_relu(input, weight, bias);  // oneDNN may refuse a call
+  };
+  if (forced) return run(*forced);
+  using Key = std::tuple<int64_t, int64_t, int64_t, at::ScalarType, bool, int>;
+  static std::mutex mutex;
+  static std::map<Key, LinearReluForm> chosen;
+  const Key key{input.size(0), input.size(1), weight.size(0), dtype, bias.defined(), at::get_num_threads()};
+  std::optional<LinearReluForm> known;
+  {
+    const std::lock_guard<std::mutex> lock(mutex);
+    const auto it = chosen.find(key);
+    if (it != chosen.end()) known = it->second;
+  }
+  if (known) return run(*known);
+  // The best of three timed calls of each form, alternating, so a disturbance hits both alike;
+  // the first oneDNN call also builds its kernels, which the later ones do not pay.
+  using Clock = std::chrono::steady_clock;
+  double best[2] = {std::numeric_limits<double>::infinity(), std::numeric_limits<double>::infinity()};
+  at::Tensor out[2];
+  for (int trial = 0; trial < 3; ++trial) {
+    for (const int form : {0, 1}) {
+      const auto start = Clock::now();
+      out[form] = form == 1 ? onednn_linear_relu(input, weight, bias) : aten_linear_relu(input, weight, bias);
+      if (!out[form].defined()) break;  // oneDNN refused this call: ATen's form it is
+      best[form] = std::min(best[form], std::chrono::duration<double>(Clock::now() - start).count());
+    }
+  }
+  const int faster = best[1] < best[0] ? 1 : 0;
+  const std::lock_guard<std::mutex> lock(mutex);
+  chosen.emplace(key, faster == 1 ? LinearReluForm::kOneDnn : LinearReluForm::kAten);
+  return out[faster];
+}
+
+// relu(x W^T + b) * dropout: one GEMM with its ReLU; with dropout, one GEMM and then ReLU and
+// dropout in one pass in place on its output.
 at::Tensor linear_relu_dropout(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
                                const Dropout& dropout) {
-  const int64_t macs = input.size(0) * input.size(1) * weight.size(0);
-  at::Tensor out = macs >= kOneDnnMinMacs ? onednn_linear_relu(input, weight, bias) : at::Tensor();
-  const bool relu_done = out.defined();
-  if (!relu_done) out = bias.defined() ? at::addmm(bias, input, weight.t()) : at::mm(input, weight.t());
-  if (!dropout.active) {
-    if (!relu_done) at::relu_(out);
-    return out;
-  }
+  if (!dropout.active) return linear_relu(input, weight, bias);
+  at::Tensor out = bias.defined() ? at::addmm(bias, input, weight.t()) : at::mm(input, weight.t());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "linear_relu_dropout", [&] {
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
     affine_relu_dropout<scalar_t>(o, o, out.size(0), out.size(1), nullptr, nullptr, dropout);  // ReLU too
@@ -252,6 +318,37 @@ void scale_rows(const scalar_t* w, const at::opmath_type<scalar_t>* scale, int64
 // ---------------------------------------------------------------------------------------------
 // Forward.
 
+// Per feature of z (N, C): the mean, invstd = 1 / sqrt(biased variance + eps), and the unbiased
+// variance, in the accumulation dtype.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_stats_of(const at::Tensor& z, double eps) {
+  const int64_t N = z.size(0), C = z.size(1);
+  const auto options = z.options().dtype(at::toOpMathType(z.scalar_type()));
+  at::Tensor mean = at::empty({C}, options), invstd = at::empty({C}, options), var = at::empty({C}, options);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "bn_batch_stats", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    batch_stats<scalar_t>(z.const_data_ptr<scalar_t>(), N, C, eps, mean.mutable_data_ptr<acc_t>(),
+                          invstd.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>());
+  });
+  return {mean, invstd, var};
+}
+
+// relu(gamma * (z - mean) * invstd + beta) * dropout into a fresh tensor; gamma and beta are acc
+// tensors or undefined (no affine).
+at::Tensor normalize_relu_dropout(const at::Tensor& z, const at::Tensor& mean, const at::Tensor& invstd,
+                                  const at::Tensor& gamma, const at::Tensor& beta, const Dropout& dropout) {
+  const int64_t N = z.size(0), C = z.size(1);
+  at::Tensor out = at::empty_like(z, at::MemoryFormat::Contiguous);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "bn_relu_dropout", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    std::vector<acc_t> A(C), B(C);
+    bn_affine<acc_t>(C, ptr_or_null<acc_t>(gamma), ptr_or_null<acc_t>(beta), mean.const_data_ptr<acc_t>(),
+                     invstd.const_data_ptr<acc_t>(), A.data(), B.data());
+    affine_relu_dropout<scalar_t>(z.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), N, C, A.data(),
+                                  B.data(), dropout);
+  });
+  return out;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn_relu_forward_cpu(
     const at::Tensor& input_, const at::Tensor& weight_, const c10::optional<at::Tensor>& bias,
     const c10::optional<at::Tensor>& bn_weight, const c10::optional<at::Tensor>& bn_bias,
@@ -259,43 +356,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn
     double eps, double dropout_p, const at::Tensor& seed_offset_) {
   constexpr const char* op = "fused_mlp::linear_bn_relu_forward";
   check_layer(input_, weight_, bias, bn_weight, bn_bias, dropout_p, seed_offset_, op);
-  const int64_t N = input_.size(0), C = weight_.size(0);
+  const int64_t C = weight_.size(0);
   check_statistics_mode(input_, C, use_batch_stats, running_mean, running_var, op);
-  const auto acc = acc_type(input_);
+  const auto acc = at::toOpMathType(input_.scalar_type());
   const at::Tensor input = input_.contiguous(), weight = weight_.contiguous();
-  const at::Tensor seed_offset = seed_offset_.contiguous();
   const at::Tensor gamma = as_acc(bn_weight, acc), beta = as_acc(bn_bias, acc);
-  const auto stat_options = input.options().dtype(acc);
-  at::Tensor mean, invstd, var;
-  at::Tensor pre_bn, out;
+  const Dropout dropout(dropout_p, seed_offset_.contiguous());
 
   if (use_batch_stats) {
-    pre_bn = defined(bias) ? at::addmm(*bias, input, weight.t()) : at::mm(input, weight.t());
-    mean = at::empty({C}, stat_options);
-    invstd = at::empty({C}, stat_options);
-    var = at::empty({C}, stat_options);
-    out = at::empty_like(pre_bn);
-  } else {
-    mean = running_mean->to(acc).contiguous().clone();
-    var = running_var->to(acc).contiguous().clone();
-    invstd = (var + eps).rsqrt();
-    pre_bn = at::empty({0}, input.options());
+    at::Tensor pre_bn = defined(bias) ? at::addmm(*bias, input, weight.t()) : at::mm(input, weight.t());
+    auto [mean, invstd, var] = batch_stats_of(pre_bn, eps);
+    at::Tensor out = normalize_relu_dropout(pre_bn, mean, invstd, gamma, beta, dropout);
+    return {out, pre_bn, mean, invstd, var};
   }
-
-  const Dropout dropout(dropout_p, seed_offset);
+  // Running statistics: fold the BN affine into the GEMM, then ReLU (+ dropout) in place.
+  at::Tensor mean = running_mean->to(acc).contiguous().clone();
+  at::Tensor var = running_var->to(acc).contiguous().clone();
+  at::Tensor invstd = (var + eps).rsqrt();
+  at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "linear_bn_relu_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     std::vector<acc_t> A(C), B(C);
-    if (use_batch_stats) {
-      batch_stats<scalar_t>(pre_bn.const_data_ptr<scalar_t>(), N, C, eps, mean.mutable_data_ptr<acc_t>(),
-                            invstd.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>());
-      bn_affine<acc_t>(C, ptr_or_null<acc_t>(gamma), ptr_or_null<acc_t>(beta), mean.const_data_ptr<acc_t>(),
-                       invstd.const_data_ptr<acc_t>(), A.data(), B.data());
-      affine_relu_dropout<scalar_t>(pre_bn.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), N, C, A.data(),
-                                    B.data(), dropout);
-      return;
-    }
-    // Running statistics: fold the BN affine into the GEMM, then ReLU (+ dropout) in place.
     bn_affine<acc_t>(C, ptr_or_null<acc_t>(gamma), ptr_or_null<acc_t>(beta), mean.const_data_ptr<acc_t>(),
                      invstd.const_data_ptr<acc_t>(), A.data(), B.data());
     at::Tensor folded_weight = at::empty_like(weight);
@@ -311,7 +392,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn
     }
     out = linear_relu_dropout(input, folded_weight, folded_bias, dropout);
   });
-  return {out, pre_bn, mean, invstd, var};
+  return {out, at::empty({0}, input.options()), mean, invstd, var};
+}
+
+// The stages of the forward with batch statistics after its GEMM, as ops of their own.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_batch_stats_cpu(const at::Tensor& pre_bn, double eps) {
+  check_pre_bn(pre_bn, /*batch_stats=*/true, "fused_mlp::bn_batch_stats");
+  return batch_stats_of(pre_bn.contiguous(), eps);
+}
+
+at::Tensor bn_relu_dropout_cpu(const at::Tensor& pre_bn, const at::Tensor& mean, const at::Tensor& invstd,
+                               const c10::optional<at::Tensor>& bn_weight, const c10::optional<at::Tensor>& bn_bias,
+                               double dropout_p, const at::Tensor& seed_offset) {
+  constexpr const char* op = "fused_mlp::bn_relu_dropout";
+  check_pre_bn(pre_bn, /*batch_stats=*/false, op);
+  check_feature_stats(pre_bn, mean, invstd, op);
+  check_bn_params(pre_bn, pre_bn.size(1), bn_weight, bn_bias, op);
+  check_dropout(pre_bn, dropout_p, seed_offset, op);
+  const auto acc = at::toOpMathType(pre_bn.scalar_type());
+  return normalize_relu_dropout(pre_bn.contiguous(), mean.contiguous(), invstd.contiguous(), as_acc(bn_weight, acc),
+                                as_acc(bn_bias, acc), Dropout(dropout_p, seed_offset.contiguous()));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -398,7 +498,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn
   check_layer(input_, weight_, bias, bn_weight, bn_bias, dropout_p, seed_offset_, op);
   const int64_t N = input_.size(0), C = weight_.size(0), K = weight_.size(1);
   check_backward_tensors(grad_out_, input_, saved_, mean_, invstd_, C, op);
-  const auto acc = acc_type(input_);
+  const auto acc = at::toOpMathType(input_.scalar_type());
   const at::Tensor g = grad_out_.contiguous(), input = input_.contiguous(), weight = weight_.contiguous();
   const at::Tensor saved = saved_.contiguous(), mean = mean_.contiguous(), invstd = invstd_.contiguous();
   const at::Tensor seed_offset = seed_offset_.contiguous();
@@ -545,12 +645,13 @@ void bn_update_running_stats_cpu(at::Tensor& running_mean, at::Tensor& running_v
 }
 
 }  // namespace
+FUSED_MLP_ISA_END
 
-TORCH_LIBRARY_IMPL(fused_mlp, CPU, m) {
-  m.impl("linear_bn_relu_forward", &linear_bn_relu_forward_cpu);
-  m.impl("linear_bn_relu_backward", &linear_bn_relu_backward_cpu);
-  m.impl("bn_update_running_stats_", &bn_update_running_stats_cpu);
-  m.impl("linear_relu_dropout_forward", &linear_relu_dropout_forward_cpu);
+const LinearBnReluKernels& FUSED_MLP_THIS_CPU_VARIANT(linear_bn_relu_kernels)() {
+  static constexpr LinearBnReluKernels kernels{
+      &linear_bn_relu_forward_cpu, &linear_bn_relu_backward_cpu,     &bn_batch_stats_cpu,
+      &bn_relu_dropout_cpu,        &linear_relu_dropout_forward_cpu, &bn_update_running_stats_cpu};
+  return kernels;
 }
 
 }  // namespace fused_mlp::cpu

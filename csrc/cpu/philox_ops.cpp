@@ -1,17 +1,18 @@
 // The dropout generator as ops of its own, so tests can hold the C++ code to Random123's
-// known-answer vectors and to fused_mlp.reference's numpy implementation.
+// known-answer vectors and to fused_mlp.reference's torch implementation.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/util/irange.h>
-#include <torch/library.h>
 
 #include <vector>
 
 #include "common/philox.h"
 #include "cpu/dropout_mask.h"
+#include "cpu/kernels.h"
 
 namespace fused_mlp::cpu {
+FUSED_MLP_ISA_BEGIN
 namespace {
 
 // counter: (n, 4) int64 holding 32-bit words; key: (2,) int64 holding 32-bit words.
@@ -52,10 +53,11 @@ at::Tensor dropout_mask_cpu(const at::Tensor& seed_offset_, int64_t numel, doubl
 }
 
 }  // namespace
+FUSED_MLP_ISA_END
 
-TORCH_LIBRARY_IMPL(fused_mlp, CPU, m) {
-  m.impl("philox4x32_10", &philox4x32_10_cpu);
-  m.impl("dropout_mask", &dropout_mask_cpu);
+const DropoutKernels& FUSED_MLP_THIS_CPU_VARIANT(dropout_kernels)() {
+  static constexpr DropoutKernels kernels{&philox4x32_10_cpu, &dropout_mask_cpu};
+  return kernels;
 }
 
 }  // namespace fused_mlp::cpu

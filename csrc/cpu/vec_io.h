@@ -10,7 +10,10 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "common/host_device.h"
+
 namespace fused_mlp::cpu {
+FUSED_MLP_ISA_BEGIN
 
 template <typename scalar_t>
 struct VecIO {
@@ -61,4 +64,5 @@ inline at::vec::Vectorized<acc_t> vec_exp(const at::vec::Vectorized<acc_t>& v) {
   }
 }
 
+FUSED_MLP_ISA_END
 }  // namespace fused_mlp::cpu

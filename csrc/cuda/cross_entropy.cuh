@@ -1,7 +1,8 @@
 // Device code of the fused cross-entropy: kernels, their __device__ helpers and their launch
 // configuration. Free of host-only syntax, so the same code compiles with nvcc for a GPU and with
-// g++ under the CUDA simulation (csrc/sim/cuda_sim.h) for the tests. The launches live in
-// cross_entropy_launch.cu (GPU) and tests/sim/cross_entropy_sim.cpp (simulation).
+// g++ under the CUDA simulation (csrc/sim/cuda_sim.h) for the tests. The host sequence of launches
+// is cross_entropy_host.h, instantiated by cross_entropy_cuda.cu (GPU) and
+// tests/sim/cross_entropy_sim.cpp (simulation).
 //
 // The maths is the CPU kernel's (docs/cross_entropy.md): per row, the max m, then
 // sumexp = sum exp(x - m) and, for label smoothing and probability targets, the coefficient sums
@@ -10,8 +11,8 @@
 // atomics), so results are deterministic.
 #pragma once
 
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Reduction.h>
 
 #include <algorithm>
 #include <cmath>
@@ -22,51 +23,25 @@
 
 namespace fused_mlp::cuda {
 
-FUSED_MLP_HD float acc_exp(float x) {
-  return expf(x);
-}
-FUSED_MLP_HD double acc_exp(double x) {
-  return exp(x);
-}
-FUSED_MLP_HD float acc_log(float x) {
-  return logf(x);
-}
-FUSED_MLP_HD double acc_log(double x) {
-  return log(x);
-}
-template <typename T>
-FUSED_MLP_HD bool is_nan(T x) {
-  return x != x;
-}
-template <typename T>
-FUSED_MLP_HD bool is_finite(T x) {
-  return (x - x) == (x - x);  // inf - inf and NaN - NaN are NaN
-}
-template <typename T>
-FUSED_MLP_HD T max_propagating_nan(T a, T b) {
-  return (is_nan(a) || a > b) ? a : b;
-}
-
 constexpr int64_t kWarpRowMaxClasses = 1024;
 constexpr int kWarpRowThreads = 128;  // 4 rows per block
 constexpr int kBlockRowThreads = 512;
-constexpr int kReduceThreads = 512;
+constexpr int kBatchReduceThreads = 512;  // the single block of the batch reductions
 
-enum Reduction : int { kNone = 0, kMean = 1, kSum = 2 };
+// Rows of up to kWarpRowMaxClasses classes take a warp or part of one; longer rows a block.
+constexpr bool cross_entropy_warp_per_row(int64_t classes) {
+  return classes <= kWarpRowMaxClasses;
+}
 
-struct LaunchConfig {
-  dim3 grid;
-  dim3 block;
-  size_t shared_bytes;
-  bool warp_per_row;    // rows of up to kWarpRowMaxClasses: a warp or part of one per row
-  int lanes_per_row;    // with warp_per_row: a power of two <= 32 (several rows share a warp)
-  int values_per_lane;  // with warp_per_row: a power of two; the row lives in registers
-};
-
-constexpr int next_power_of_two(int64_t n) {
-  int p = 1;
-  while (p < n) p *= 2;
-  return p;
+// As PyTorch's persistent softmax: with a warp per row, short rows share a warp (C <= 16 takes C
+// rounded up to a power of two lanes), and each lane holds its share of the row in registers, a
+// power of two values.
+constexpr int cross_entropy_lanes_per_row(int64_t classes) {
+  return std::min<int>(kWarpSize, next_power_of_two(classes));
+}
+constexpr int cross_entropy_values_per_lane(int64_t classes) {
+  const int lanes = cross_entropy_lanes_per_row(classes);
+  return next_power_of_two((classes + lanes - 1) / lanes);
 }
 
 // The forward's row kernel: a warp per row for short rows, a block per row for long ones; a grid
@@ -74,18 +49,14 @@ constexpr int next_power_of_two(int64_t n) {
 inline LaunchConfig cross_entropy_rows_config(int64_t rows, int64_t classes, const LaunchLimits& limits,
                                               int64_t max_blocks_per_sm = 32) {
   const int64_t max_grid = std::max<int64_t>(1, limits.sm_count * max_blocks_per_sm);
-  if (classes <= kWarpRowMaxClasses) {
-    // As PyTorch's persistent softmax: short rows share a warp (C <= 16 takes C rounded up to a
-    // power of two lanes), and each lane holds its share of the row in registers.
-    const int lanes = std::min<int>(kWarpSize, next_power_of_two(classes));
-    const int per_lane = next_power_of_two((classes + lanes - 1) / lanes);
-    const int64_t rows_per_block = (kWarpRowThreads / kWarpSize) * (kWarpSize / lanes);
+  if (cross_entropy_warp_per_row(classes)) {
+    const int64_t rows_per_block = (kWarpRowThreads / kWarpSize) * (kWarpSize / cross_entropy_lanes_per_row(classes));
     const int64_t blocks = std::max<int64_t>(1, std::min(max_grid, (rows + rows_per_block - 1) / rows_per_block));
-    return {dim3(static_cast<unsigned>(blocks)), dim3(kWarpRowThreads), 0, true, lanes, per_lane};
+    return {dim3(static_cast<unsigned>(blocks)), dim3(kWarpRowThreads), 0};
   }
   const int threads = std::min(kBlockRowThreads, limits.max_threads_per_block);
   const int64_t blocks = std::max<int64_t>(1, std::min(max_grid, rows));
-  return {dim3(static_cast<unsigned>(blocks)), dim3(threads), 0, false, 0, 0};
+  return {dim3(static_cast<unsigned>(blocks)), dim3(threads), 0};
 }
 
 // A warp per row, for the per-row sums of the backward.
@@ -93,52 +64,23 @@ inline LaunchConfig cross_entropy_warp_per_row_config(int64_t rows, const Launch
   const int64_t rows_per_block = kWarpRowThreads / kWarpSize;
   const int64_t blocks =
       std::max<int64_t>(1, std::min<int64_t>(limits.sm_count * 32, (rows + rows_per_block - 1) / rows_per_block));
-  return {dim3(static_cast<unsigned>(blocks)), dim3(kWarpRowThreads), 0, true, kWarpSize, 1};
+  return {dim3(static_cast<unsigned>(blocks)), dim3(kWarpRowThreads), 0};
 }
 
 // The backward's elementwise kernel: a grid-stride loop over rows * classes elements.
 inline LaunchConfig cross_entropy_elementwise_config(int64_t elements, const LaunchLimits& limits) {
-  const int threads = std::min(256, limits.max_threads_per_block);
-  const int64_t max_grid = std::max<int64_t>(1, limits.sm_count * 8);
-  const int64_t blocks = std::max<int64_t>(1, std::min(max_grid, (elements + threads - 1) / threads));
-  return {dim3(static_cast<unsigned>(blocks)), dim3(threads), 0, false, 0, 0};
+  return grid_stride_config(elements, kElementwiseThreads, 8, limits);
 }
 
 // A single block for the deterministic batch reductions.
 inline LaunchConfig cross_entropy_reduce_config(const LaunchLimits& limits) {
-  return {dim3(1), dim3(std::min(kReduceThreads, limits.max_threads_per_block)), 0, false, 0, 0};
+  return {dim3(1), dim3(std::min(kBatchReduceThreads, limits.max_threads_per_block)), 0};
 }
 
 // True when every row of a (rows, classes) tensor starting at p can be read in aligned packs.
 template <typename T>
 FUSED_MLP_HD bool rows_are_packable(const T* p, int64_t classes) {
   return reinterpret_cast<uintptr_t>(p) % 16 == 0 && classes % kVec<T> == 0;
-}
-
-// --- reductions within a warp and within a block ---------------------------------------------
-
-// Max over aligned groups of kWidth lanes (a power of two <= 32); the whole warp takes part.
-template <typename T, int kWidth = kWarpSize>
-__device__ __forceinline__ T warp_max(T v) {
-  for (int offset = kWidth / 2; offset > 0; offset /= 2) {
-    v = max_propagating_nan(v, __shfl_xor_sync(0xffffffffu, v, offset, kWidth));
-  }
-  return v;
-}
-
-// The block-wide sum (or max) of v, returned to every thread. blockDim.x is a multiple of 32.
-template <typename T, bool kMax>
-__device__ T block_reduce(T v) {
-  __shared__ T warp_results[32];
-  v = kMax ? warp_max(v) : warp_sum(v);
-  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
-  const int warps = blockDim.x / kWarpSize;
-  __syncthreads();  // warp_results may still be read by a previous call
-  if (lane == 0) warp_results[warp] = v;
-  __syncthreads();
-  T r = lane < warps ? warp_results[lane] : (kMax ? T(-INFINITY) : T(0));
-  r = kMax ? warp_max(r) : warp_sum(r);
-  return r;
 }
 
 // --- forward ----------------------------------------------------------------------------------
@@ -151,8 +93,8 @@ struct ForwardArgs {
   const scalar_t* weight;       // (classes,) or null
   int64_t rows, classes, ignore_index;
   double label_smoothing;
-  typename AccType<scalar_t>::type* row_loss;  // (rows,)
-  double* logsumexp;                           // (rows,)
+  at::opmath_type<scalar_t>* row_loss;  // (rows,)
+  double* logsumexp;                    // (rows,)
 };
 
 // The coefficient of class c of a row, for the smoothing / probability-target sums.
@@ -242,8 +184,8 @@ __device__ void row_forward(const ForwardArgs<scalar_t>& a, int64_t row, int lan
 // Short rows: kLanes lanes per row (32 / kLanes rows per warp), each lane holding kPerLane of the
 // row's values in registers, so the row is read from memory once.
 template <typename scalar_t, int kLanes, int kPerLane>
-__global__ void cross_entropy_forward_warp_rows(ForwardArgs<scalar_t> a) {
-  using acc_t = typename AccType<scalar_t>::type;
+__global__ void __launch_bounds__(kWarpRowThreads) cross_entropy_forward_warp_rows(ForwardArgs<scalar_t> a) {
+  using acc_t = at::opmath_type<scalar_t>;
   constexpr int kRowsPerWarp = kWarpSize / kLanes;
   const int lane = threadIdx.x % kWarpSize, sub = lane % kLanes;
   const int64_t rows_per_block = (blockDim.x / kWarpSize) * kRowsPerWarp;
@@ -291,8 +233,8 @@ __global__ void cross_entropy_forward_warp_rows(ForwardArgs<scalar_t> a) {
 }
 
 template <typename scalar_t>
-__global__ void cross_entropy_forward_block_rows(ForwardArgs<scalar_t> a) {
-  using acc_t = typename AccType<scalar_t>::type;
+__global__ void __launch_bounds__(kBlockRowThreads) cross_entropy_forward_block_rows(ForwardArgs<scalar_t> a) {
+  using acc_t = at::opmath_type<scalar_t>;
   for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
     row_forward<scalar_t, acc_t>(
         a, row, threadIdx.x, blockDim.x, [](acc_t v) { return block_reduce<acc_t, true>(v); },
@@ -300,11 +242,11 @@ __global__ void cross_entropy_forward_block_rows(ForwardArgs<scalar_t> a) {
   }
 }
 
-// The register-resident warp kernel instantiated for the configuration's row width; `launch` is
+// The register-resident warp kernel instantiated for the row width of args.classes; `launch` is
 // the caller's launch policy, launch(config, kernel, args...).
 template <typename scalar_t, typename Launch>
 void launch_warp_rows(const Launch& launch, const LaunchConfig& cfg, const ForwardArgs<scalar_t>& args) {
-  switch (cfg.lanes_per_row) {
+  switch (cross_entropy_lanes_per_row(args.classes)) {
     case 1:
       return launch(cfg, cross_entropy_forward_warp_rows<scalar_t, 1, 1>, args);
     case 2:
@@ -318,7 +260,7 @@ void launch_warp_rows(const Launch& launch, const LaunchConfig& cfg, const Forwa
     default:
       break;
   }
-  switch (cfg.values_per_lane) {
+  switch (cross_entropy_values_per_lane(args.classes)) {
     case 1:
       return launch(cfg, cross_entropy_forward_warp_rows<scalar_t, 32, 1>, args);
     case 2:
@@ -339,8 +281,9 @@ void launch_warp_rows(const Launch& launch, const LaunchConfig& cfg, const Forwa
 // out[0] = the divisor of reduction='mean' (the summed weight of the non-ignored targets, or the
 // row count for probability targets); out[1] = the sum of the class weights (or the class count).
 template <typename scalar_t>
-__global__ void cross_entropy_batch_scalars(const int64_t* target, const scalar_t* weight, int64_t rows,
-                                            int64_t classes, int64_t ignore_index, double* out) {
+__global__ void __launch_bounds__(kBatchReduceThreads)
+    cross_entropy_batch_scalars(const int64_t* target, const scalar_t* weight, int64_t rows, int64_t classes,
+                                int64_t ignore_index, double* out) {
   double divisor = 0, weight_total = 0;
   if (target == nullptr) {
     divisor = threadIdx.x == 0 ? static_cast<double>(rows) : 0.0;
@@ -364,20 +307,21 @@ __global__ void cross_entropy_batch_scalars(const int64_t* target, const scalar_
 
 // The mean or sum of the per-row losses into out (a scalar), dividing by scalars[0] for mean.
 template <typename scalar_t>
-__global__ void cross_entropy_reduce_loss(const typename AccType<scalar_t>::type* row_loss, int64_t rows, int reduction,
-                                          const double* scalars, scalar_t* out) {
+__global__ void __launch_bounds__(kBatchReduceThreads)
+    cross_entropy_reduce_loss(const at::opmath_type<scalar_t>* row_loss, int64_t rows,
+                              at::Reduction::Reduction reduction, const double* scalars, scalar_t* out) {
   double total = 0;
   for (int64_t i = threadIdx.x; i < rows; i += blockDim.x) total += static_cast<double>(row_loss[i]);
   total = block_reduce<double, false>(total);
   if (threadIdx.x == 0) {
-    if (reduction == kMean) total /= scalars[0];  // 0 / 0 = NaN when every target is ignored
+    if (reduction == at::Reduction::Mean) total /= scalars[0];  // 0 / 0 = NaN when every target is ignored
     out[0] = static_cast<scalar_t>(total);
   }
 }
 
 template <typename scalar_t>
-__global__ void cross_entropy_write_row_losses(const typename AccType<scalar_t>::type* row_loss, int64_t rows,
-                                               scalar_t* out) {
+__global__ void __launch_bounds__(kElementwiseThreads)
+    cross_entropy_write_row_losses(const at::opmath_type<scalar_t>* row_loss, int64_t rows, scalar_t* out) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < rows;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     out[i] = static_cast<scalar_t>(row_loss[i]);
@@ -395,18 +339,19 @@ struct BackwardArgs {
   const scalar_t* prob_target;
   const scalar_t* weight;
   const double* logsumexp;
-  const double* scalars;                              // cross_entropy_batch_scalars' output
-  const typename AccType<scalar_t>::type* prob_mass;  // (rows,) sum_c coef_c, probability targets
+  const double* scalars;                       // cross_entropy_batch_scalars' output
+  const at::opmath_type<scalar_t>* prob_mass;  // (rows,) sum_c coef_c, probability targets
   int64_t rows, classes, ignore_index;
-  int reduction;
+  at::Reduction::Reduction reduction;
   double label_smoothing;
   scalar_t* grad_input;
 };
 
 // sum_c coef_c of each row of a probability target (a warp per row).
 template <typename scalar_t>
-__global__ void cross_entropy_prob_mass(ForwardArgs<scalar_t> a, typename AccType<scalar_t>::type* mass) {
-  using acc_t = typename AccType<scalar_t>::type;
+__global__ void __launch_bounds__(kWarpRowThreads)
+    cross_entropy_prob_mass(ForwardArgs<scalar_t> a, at::opmath_type<scalar_t>* mass) {
+  using acc_t = at::opmath_type<scalar_t>;
   const acc_t keep = acc_t(1) - static_cast<acc_t>(a.label_smoothing);
   const acc_t spread = static_cast<acc_t>(a.label_smoothing) / static_cast<acc_t>(a.classes);
   const int lane = threadIdx.x % kWarpSize;
@@ -423,8 +368,8 @@ __global__ void cross_entropy_prob_mass(ForwardArgs<scalar_t> a, typename AccTyp
 // grad[row, c] = scale * (softmax * a - b_c): grid-stride over the elements, in aligned packs of
 // kVec when every row can be read that way, else one by one.
 template <typename scalar_t>
-__global__ void cross_entropy_backward_elementwise(BackwardArgs<scalar_t> a) {
-  using acc_t = typename AccType<scalar_t>::type;
+__global__ void __launch_bounds__(kElementwiseThreads) cross_entropy_backward_elementwise(BackwardArgs<scalar_t> a) {
+  using acc_t = at::opmath_type<scalar_t>;
   constexpr int N = kVec<scalar_t>;
   const acc_t keep = acc_t(1) - static_cast<acc_t>(a.label_smoothing);
   const acc_t spread = static_cast<acc_t>(a.label_smoothing) / static_cast<acc_t>(a.classes);
@@ -446,9 +391,9 @@ __global__ void cross_entropy_backward_elementwise(BackwardArgs<scalar_t> a) {
       r.state = 1;
       return r;
     }
-    r.scale = a.reduction == kNone ? static_cast<acc_t>(a.grad_loss[row * a.grad_stride])
-                                   : static_cast<acc_t>(a.grad_loss[0]);
-    if (a.reduction == kMean) r.scale = static_cast<acc_t>(static_cast<double>(r.scale) / a.scalars[0]);
+    r.scale = a.reduction == at::Reduction::None ? static_cast<acc_t>(a.grad_loss[row * a.grad_stride])
+                                                 : static_cast<acc_t>(a.grad_loss[0]);
+    if (a.reduction == at::Reduction::Mean) r.scale = static_cast<acc_t>(static_cast<double>(r.scale) / a.scalars[0]);
     r.hi = static_cast<acc_t>(lse);
     r.lo = static_cast<acc_t>(lse - static_cast<double>(r.hi));
     if (a.prob_target) {

@@ -7,6 +7,8 @@
 #pragma once
 
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Reduction.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -27,34 +29,34 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_device(const Launch& la
   const Problem pb = check_problem(input_, target_, weight_, reduction, ignore_index, label_smoothing, op);
   const at::Tensor input = input_.contiguous(), target = target_.contiguous();
   const at::Tensor weight = weight_.has_value() ? weight_->contiguous() : at::Tensor();
-  const auto acc = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = at::toOpMathType(input.scalar_type());
   at::Tensor lse = at::empty({pb.rows}, input.options().dtype(at::kDouble));
   at::Tensor row_loss = at::empty({pb.rows}, input.options().dtype(acc));
   at::Tensor loss =
-      pb.reduction == fused_mlp::kNone ? at::empty({pb.rows}, input.options()) : at::empty({}, input.options());
+      pb.reduction == at::Reduction::None ? at::empty({pb.rows}, input.options()) : at::empty({}, input.options());
   at::Tensor scalars = at::empty({2}, input.options().dtype(at::kDouble));
   for (at::Tensor* t : {&lse, &row_loss, &loss, &scalars}) launch.poison(*t);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "cross_entropy_forward_device", [&] {
-    using acc_t = typename AccType<scalar_t>::type;
-    ForwardArgs<scalar_t> args{input.const_data_ptr<scalar_t>(),
-                               pb.prob_target ? nullptr : target.const_data_ptr<int64_t>(),
-                               pb.prob_target ? target.const_data_ptr<scalar_t>() : nullptr,
-                               weight.defined() ? weight.const_data_ptr<scalar_t>() : nullptr,
-                               pb.rows,
-                               pb.classes,
-                               pb.ignore_index,
-                               pb.label_smoothing,
-                               row_loss.mutable_data_ptr<acc_t>(),
-                               lse.mutable_data_ptr<double>()};
+    using acc_t = at::opmath_type<scalar_t>;
+    const ForwardArgs<scalar_t> args{.input = input.const_data_ptr<scalar_t>(),
+                                     .target = pb.prob_target ? nullptr : target.const_data_ptr<int64_t>(),
+                                     .prob_target = pb.prob_target ? target.const_data_ptr<scalar_t>() : nullptr,
+                                     .weight = weight.defined() ? weight.const_data_ptr<scalar_t>() : nullptr,
+                                     .rows = pb.rows,
+                                     .classes = pb.classes,
+                                     .ignore_index = pb.ignore_index,
+                                     .label_smoothing = pb.label_smoothing,
+                                     .row_loss = row_loss.mutable_data_ptr<acc_t>(),
+                                     .logsumexp = lse.mutable_data_ptr<double>()};
     if (pb.rows > 0) {
       const LaunchConfig rows_cfg = cross_entropy_rows_config(pb.rows, pb.classes, limits);
-      if (rows_cfg.warp_per_row) {
+      if (cross_entropy_warp_per_row(pb.classes)) {
         launch_warp_rows<scalar_t>(launch, rows_cfg, args);
       } else {
         launch(rows_cfg, cross_entropy_forward_block_rows<scalar_t>, args);
       }
     }
-    if (pb.reduction == fused_mlp::kNone) {
+    if (pb.reduction == at::Reduction::None) {
       if (pb.rows > 0) {
         launch(cross_entropy_elementwise_config(pb.rows, limits), cross_entropy_write_row_losses<scalar_t>,
                static_cast<const acc_t*>(row_loss.const_data_ptr<acc_t>()), pb.rows, loss.mutable_data_ptr<scalar_t>());
@@ -65,7 +67,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_device(const Launch& la
     launch(one_block, cross_entropy_batch_scalars<scalar_t>, args.target, args.weight, pb.rows, pb.classes,
            pb.ignore_index, scalars.mutable_data_ptr<double>());
     launch(one_block, cross_entropy_reduce_loss<scalar_t>, static_cast<const acc_t*>(row_loss.const_data_ptr<acc_t>()),
-           pb.rows, static_cast<int>(pb.reduction), static_cast<const double*>(scalars.const_data_ptr<double>()),
+           pb.rows, pb.reduction, static_cast<const double*>(scalars.const_data_ptr<double>()),
            loss.mutable_data_ptr<scalar_t>());
   });
   return {loss, lse};
@@ -78,58 +80,51 @@ at::Tensor cross_entropy_backward_device(const Launch& launch, const LaunchLimit
                                          int64_t reduction, int64_t ignore_index, double label_smoothing,
                                          const char* op) {
   const Problem pb = check_problem(input_, target_, weight_, reduction, ignore_index, label_smoothing, op);
-  TORCH_CHECK(lse_.dim() == 1 && lse_.size(0) == pb.rows && lse_.scalar_type() == at::kDouble, op,
-              ": logsumexp must be the forward's (shape (", pb.rows, "), dtype float64), got shape ", lse_.sizes(),
-              " and dtype ", lse_.scalar_type());
-  TORCH_CHECK(grad_loss_.scalar_type() == input_.scalar_type() &&
-                  (pb.reduction == fused_mlp::kNone ? (grad_loss_.dim() == 1 && grad_loss_.size(0) == pb.rows)
-                                                    : grad_loss_.dim() == 0),
-              op, ": grad_loss must have the loss's shape and the input's dtype, got ", grad_loss_.sizes(), " ",
-              grad_loss_.scalar_type());
+  check_backward(pb, input_, grad_loss_, lse_, op);
   const at::Tensor input = input_.contiguous(), target = target_.contiguous(), lse = lse_.contiguous();
   const at::Tensor weight = weight_.has_value() ? weight_->contiguous() : at::Tensor();
-  const auto acc = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = at::toOpMathType(input.scalar_type());
   at::Tensor grad = at::empty_like(input, at::MemoryFormat::Contiguous);
   at::Tensor scalars = at::empty({2}, input.options().dtype(at::kDouble));
   at::Tensor prob_mass = at::empty({pb.prob_target ? pb.rows : 0}, input.options().dtype(acc));
   for (at::Tensor* t : {&grad, &scalars, &prob_mass}) launch.poison(*t);
   if (pb.rows == 0) return grad;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "cross_entropy_backward_device", [&] {
-    using acc_t = typename AccType<scalar_t>::type;
+    using acc_t = at::opmath_type<scalar_t>;
     const int64_t* t = pb.prob_target ? nullptr : target.const_data_ptr<int64_t>();
     const scalar_t* pt = pb.prob_target ? target.const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* w = weight.defined() ? weight.const_data_ptr<scalar_t>() : nullptr;
     launch(cross_entropy_reduce_config(limits), cross_entropy_batch_scalars<scalar_t>, t, w, pb.rows, pb.classes,
            pb.ignore_index, scalars.mutable_data_ptr<double>());
     if (pb.prob_target) {
-      ForwardArgs<scalar_t> fa{input.const_data_ptr<scalar_t>(),
-                               t,
-                               pt,
-                               w,
-                               pb.rows,
-                               pb.classes,
-                               pb.ignore_index,
-                               pb.label_smoothing,
-                               nullptr,
-                               nullptr};
+      const ForwardArgs<scalar_t> fa{.input = input.const_data_ptr<scalar_t>(),
+                                     .target = t,
+                                     .prob_target = pt,
+                                     .weight = w,
+                                     .rows = pb.rows,
+                                     .classes = pb.classes,
+                                     .ignore_index = pb.ignore_index,
+                                     .label_smoothing = pb.label_smoothing,
+                                     .row_loss = nullptr,
+                                     .logsumexp = nullptr};
       const LaunchConfig cfg = cross_entropy_warp_per_row_config(pb.rows, limits);
       launch(cfg, cross_entropy_prob_mass<scalar_t>, fa, prob_mass.mutable_data_ptr<acc_t>());
     }
-    BackwardArgs<scalar_t> args{grad_loss_.const_data_ptr<scalar_t>(),
-                                pb.reduction == fused_mlp::kNone ? grad_loss_.stride(0) : 0,
-                                input.const_data_ptr<scalar_t>(),
-                                t,
-                                pt,
-                                w,
-                                lse.const_data_ptr<double>(),
-                                scalars.const_data_ptr<double>(),
-                                pb.prob_target ? prob_mass.const_data_ptr<acc_t>() : nullptr,
-                                pb.rows,
-                                pb.classes,
-                                pb.ignore_index,
-                                static_cast<int>(pb.reduction),
-                                pb.label_smoothing,
-                                grad.mutable_data_ptr<scalar_t>()};
+    const BackwardArgs<scalar_t> args{.grad_loss = grad_loss_.const_data_ptr<scalar_t>(),
+                                      .grad_stride = pb.reduction == at::Reduction::None ? grad_loss_.stride(0) : 0,
+                                      .input = input.const_data_ptr<scalar_t>(),
+                                      .target = t,
+                                      .prob_target = pt,
+                                      .weight = w,
+                                      .logsumexp = lse.const_data_ptr<double>(),
+                                      .scalars = scalars.const_data_ptr<double>(),
+                                      .prob_mass = pb.prob_target ? prob_mass.const_data_ptr<acc_t>() : nullptr,
+                                      .rows = pb.rows,
+                                      .classes = pb.classes,
+                                      .ignore_index = pb.ignore_index,
+                                      .reduction = pb.reduction,
+                                      .label_smoothing = pb.label_smoothing,
+                                      .grad_input = grad.mutable_data_ptr<scalar_t>()};
     launch(cross_entropy_elementwise_config(pb.rows * pb.classes, limits), cross_entropy_backward_elementwise<scalar_t>,
            args);
   });

@@ -14,6 +14,8 @@
 //                masks rather than reading a stored dy.
 #pragma once
 
+#include <ATen/OpMathType.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -24,62 +26,60 @@
 
 namespace fused_mlp::cuda {
 
-constexpr int kFeatureLanes = 32;  // a reduction block's threads across features
+constexpr int kFeatureLanes = 32;  // a column reduction's threads across features
 constexpr int kRowLanes = 8;       // ... and down the rows
-constexpr int kReduceThreads = kFeatureLanes * kRowLanes;
+constexpr int kColumnReduceThreads = kFeatureLanes * kRowLanes;
 constexpr int kGroup = 4;  // elements per Philox block
-constexpr int kElementwiseThreads = 256;
 constexpr int kFeatureThreads = 256;
 constexpr int kWarpPerFeatureThreads = 128;
+constexpr int kSeedOffsetThreads = 1;
 
-struct GridConfig {
-  dim3 grid;
-  dim3 block;
-  size_t shared_bytes;
-};
-
-// A reduction over the rows of (N, C): grid.x tiles of kFeatureLanes * kF features, grid.y
-// chunks of rows_per_chunk rows (the last may be shorter). N >= 1.
-struct ReduceConfig {
-  dim3 grid;
-  dim3 block;
-  size_t shared_bytes;
-  int64_t rows_per_chunk;
-  int64_t chunks;
-};
-
-inline ReduceConfig bn_reduce_config(int64_t N, int64_t C, int features_per_thread, const LaunchLimits& limits) {
+// A column reduction (per feature, over the rows of (N, C)) runs a block per tile of
+// kFeatureLanes * kF features and chunk of rows; the last chunk may be shorter.
+inline int64_t bn_feature_tiles(int64_t C, int features_per_thread) {
   const int64_t tile = static_cast<int64_t>(kFeatureLanes) * features_per_thread;
-  const int64_t tiles = std::max<int64_t>(1, (C + tile - 1) / tile);
-  // About four blocks per SM in all; every chunk at least one row per row lane.
+  return std::max<int64_t>(1, (C + tile - 1) / tile);
+}
+
+// About four blocks per SM in all, and every chunk at least one row per row lane. N >= 1.
+inline int64_t bn_rows_per_chunk(int64_t N, int64_t C, int features_per_thread, const LaunchLimits& limits) {
+  const int64_t tiles = bn_feature_tiles(C, features_per_thread);
   const int64_t wanted = std::max<int64_t>(1, (static_cast<int64_t>(limits.sm_count) * 4) / tiles);
   const int64_t most = std::max<int64_t>(1, std::min<int64_t>(65535, (N + kRowLanes - 1) / kRowLanes));
   const int64_t first_guess = std::min(wanted, most);
-  const int64_t rows_per_chunk = (N + first_guess - 1) / first_guess;
-  const int64_t chunks = (N + rows_per_chunk - 1) / rows_per_chunk;
-  return {dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(chunks)), dim3(kReduceThreads), 0, rows_per_chunk,
-          chunks};
+  return (N + first_guess - 1) / first_guess;
 }
 
-// A grid-stride loop over `items` work items (groups of four elements, elements, or features).
-inline GridConfig bn_elementwise_config(int64_t items, const LaunchLimits& limits, int threads = kElementwiseThreads,
-                                        int64_t blocks_per_sm = 8) {
-  threads = std::min(threads, limits.max_threads_per_block);
-  const int64_t most = std::max<int64_t>(1, limits.sm_count * blocks_per_sm);
-  const int64_t blocks = std::max<int64_t>(1, std::min(most, (items + threads - 1) / threads));
-  return {dim3(static_cast<unsigned>(blocks)), dim3(threads), 0};
+inline int64_t bn_chunk_count(int64_t N, int64_t rows_per_chunk) {
+  return (N + rows_per_chunk - 1) / rows_per_chunk;
+}
+
+// grid.x: the feature tiles, grid.y: the chunks of rows.
+inline LaunchConfig bn_column_reduce_config(int64_t C, int features_per_thread, int64_t chunks) {
+  const unsigned tiles = static_cast<unsigned>(bn_feature_tiles(C, features_per_thread));
+  return {dim3(tiles, static_cast<unsigned>(chunks)), dim3(kColumnReduceThreads), 0};
+}
+
+// A grid-stride loop over `items` work items (groups of four elements, or elements).
+inline LaunchConfig bn_elementwise_config(int64_t items, const LaunchLimits& limits) {
+  return grid_stride_config(items, kElementwiseThreads, 8, limits);
 }
 
 // One thread per feature.
-inline GridConfig bn_feature_config(int64_t C, const LaunchLimits& limits) {
-  return bn_elementwise_config(C, limits, kFeatureThreads, 4);
+inline LaunchConfig bn_feature_config(int64_t C, const LaunchLimits& limits) {
+  return grid_stride_config(C, kFeatureThreads, 4, limits);
 }
 
 // One warp per feature (a row of the (C, K) weight).
-inline GridConfig bn_warp_per_feature_config(int64_t C, const LaunchLimits& limits) {
+inline LaunchConfig bn_warp_per_feature_config(int64_t C, const LaunchLimits& limits) {
   const int64_t per_block = kWarpPerFeatureThreads / kWarpSize;
   const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(limits.sm_count * 32, (C + per_block - 1) / per_block));
   return {dim3(static_cast<unsigned>(blocks)), dim3(kWarpPerFeatureThreads), 0};
+}
+
+// The single thread that writes a dropout (seed, offset).
+inline LaunchConfig write_seed_offset_config() {
+  return {dim3(1), dim3(kSeedOffsetThreads), 0};
 }
 
 // True when p can be read in aligned packs of four elements from any multiple-of-four index.
@@ -95,7 +95,7 @@ FUSED_MLP_HD int64_t min_i64(int64_t a, int64_t b) {
 // relu that keeps NaN, as torch.relu does.
 template <typename T>
 FUSED_MLP_HD T relu_nan(T x) {
-  return (x > T(0) || x != x) ? x : T(0);
+  return (x > T(0) || is_nan(x)) ? x : T(0);
 }
 
 // --- dropout ------------------------------------------------------------------------------------
@@ -140,7 +140,11 @@ template <typename acc_t>
 __device__ __forceinline__ acc_t element_multiplier(const DropoutKey& k, int64_t i, acc_t scale) {
   if (!k.active) return acc_t(1);
   const Philox4x32 r = philox4x32_10(dropout_counter(static_cast<uint64_t>(i), k.offset), k.key0, k.key1);
-  return dropout_keep(r.v[i % kGroup], k.p) ? scale : acc_t(0);
+  // Selected, not indexed (r.v[i % 4]): after a dynamic index into r, nvcc 13.0 no longer treats
+  // the calling kernel's __restrict__ locals as restrict.
+  const int j = static_cast<int>(i % kGroup);
+  const uint32_t word = j == 0 ? r.v[0] : j == 1 ? r.v[1] : j == 2 ? r.v[2] : r.v[3];
+  return dropout_keep(word, k.p) ? scale : acc_t(0);
 }
 
 // --- loads and stores of a group of four elements -------------------------------------------------
@@ -199,26 +203,119 @@ __device__ __forceinline__ void load_features(const scalar_t* row, int64_t f0, i
   for (int j = 0; j < kF; ++j) v[j] = f0 + j < C ? static_cast<acc_t>(row[f0 + j]) : acc_t(0);
 }
 
+// --- argument structs -----------------------------------------------------------------------------
+
+// The kernels take their arguments as one struct by value. nvcc ignores __restrict__ on a struct's
+// members but honours it on locals (nvcc 13.0), so each kernel rebinds the pointers it reads as
+// __restrict__ locals: that lets it load the inputs through the read-only path (ld.global.nc).
+
+// The batch statistics of the pre-BN activation z: bn_stats_partial reduces each chunk of rows,
+// bn_stats_finalize merges the chunks.
+template <typename scalar_t>
+struct BatchStatsArgs {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* z;  // (N, C)
+  int64_t N, C, rows_per_chunk, chunks;
+  double eps;
+  const acc_t* gamma;  // (C,), or null: 1
+  const acc_t* beta;   // (C,), or null: 0
+  acc_t* part_mean;    // (chunks, C): each chunk's mean and M2
+  acc_t* part_m2;
+  acc_t* mean;    // (C,)
+  acc_t* invstd;  // (C,) 1 / sqrt(biased variance + eps)
+  acc_t* var;     // (C,) unbiased
+  acc_t* affine;  // (2C,) A = gamma * invstd, then B = beta - mean * A
+};
+
+// out = relu(in * A + B) * dropout, elementwise. The training epilogue takes the folded BN affine;
+// the eval one runs in place on the GEMM's output with the folded bias as B.
+template <typename scalar_t>
+struct AffineReluDropoutArgs {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* in;  // (N, C)
+  const acc_t* A;      // (C,), or null: 1
+  const acc_t* B;      // (C,), or null: 0
+  int64_t numel, C;
+  bool packed;  // in and out can be read and written in aligned packs of four
+  DropoutArgs dropout;
+  scalar_t* out;  // may alias in
+};
+
+// The folded BN affine from given statistics, and optionally the bias folded through it.
+template <typename scalar_t>
+struct BnAffineArgs {
+  using acc_t = at::opmath_type<scalar_t>;
+  int64_t C;
+  const acc_t* gamma;  // (C,), or null: 1
+  const acc_t* beta;   // (C,), or null: 0
+  const acc_t* mean;   // (C,)
+  const acc_t* invstd;
+  const scalar_t* bias;  // (C,), or null: 0
+  acc_t* affine;         // (2C,) A, then B
+  acc_t* folded_bias;    // (C,), or null: not wanted
+};
+
+// The BatchNorm part of the backward: bn_backward_partial sums dy and dy * zhat over each chunk of
+// rows, bn_backward_finalize merges the chunks, bn_backward_input writes dz.
+template <typename scalar_t>
+struct BnBackwardArgs {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* grad;   // (N, C) the gradient of the layer's output
+  const scalar_t* saved;  // (N, C) z with batch statistics, the output with running statistics
+  int64_t N, C, rows_per_chunk, chunks;
+  bool use_batch_stats;
+  bool packed;          // grad, saved and dz can be read and written in aligned packs of four
+  const acc_t* affine;  // (2C,) A, then B
+  const acc_t* mean;    // (C,)
+  const acc_t* invstd;  // (C,)
+  DropoutArgs dropout;
+  acc_t* part_dy;  // (chunks, C): each chunk's sums
+  acc_t* part_dy_zhat;
+  acc_t* sum_dy;  // (C,)
+  acc_t* sum_dy_zhat;
+  acc_t* coef;   // (2C,) D, then E of dz = A * dy + z * D + E (batch statistics)
+  scalar_t* dz;  // (N, C)
+};
+
+// The gradients of the unfolded parameters from dL/dW' of the folded weight W' = W * A.
+template <typename scalar_t>
+struct FoldedWeightGradArgs {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* G;       // (C, K) dL/dW'
+  const scalar_t* weight;  // (C, K)
+  const scalar_t* bias;    // (C,), or null: 0
+  const acc_t* affine;     // (2C,) A, then B
+  const acc_t* mean;       // (C,)
+  const acc_t* invstd;     // (C,)
+  const acc_t* sum_dy;     // (C,)
+  int64_t C, K;
+  scalar_t* grad_weight;  // (C, K)
+  acc_t* grad_gamma;      // (C,)
+  scalar_t* grad_bias;    // (C,)
+};
+
 // --- forward, batch statistics ------------------------------------------------------------------
 
 // Each block: kFeatureLanes * kF features by one chunk of rows. Writes the chunk's mean and M2 of
 // each feature to part_mean / part_m2 at [chunk * C + feature].
 template <typename scalar_t, int kF>
-__global__ void bn_stats_partial(const scalar_t* __restrict__ z, int64_t N, int64_t C, int64_t rows_per_chunk,
-                                 typename AccType<scalar_t>::type* __restrict__ part_mean,
-                                 typename AccType<scalar_t>::type* __restrict__ part_m2) {
-  using acc_t = typename AccType<scalar_t>::type;
+__global__ void __launch_bounds__(kColumnReduceThreads) bn_stats_partial(BatchStatsArgs<scalar_t> a) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* __restrict__ z = a.z;
+  acc_t* __restrict__ part_mean = a.part_mean;
+  acc_t* __restrict__ part_m2 = a.part_m2;
+  const int64_t N = a.N, C = a.C;
   __shared__ acc_t s_mean[kRowLanes][kFeatureLanes * kF];
   __shared__ acc_t s_m2[kRowLanes][kFeatureLanes * kF];
   __shared__ acc_t s_count[kRowLanes];
   const int lane = threadIdx.x % kFeatureLanes, row_lane = threadIdx.x / kFeatureLanes;
   const int64_t f0 = static_cast<int64_t>(blockIdx.x) * kFeatureLanes * kF + lane * kF;
   const int64_t chunk = blockIdx.y;
-  const int64_t r_end = min_i64(N, (chunk + 1) * rows_per_chunk);
+  const int64_t r_end = min_i64(N, (chunk + 1) * a.rows_per_chunk);
   acc_t count = 0, mean[kF], m2[kF];
 #pragma unroll
   for (int j = 0; j < kF; ++j) mean[j] = m2[j] = acc_t(0);
-  for (int64_t r = chunk * rows_per_chunk + row_lane; r < r_end; r += kRowLanes) {
+  for (int64_t r = chunk * a.rows_per_chunk + row_lane; r < r_end; r += kRowLanes) {
     acc_t v[kF];
     load_features<kF>(z + r * C, f0, C, v);
     count += acc_t(1);
@@ -252,41 +349,45 @@ __global__ void bn_stats_partial(const scalar_t* __restrict__ z, int64_t N, int6
   }
 }
 
-// Per feature: merges the chunks in order; writes mean, invstd = 1 / sqrt(biased var + eps), the
-// unbiased variance, and the folded affine A = gamma * invstd, B = beta - mean * A (affine[f],
-// affine[C + f]). gamma / beta null: 1 / 0.
-template <typename acc_t>
-__global__ void bn_stats_finalize(const acc_t* __restrict__ part_mean, const acc_t* __restrict__ part_m2, int64_t N,
-                                  int64_t C, int64_t rows_per_chunk, int64_t chunks, double eps,
-                                  const acc_t* __restrict__ gamma, const acc_t* __restrict__ beta,
-                                  acc_t* __restrict__ mean, acc_t* __restrict__ invstd, acc_t* __restrict__ var,
-                                  acc_t* __restrict__ affine) {
+// Per feature: merges the chunks in order; writes mean, invstd, the unbiased variance and the
+// folded affine.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kFeatureThreads) bn_stats_finalize(BatchStatsArgs<scalar_t> a) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t* __restrict__ part_mean = a.part_mean;
+  const acc_t* __restrict__ part_m2 = a.part_m2;
+  const acc_t* __restrict__ gamma = a.gamma;
+  const acc_t* __restrict__ beta = a.beta;
+  acc_t* __restrict__ mean = a.mean;
+  acc_t* __restrict__ invstd = a.invstd;
+  acc_t* __restrict__ var = a.var;
+  acc_t* __restrict__ affine = a.affine;
+  const int64_t N = a.N, C = a.C, rows_per_chunk = a.rows_per_chunk;
   for (int64_t f = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; f < C;
        f += static_cast<int64_t>(blockDim.x) * gridDim.x) {
     WelfordState<acc_t, acc_t> s{part_mean[f], part_m2[f], static_cast<acc_t>(min_i64(rows_per_chunk, N))};
-    for (int64_t c = 1; c < chunks; ++c) {
+    for (int64_t c = 1; c < a.chunks; ++c) {
       const acc_t rows = static_cast<acc_t>(min_i64(rows_per_chunk, N - c * rows_per_chunk));
       s = welford_merge(s, WelfordState<acc_t, acc_t>{part_mean[c * C + f], part_m2[c * C + f], rows});
     }
-    const acc_t is = static_cast<acc_t>(1.0 / sqrt(static_cast<double>(s.m2 / s.count) + eps));
+    const acc_t is = static_cast<acc_t>(1.0 / sqrt(static_cast<double>(s.m2 / s.count) + a.eps));
     mean[f] = s.mean;
     invstd[f] = is;
     var[f] = s.m2 / (s.count - acc_t(1));
-    const acc_t a = (gamma ? gamma[f] : acc_t(1)) * is;
-    affine[f] = a;
-    affine[C + f] = (beta ? beta[f] : acc_t(0)) - s.mean * a;
+    const acc_t A = (gamma ? gamma[f] : acc_t(1)) * is;
+    affine[f] = A;
+    affine[C + f] = (beta ? beta[f] : acc_t(0)) - s.mean * A;
   }
 }
 
-// out = relu(in * A + B) * dropout, elementwise over groups of four, A and B per feature (A null:
-// 1, B null: 0). out may alias in. packed: in and out are aligned. The training epilogue takes the
-// folded BN affine; the eval one runs in place on the GEMM's output with the folded bias as B.
+// Elementwise over groups of four, A and B per feature.
 template <typename scalar_t>
-__global__ void affine_relu_dropout(const scalar_t* in, const typename AccType<scalar_t>::type* __restrict__ A,
-                                    const typename AccType<scalar_t>::type* __restrict__ B, int64_t numel, int64_t C,
-                                    bool packed, DropoutArgs dropout, scalar_t* out) {
-  using acc_t = typename AccType<scalar_t>::type;
-  const DropoutKey key = load_dropout_key(dropout);
+__global__ void __launch_bounds__(kElementwiseThreads) affine_relu_dropout(AffineReluDropoutArgs<scalar_t> a) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t* __restrict__ A = a.A;
+  const acc_t* __restrict__ B = a.B;
+  const int64_t numel = a.numel;
+  const DropoutKey key = load_dropout_key(a.dropout);
   const int64_t groups = (numel + kGroup - 1) / kGroup;
   for (int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; g < groups;
        g += static_cast<int64_t>(blockDim.x) * gridDim.x) {
@@ -294,46 +395,49 @@ __global__ void affine_relu_dropout(const scalar_t* in, const typename AccType<s
     const int n = static_cast<int>(min_i64(kGroup, numel - i0));
     acc_t v[kGroup], m[kGroup];
     int64_t f[kGroup];
-    load_group(in, i0, n, packed, v);
-    group_features(i0, C, f);
-    group_multipliers(key, i0, static_cast<acc_t>(dropout.scale), m);
+    load_group(a.in, i0, n, a.packed, v);
+    group_features(i0, a.C, f);
+    group_multipliers(key, i0, static_cast<acc_t>(a.dropout.scale), m);
 #pragma unroll
     for (int j = 0; j < kGroup; ++j) {
       const acc_t scaled = A ? v[j] * A[f[j]] : v[j];
       v[j] = relu_nan(B ? scaled + B[f[j]] : scaled) * m[j];
     }
-    store_group(out, i0, n, packed, v);
+    store_group(a.out, i0, n, a.packed, v);
   }
 }
 
 // --- forward, running statistics (BN folded into the GEMM), and the folded-layer inference ----
 
 // Per feature: A = gamma * invstd and B = beta - mean * A into affine; with folded_bias, also
-// b' = bias * A + B (bias null: 0).
+// b' = bias * A + B.
 template <typename scalar_t>
-__global__ void bn_affine(int64_t C, const typename AccType<scalar_t>::type* __restrict__ gamma,
-                          const typename AccType<scalar_t>::type* __restrict__ beta,
-                          const typename AccType<scalar_t>::type* __restrict__ mean,
-                          const typename AccType<scalar_t>::type* __restrict__ invstd,
-                          const scalar_t* __restrict__ bias, typename AccType<scalar_t>::type* __restrict__ affine,
-                          typename AccType<scalar_t>::type* __restrict__ folded_bias) {
-  using acc_t = typename AccType<scalar_t>::type;
+__global__ void __launch_bounds__(kFeatureThreads) bn_affine(BnAffineArgs<scalar_t> a) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t* __restrict__ gamma = a.gamma;
+  const acc_t* __restrict__ beta = a.beta;
+  const acc_t* __restrict__ mean = a.mean;
+  const acc_t* __restrict__ invstd = a.invstd;
+  const scalar_t* __restrict__ bias = a.bias;
+  acc_t* __restrict__ affine = a.affine;
+  acc_t* __restrict__ folded_bias = a.folded_bias;
+  const int64_t C = a.C;
   for (int64_t f = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; f < C;
        f += static_cast<int64_t>(blockDim.x) * gridDim.x) {
-    const acc_t a = (gamma ? gamma[f] : acc_t(1)) * invstd[f];
-    const acc_t b = (beta ? beta[f] : acc_t(0)) - mean[f] * a;
-    affine[f] = a;
-    affine[C + f] = b;
-    if (folded_bias) folded_bias[f] = (bias ? static_cast<acc_t>(bias[f]) : acc_t(0)) * a + b;
+    const acc_t A = (gamma ? gamma[f] : acc_t(1)) * invstd[f];
+    const acc_t B = (beta ? beta[f] : acc_t(0)) - mean[f] * A;
+    affine[f] = A;
+    affine[C + f] = B;
+    if (folded_bias) folded_bias[f] = (bias ? static_cast<acc_t>(bias[f]) : acc_t(0)) * A + B;
   }
 }
 
 // out[f, k] = w[f, k] * scale[f] for the (C, K) weight: W' = W * A.
 template <typename scalar_t>
-__global__ void scale_weight_rows(const scalar_t* __restrict__ w,
-                                  const typename AccType<scalar_t>::type* __restrict__ scale, int64_t C, int64_t K,
-                                  scalar_t* __restrict__ out) {
-  using acc_t = typename AccType<scalar_t>::type;
+__global__ void __launch_bounds__(kElementwiseThreads)
+    scale_weight_rows(const scalar_t* __restrict__ w, const at::opmath_type<scalar_t>* __restrict__ scale, int64_t C,
+                      int64_t K, scalar_t* __restrict__ out) {
+  using acc_t = at::opmath_type<scalar_t>;
   const int64_t numel = C * K;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel;
        i += static_cast<int64_t>(blockDim.x) * gridDim.x) {
@@ -356,34 +460,37 @@ __device__ __forceinline__ acc_t grad_through_relu_dropout(bool use_batch_stats,
 // Pass 1: per chunk of rows and per feature, sum(dy) and (batch statistics) sum(dy * zhat), zhat =
 // (z - mean) * invstd; built like bn_stats_partial.
 template <typename scalar_t, int kF>
-__global__ void bn_backward_partial(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ saved, int64_t N,
-                                    int64_t C, int64_t rows_per_chunk, bool use_batch_stats,
-                                    const typename AccType<scalar_t>::type* __restrict__ affine,
-                                    const typename AccType<scalar_t>::type* __restrict__ mean,
-                                    const typename AccType<scalar_t>::type* __restrict__ invstd, DropoutArgs dropout,
-                                    typename AccType<scalar_t>::type* __restrict__ part_dy,
-                                    typename AccType<scalar_t>::type* __restrict__ part_dy_zhat) {
-  using acc_t = typename AccType<scalar_t>::type;
+__global__ void __launch_bounds__(kColumnReduceThreads) bn_backward_partial(BnBackwardArgs<scalar_t> a) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* __restrict__ grad = a.grad;
+  const scalar_t* __restrict__ saved = a.saved;
+  const acc_t* __restrict__ affine = a.affine;
+  const acc_t* __restrict__ mean = a.mean;
+  const acc_t* __restrict__ invstd = a.invstd;
+  acc_t* __restrict__ part_dy = a.part_dy;
+  acc_t* __restrict__ part_dy_zhat = a.part_dy_zhat;
+  const int64_t N = a.N, C = a.C;
+  const bool use_batch_stats = a.use_batch_stats;
   __shared__ acc_t s_dy[kRowLanes][kFeatureLanes * kF];
   __shared__ acc_t s_dyz[kRowLanes][kFeatureLanes * kF];
-  const DropoutKey key = load_dropout_key(dropout);
-  const acc_t scale = static_cast<acc_t>(dropout.scale);
+  const DropoutKey key = load_dropout_key(a.dropout);
+  const acc_t scale = static_cast<acc_t>(a.dropout.scale);
   const acc_t kept_scale = key.active ? scale : acc_t(1);
   const int lane = threadIdx.x % kFeatureLanes, row_lane = threadIdx.x / kFeatureLanes;
   const int64_t f0 = static_cast<int64_t>(blockIdx.x) * kFeatureLanes * kF + lane * kF;
   const int64_t chunk = blockIdx.y;
-  const int64_t r_end = min_i64(N, (chunk + 1) * rows_per_chunk);
-  acc_t a[kF], b[kF], mu[kF], is[kF], sum_dy[kF], sum_dyz[kF];
+  const int64_t r_end = min_i64(N, (chunk + 1) * a.rows_per_chunk);
+  acc_t A[kF], B[kF], mu[kF], is[kF], sum_dy[kF], sum_dyz[kF];
 #pragma unroll
   for (int j = 0; j < kF; ++j) {
     const bool in = f0 + j < C;
-    a[j] = in ? affine[f0 + j] : acc_t(0);
-    b[j] = in ? affine[C + f0 + j] : acc_t(0);
+    A[j] = in ? affine[f0 + j] : acc_t(0);
+    B[j] = in ? affine[C + f0 + j] : acc_t(0);
     mu[j] = in ? mean[f0 + j] : acc_t(0);
     is[j] = in ? invstd[f0 + j] : acc_t(0);
     sum_dy[j] = sum_dyz[j] = acc_t(0);
   }
-  for (int64_t r = chunk * rows_per_chunk + row_lane; r < r_end; r += kRowLanes) {
+  for (int64_t r = chunk * a.rows_per_chunk + row_lane; r < r_end; r += kRowLanes) {
     acc_t gv[kF], sv[kF], m[kF];
     load_features<kF>(grad + r * C, f0, C, gv);
     load_features<kF>(saved + r * C, f0, C, sv);
@@ -400,7 +507,7 @@ __global__ void bn_backward_partial(const scalar_t* __restrict__ grad, const sca
     }
 #pragma unroll
     for (int j = 0; j < kF; ++j) {
-      const acc_t dy = grad_through_relu_dropout(use_batch_stats, gv[j], sv[j], a[j], b[j], m[j], kept_scale);
+      const acc_t dy = grad_through_relu_dropout(use_batch_stats, gv[j], sv[j], A[j], B[j], m[j], kept_scale);
       sum_dy[j] += dy;
       if (use_batch_stats) sum_dyz[j] += dy * ((sv[j] - mu[j]) * is[j]);
     }
@@ -430,41 +537,50 @@ __global__ void bn_backward_partial(const scalar_t* __restrict__ grad, const sca
 // Per feature: the chunk sums in order into sum_dy and sum_dy_zhat; with batch statistics also
 // the coefficients of dz = A * dy + z * D + E (coef[f] = D, coef[C + f] = E), which is
 // A * (dy - mean_n(dy) - zhat * mean_n(dy * zhat)) rearranged.
-template <typename acc_t>
-__global__ void bn_backward_finalize(const acc_t* __restrict__ part_dy, const acc_t* __restrict__ part_dy_zhat,
-                                     int64_t N, int64_t C, int64_t chunks, bool use_batch_stats,
-                                     const acc_t* __restrict__ affine, const acc_t* __restrict__ mean,
-                                     const acc_t* __restrict__ invstd, acc_t* __restrict__ sum_dy,
-                                     acc_t* __restrict__ sum_dy_zhat, acc_t* __restrict__ coef) {
+template <typename scalar_t>
+__global__ void __launch_bounds__(kFeatureThreads) bn_backward_finalize(BnBackwardArgs<scalar_t> a) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t* __restrict__ part_dy = a.part_dy;
+  const acc_t* __restrict__ part_dy_zhat = a.part_dy_zhat;
+  const acc_t* __restrict__ affine = a.affine;
+  const acc_t* __restrict__ mean = a.mean;
+  const acc_t* __restrict__ invstd = a.invstd;
+  acc_t* __restrict__ sum_dy = a.sum_dy;
+  acc_t* __restrict__ sum_dy_zhat = a.sum_dy_zhat;
+  acc_t* __restrict__ coef = a.coef;
+  const int64_t N = a.N, C = a.C;
   for (int64_t f = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; f < C;
        f += static_cast<int64_t>(blockDim.x) * gridDim.x) {
     acc_t s_dy = 0, s_dyz = 0;
-    for (int64_t c = 0; c < chunks; ++c) {
+    for (int64_t c = 0; c < a.chunks; ++c) {
       s_dy += part_dy[c * C + f];
       s_dyz += part_dy_zhat[c * C + f];
     }
     sum_dy[f] = s_dy;
     sum_dy_zhat[f] = s_dyz;
-    if (use_batch_stats) {
-      const acc_t a = affine[f];
-      const acc_t d = -a * invstd[f] * (s_dyz / static_cast<acc_t>(N));
-      coef[f] = d;
-      coef[C + f] = -a * (s_dy / static_cast<acc_t>(N)) - mean[f] * d;
+    if (a.use_batch_stats) {
+      const acc_t A = affine[f];
+      const acc_t D = -A * invstd[f] * (s_dyz / static_cast<acc_t>(N));
+      coef[f] = D;
+      coef[C + f] = -A * (s_dy / static_cast<acc_t>(N)) - mean[f] * D;
     }
   }
 }
 
 // Pass 2, elementwise over groups of four: dz = A * dy + z * D + E (batch statistics), or dz = dy
-// (running statistics, where the GEMMs take the folded weight). packed: grad, saved and dz aligned.
+// (running statistics, where the GEMMs take the folded weight).
 template <typename scalar_t>
-__global__ void bn_backward_input(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ saved, int64_t numel,
-                                  int64_t C, bool packed, bool use_batch_stats,
-                                  const typename AccType<scalar_t>::type* __restrict__ affine,
-                                  const typename AccType<scalar_t>::type* __restrict__ coef, DropoutArgs dropout,
-                                  scalar_t* __restrict__ dz) {
-  using acc_t = typename AccType<scalar_t>::type;
-  const DropoutKey key = load_dropout_key(dropout);
-  const acc_t scale = static_cast<acc_t>(dropout.scale);
+__global__ void __launch_bounds__(kElementwiseThreads) bn_backward_input(BnBackwardArgs<scalar_t> a) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* __restrict__ grad = a.grad;
+  const scalar_t* __restrict__ saved = a.saved;
+  const acc_t* __restrict__ affine = a.affine;
+  const acc_t* __restrict__ coef = a.coef;
+  scalar_t* __restrict__ dz = a.dz;
+  const int64_t numel = a.N * a.C, C = a.C;
+  const bool use_batch_stats = a.use_batch_stats;
+  const DropoutKey key = load_dropout_key(a.dropout);
+  const acc_t scale = static_cast<acc_t>(a.dropout.scale);
   const acc_t kept_scale = key.active ? scale : acc_t(1);
   const int64_t groups = (numel + kGroup - 1) / kGroup;
   for (int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; g < groups;
@@ -473,8 +589,8 @@ __global__ void bn_backward_input(const scalar_t* __restrict__ grad, const scala
     const int n = static_cast<int>(min_i64(kGroup, numel - i0));
     acc_t gv[kGroup], sv[kGroup], m[kGroup], out[kGroup];
     int64_t f[kGroup];
-    load_group(grad, i0, n, packed, gv);
-    load_group(saved, i0, n, packed, sv);
+    load_group(grad, i0, n, a.packed, gv);
+    load_group(saved, i0, n, a.packed, sv);
     group_features(i0, C, f);
     if (use_batch_stats) {
       group_multipliers(key, i0, scale, m);
@@ -485,14 +601,14 @@ __global__ void bn_backward_input(const scalar_t* __restrict__ grad, const scala
 #pragma unroll
     for (int j = 0; j < kGroup; ++j) {
       if (use_batch_stats) {
-        const acc_t a = affine[f[j]];
-        const acc_t dy = grad_through_relu_dropout(true, gv[j], sv[j], a, affine[C + f[j]], m[j], kept_scale);
-        out[j] = a * dy + sv[j] * coef[f[j]] + coef[C + f[j]];
+        const acc_t A = affine[f[j]];
+        const acc_t dy = grad_through_relu_dropout(true, gv[j], sv[j], A, affine[C + f[j]], m[j], kept_scale);
+        out[j] = A * dy + sv[j] * coef[f[j]] + coef[C + f[j]];
       } else {
         out[j] = grad_through_relu_dropout(false, gv[j], sv[j], acc_t(0), acc_t(0), m[j], kept_scale);
       }
     }
-    store_group(dz, i0, n, packed, out);
+    store_group(dz, i0, n, a.packed, out);
   }
 }
 
@@ -500,34 +616,37 @@ __global__ void bn_backward_input(const scalar_t* __restrict__ grad, const scala
 // grad_weight = G * A; dL/dgamma = invstd * (sum_n dy * z - mean * sum_dy), where
 // sum_n dy * z = sum_k G[f, k] W[f, k] + bias[f] * sum_dy (z = x W^T + b); dL/dbias = A * sum_dy.
 template <typename scalar_t>
-__global__ void folded_weight_grad(const scalar_t* __restrict__ G, const scalar_t* __restrict__ w,
-                                   const scalar_t* __restrict__ bias,
-                                   const typename AccType<scalar_t>::type* __restrict__ affine,
-                                   const typename AccType<scalar_t>::type* __restrict__ mean,
-                                   const typename AccType<scalar_t>::type* __restrict__ invstd,
-                                   const typename AccType<scalar_t>::type* __restrict__ sum_dy, int64_t C, int64_t K,
-                                   scalar_t* __restrict__ grad_weight,
-                                   typename AccType<scalar_t>::type* __restrict__ grad_gamma,
-                                   scalar_t* __restrict__ grad_bias) {
-  using acc_t = typename AccType<scalar_t>::type;
+__global__ void __launch_bounds__(kWarpPerFeatureThreads) folded_weight_grad(FoldedWeightGradArgs<scalar_t> a) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* __restrict__ G = a.G;
+  const scalar_t* __restrict__ w = a.weight;
+  const scalar_t* __restrict__ bias = a.bias;
+  const acc_t* __restrict__ affine = a.affine;
+  const acc_t* __restrict__ mean = a.mean;
+  const acc_t* __restrict__ invstd = a.invstd;
+  const acc_t* __restrict__ sum_dy = a.sum_dy;
+  scalar_t* __restrict__ grad_weight = a.grad_weight;
+  acc_t* __restrict__ grad_gamma = a.grad_gamma;
+  scalar_t* __restrict__ grad_bias = a.grad_bias;
+  const int64_t C = a.C, K = a.K;
   const int lane = threadIdx.x % kWarpSize;
   const int64_t warps = blockDim.x / kWarpSize;
   // The loop bound is the same for every lane of a warp, so each warp reaches warp_sum whole.
   for (int64_t f = static_cast<int64_t>(blockIdx.x) * warps + threadIdx.x / kWarpSize; f < C;
        f += static_cast<int64_t>(gridDim.x) * warps) {
-    const acc_t a = affine[f];
+    const acc_t A = affine[f];
     acc_t dot = 0;
     for (int64_t k = lane; k < K; k += kWarpSize) {
       const acc_t gv = static_cast<acc_t>(G[f * K + k]);
       dot += gv * static_cast<acc_t>(w[f * K + k]);
-      grad_weight[f * K + k] = static_cast<scalar_t>(gv * a);
+      grad_weight[f * K + k] = static_cast<scalar_t>(gv * A);
     }
     dot = warp_sum(dot);
     if (lane == 0) {
       const acc_t s = sum_dy[f];
       const acc_t dy_z = dot + (bias ? static_cast<acc_t>(bias[f]) : acc_t(0)) * s;
       grad_gamma[f] = invstd[f] * (dy_z - mean[f] * s);
-      grad_bias[f] = static_cast<scalar_t>(a * s);
+      grad_bias[f] = static_cast<scalar_t>(A * s);
     }
   }
 }
@@ -547,7 +666,7 @@ struct SeedSource {
 
 // One thread writes (seed, offset) to out. (A template only so that the header may define it.)
 template <typename index_t>
-__global__ void write_seed_offset(SeedSource s, index_t* out) {
+__global__ void __launch_bounds__(kSeedOffsetThreads) write_seed_offset(SeedSource s, index_t* out) {
   if (blockIdx.x != 0 || threadIdx.x != 0) return;
   out[0] = s.captured ? static_cast<index_t>(*s.seed_ptr) : static_cast<index_t>(s.seed);
   out[1] = s.captured ? static_cast<index_t>(static_cast<uint64_t>(*s.offset_ptr) + s.offset_intragraph)

@@ -36,6 +36,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn
                                         dropout_p, seed_offset, need_grad_input, "fused_mlp::linear_bn_relu_backward");
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_batch_stats_cuda(const at::Tensor& pre_bn, double eps) {
+  const c10::cuda::CUDAGuard guard(pre_bn.device());
+  return bn_batch_stats_device(current_stream_launch(pre_bn), device_limits(pre_bn.device().index()), pre_bn, eps,
+                               "fused_mlp::bn_batch_stats");
+}
+
+at::Tensor bn_relu_dropout_cuda(const at::Tensor& pre_bn, const at::Tensor& mean, const at::Tensor& invstd,
+                                const c10::optional<at::Tensor>& bn_weight, const c10::optional<at::Tensor>& bn_bias,
+                                double dropout_p, const at::Tensor& seed_offset) {
+  const c10::cuda::CUDAGuard guard(pre_bn.device());
+  return bn_relu_dropout_device(current_stream_launch(pre_bn), device_limits(pre_bn.device().index()), pre_bn, mean,
+                                invstd, bn_weight, bn_bias, dropout_p, seed_offset, "fused_mlp::bn_relu_dropout");
+}
+
 at::Tensor linear_relu_dropout_forward_cuda(const at::Tensor& input, const at::Tensor& weight,
                                             const c10::optional<at::Tensor>& bias, double dropout_p,
                                             const at::Tensor& seed_offset) {
@@ -71,7 +85,7 @@ at::Tensor philox_seed_offset_cuda(const at::Tensor& like, const c10::optional<a
     source.offset = state.offset_.val;
   }
   at::Tensor out = at::empty({2}, like.options().dtype(at::kLong));
-  current_stream_launch(like)(GridConfig{dim3(1), dim3(1), 0}, write_seed_offset<int64_t>, source,
+  current_stream_launch(like)(write_seed_offset_config(), write_seed_offset<int64_t>, source,
                               out.mutable_data_ptr<int64_t>());
   return out;
 }
@@ -81,6 +95,8 @@ at::Tensor philox_seed_offset_cuda(const at::Tensor& like, const c10::optional<a
 TORCH_LIBRARY_IMPL(fused_mlp, CUDA, m) {
   m.impl("linear_bn_relu_forward", &linear_bn_relu_forward_cuda);
   m.impl("linear_bn_relu_backward", &linear_bn_relu_backward_cuda);
+  m.impl("bn_batch_stats", &bn_batch_stats_cuda);
+  m.impl("bn_relu_dropout", &bn_relu_dropout_cuda);
   m.impl("linear_relu_dropout_forward", &linear_relu_dropout_forward_cuda);
   m.impl("bn_update_running_stats_", &fused_mlp::bn_update_running_stats);
   m.impl("philox_seed_offset", &philox_seed_offset_cuda);

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
@@ -54,23 +55,111 @@ int reduce_features_per_thread(int64_t C, std::initializer_list<const T*> ptrs) 
 template <typename scalar_t, typename Launch>
 void launch_bias_relu_dropout(const Launch& launch, const LaunchLimits& limits, at::Tensor& y,
                               const at::Tensor& bias_acc, const DropoutArgs& dropout) {
-  using acc_t = typename AccType<scalar_t>::type;
+  using acc_t = at::opmath_type<scalar_t>;
   const int64_t numel = y.numel();
   if (numel == 0) return;
   scalar_t* p = y.mutable_data_ptr<scalar_t>();
-  launch(bn_elementwise_config((numel + kGroup - 1) / kGroup, limits), affine_relu_dropout<scalar_t>,
-         static_cast<const scalar_t*>(p), static_cast<const acc_t*>(nullptr), ptr_or_null<acc_t>(bias_acc), numel,
-         y.size(1), packs_of_four<scalar_t>(p), dropout, p);
+  const AffineReluDropoutArgs<scalar_t> args{.in = p,
+                                             .A = nullptr,
+                                             .B = ptr_or_null<acc_t>(bias_acc),
+                                             .numel = numel,
+                                             .C = y.size(1),
+                                             .packed = packs_of_four<scalar_t>(p),
+                                             .dropout = dropout,
+                                             .out = p};
+  launch(bn_elementwise_config((numel + kGroup - 1) / kGroup, limits), affine_relu_dropout<scalar_t>, args);
 }
 
-// The per-chunk partial results of a row reduction: two (chunks, C) buffers.
+// How a column reduction over (N, C) runs: features per thread, rows per chunk of rows, the
+// launch, and the two (chunks, C) buffers of per-chunk partial results.
+struct ColumnReduction {
+  int features_per_thread;
+  int64_t rows_per_chunk, chunks;
+  LaunchConfig config;
+  at::Tensor part_a, part_b;
+};
+
+template <typename T, typename Launch>
+ColumnReduction plan_column_reduction(const Launch& launch, const LaunchLimits& limits, int64_t N, int64_t C,
+                                      std::initializer_list<const T*> rows, const at::TensorOptions& options) {
+  ColumnReduction r;
+  r.features_per_thread = reduce_features_per_thread<T>(C, rows);
+  r.rows_per_chunk = bn_rows_per_chunk(N, C, r.features_per_thread, limits);
+  r.chunks = bn_chunk_count(N, r.rows_per_chunk);
+  r.config = bn_column_reduce_config(C, r.features_per_thread, r.chunks);
+  r.part_a = at::empty({r.chunks * C}, options);
+  r.part_b = at::empty({r.chunks * C}, options);
+  launch.poison(r.part_a);
+  launch.poison(r.part_b);
+  return r;
+}
+
+// The per-feature mean, invstd and unbiased variance of z (N, C), and the folded BN affine [A; B]
+// (A = gamma * invstd, B = beta - mean * A; gamma and beta acc tensors or undefined).
 template <typename Launch>
-std::pair<at::Tensor, at::Tensor> partial_buffers(const Launch& launch, const ReduceConfig& cfg, int64_t C,
-                                                  const at::TensorOptions& options) {
-  at::Tensor a = at::empty({cfg.chunks * C}, options), b = at::empty({cfg.chunks * C}, options);
-  launch.poison(a);
-  launch.poison(b);
-  return {a, b};
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> launch_batch_stats(const Launch& launch,
+                                                                              const LaunchLimits& limits,
+                                                                              const at::Tensor& z, double eps,
+                                                                              const at::Tensor& gamma,
+                                                                              const at::Tensor& beta) {
+  const int64_t N = z.size(0), C = z.size(1);
+  const auto stat_options = z.options().dtype(at::toOpMathType(z.scalar_type()));
+  at::Tensor mean = at::empty({C}, stat_options), invstd = at::empty({C}, stat_options);
+  at::Tensor var = at::empty({C}, stat_options), affine = at::empty({2 * C}, stat_options);
+  for (at::Tensor* t : {&mean, &invstd, &var, &affine}) launch.poison(*t);
+  if (C == 0) return {mean, invstd, var, affine};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "bn_batch_stats_device", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* zp = z.const_data_ptr<scalar_t>();
+    const ColumnReduction plan = plan_column_reduction<scalar_t>(launch, limits, N, C, {zp}, stat_options);
+    const BatchStatsArgs<scalar_t> stats{.z = zp,
+                                         .N = N,
+                                         .C = C,
+                                         .rows_per_chunk = plan.rows_per_chunk,
+                                         .chunks = plan.chunks,
+                                         .eps = eps,
+                                         .gamma = ptr_or_null<acc_t>(gamma),
+                                         .beta = ptr_or_null<acc_t>(beta),
+                                         .part_mean = plan.part_a.mutable_data_ptr<acc_t>(),
+                                         .part_m2 = plan.part_b.mutable_data_ptr<acc_t>(),
+                                         .mean = mean.mutable_data_ptr<acc_t>(),
+                                         .invstd = invstd.mutable_data_ptr<acc_t>(),
+                                         .var = var.mutable_data_ptr<acc_t>(),
+                                         .affine = affine.mutable_data_ptr<acc_t>()};
+    if (plan.features_per_thread == kGroup) {
+      launch(plan.config, bn_stats_partial<scalar_t, kGroup>, stats);
+    } else {
+      launch(plan.config, bn_stats_partial<scalar_t, 1>, stats);
+    }
+    launch(bn_feature_config(C, limits), bn_stats_finalize<scalar_t>, stats);
+  });
+  return {mean, invstd, var, affine};
+}
+
+// relu(z * A + B) * dropout into a fresh tensor, with affine = [A; B].
+template <typename Launch>
+at::Tensor launch_affine_relu_dropout(const Launch& launch, const LaunchLimits& limits, const at::Tensor& z,
+                                      const at::Tensor& affine, const DropoutArgs& dropout) {
+  at::Tensor out = at::empty_like(z, at::MemoryFormat::Contiguous);
+  launch.poison(out);
+  const int64_t N = z.size(0), C = z.size(1);
+  if (N * C == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "bn_relu_dropout_device", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* zp = z.const_data_ptr<scalar_t>();
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    const acc_t* af = affine.const_data_ptr<acc_t>();
+    const AffineReluDropoutArgs<scalar_t> epilogue{.in = zp,
+                                                   .A = af,
+                                                   .B = af + C,
+                                                   .numel = N * C,
+                                                   .C = C,
+                                                   .packed = all_packed<scalar_t>({zp, o}),
+                                                   .dropout = dropout,
+                                                   .out = o};
+    launch(bn_elementwise_config((N * C + kGroup - 1) / kGroup, limits), affine_relu_dropout<scalar_t>, epilogue);
+  });
+  return out;
 }
 
 }  // namespace layer_detail
@@ -84,11 +173,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn
     const at::Tensor& seed_offset, const char* op) {
   using namespace layer_detail;
   check_layer(input_, weight_, bias, bn_weight, bn_bias, dropout_p, seed_offset, op);
-  TORCH_CHECK(limits.max_threads_per_block >= kReduceThreads, op, ": the device allows fewer than ", kReduceThreads,
-              " threads per block");
-  const int64_t N = input_.size(0), C = weight_.size(0), K = weight_.size(1);
+  TORCH_CHECK(limits.max_threads_per_block >= kColumnReduceThreads, op, ": the device allows fewer than ",
+              kColumnReduceThreads, " threads per block");
+  const int64_t C = weight_.size(0), K = weight_.size(1);
   check_statistics_mode(input_, C, use_batch_stats, running_mean, running_var, op);
-  const auto acc = acc_type(input_);
+  const auto acc = at::toOpMathType(input_.scalar_type());
   const at::Tensor input = input_.contiguous(), weight = weight_.contiguous();
   const at::Tensor gamma = as_acc(bn_weight, acc), beta = as_acc(bn_bias, acc);
   const auto stat_options = input.options().dtype(acc);
@@ -97,39 +186,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn
 
   if (use_batch_stats) {
     pre_bn = defined(bias) ? at::addmm(*bias, input, weight.t()) : at::mm(input, weight.t());
-    mean = at::empty({C}, stat_options);
-    invstd = at::empty({C}, stat_options);
-    var = at::empty({C}, stat_options);
-    out = at::empty_like(pre_bn);
-    at::Tensor affine = at::empty({2 * C}, stat_options);
-    for (at::Tensor* t : {&mean, &invstd, &var, &out, &affine}) launch.poison(*t);
-    if (C == 0) return {out, pre_bn, mean, invstd, var};
-    AT_DISPATCH_FLOATING_TYPES_AND2(
-        at::kHalf, at::kBFloat16, input.scalar_type(), "linear_bn_relu_forward_device", [&] {
-          using acc_t = typename AccType<scalar_t>::type;
-          const scalar_t* z = pre_bn.const_data_ptr<scalar_t>();
-          scalar_t* o = out.mutable_data_ptr<scalar_t>();
-          const int kF = reduce_features_per_thread<scalar_t>(C, {z});
-          const ReduceConfig cfg = bn_reduce_config(N, C, kF, limits);
-          const std::pair<at::Tensor, at::Tensor> parts = partial_buffers(launch, cfg, C, stat_options);
-          const at::Tensor& part_mean = parts.first;
-          const at::Tensor& part_m2 = parts.second;
-          if (kF == kGroup) {
-            launch(cfg, bn_stats_partial<scalar_t, kGroup>, z, N, C, cfg.rows_per_chunk,
-                   part_mean.mutable_data_ptr<acc_t>(), part_m2.mutable_data_ptr<acc_t>());
-          } else {
-            launch(cfg, bn_stats_partial<scalar_t, 1>, z, N, C, cfg.rows_per_chunk, part_mean.mutable_data_ptr<acc_t>(),
-                   part_m2.mutable_data_ptr<acc_t>());
-          }
-          launch(bn_feature_config(C, limits), bn_stats_finalize<acc_t>,
-                 static_cast<const acc_t*>(part_mean.const_data_ptr<acc_t>()),
-                 static_cast<const acc_t*>(part_m2.const_data_ptr<acc_t>()), N, C, cfg.rows_per_chunk, cfg.chunks, eps,
-                 ptr_or_null<acc_t>(gamma), ptr_or_null<acc_t>(beta), mean.mutable_data_ptr<acc_t>(),
-                 invstd.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>(), affine.mutable_data_ptr<acc_t>());
-          const acc_t* af = affine.const_data_ptr<acc_t>();
-          launch(bn_elementwise_config((N * C + kGroup - 1) / kGroup, limits), affine_relu_dropout<scalar_t>, z, af,
-                 af + C, N * C, C, all_packed<scalar_t>({z, o}), dropout.args, o);
-        });
+    at::Tensor affine;
+    std::tie(mean, invstd, var, affine) = launch_batch_stats(launch, limits, pre_bn, eps, gamma, beta);
+    out = launch_affine_relu_dropout(launch, limits, pre_bn, affine, dropout.args);
     return {out, pre_bn, mean, invstd, var};
   }
 
@@ -143,13 +202,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn
   at::Tensor folded_weight = at::empty_like(weight);
   for (at::Tensor* t : {&affine, &folded_bias, &folded_weight}) launch.poison(*t);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "linear_bn_relu_forward_device", [&] {
-    using acc_t = typename AccType<scalar_t>::type;
+    using acc_t = at::opmath_type<scalar_t>;
     const at::Tensor bias_c = defined(bias) ? bias->contiguous() : at::Tensor();
     if (C > 0) {
-      launch(bn_feature_config(C, limits), bn_affine<scalar_t>, C, ptr_or_null<acc_t>(gamma), ptr_or_null<acc_t>(beta),
-             static_cast<const acc_t*>(mean.const_data_ptr<acc_t>()),
-             static_cast<const acc_t*>(invstd.const_data_ptr<acc_t>()), ptr_or_null<scalar_t>(bias_c),
-             affine.mutable_data_ptr<acc_t>(), folded_bias.mutable_data_ptr<acc_t>());
+      const BnAffineArgs<scalar_t> args{.C = C,
+                                        .gamma = ptr_or_null<acc_t>(gamma),
+                                        .beta = ptr_or_null<acc_t>(beta),
+                                        .mean = mean.const_data_ptr<acc_t>(),
+                                        .invstd = invstd.const_data_ptr<acc_t>(),
+                                        .bias = ptr_or_null<scalar_t>(bias_c),
+                                        .affine = affine.mutable_data_ptr<acc_t>(),
+                                        .folded_bias = folded_bias.mutable_data_ptr<acc_t>()};
+      launch(bn_feature_config(C, limits), bn_affine<scalar_t>, args);
     }
     if (C * K > 0) {
       launch(bn_elementwise_config(C * K, limits), scale_weight_rows<scalar_t>, weight.const_data_ptr<scalar_t>(),
@@ -162,6 +226,53 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn
   return {out, pre_bn, mean, invstd, var};
 }
 
+// The stages of the forward with batch statistics after its GEMM, as ops of their own.
+template <typename Launch>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_batch_stats_device(const Launch& launch, const LaunchLimits& limits,
+                                                                     const at::Tensor& pre_bn, double eps,
+                                                                     const char* op) {
+  check_pre_bn(pre_bn, /*batch_stats=*/true, op);
+  TORCH_CHECK(limits.max_threads_per_block >= kColumnReduceThreads, op, ": the device allows fewer than ",
+              kColumnReduceThreads, " threads per block");
+  auto [mean, invstd, var, affine] =
+      layer_detail::launch_batch_stats(launch, limits, pre_bn.contiguous(), eps, at::Tensor(), at::Tensor());
+  return {mean, invstd, var};
+}
+
+template <typename Launch>
+at::Tensor bn_relu_dropout_device(const Launch& launch, const LaunchLimits& limits, const at::Tensor& pre_bn_,
+                                  const at::Tensor& mean_, const at::Tensor& invstd_,
+                                  const c10::optional<at::Tensor>& bn_weight, const c10::optional<at::Tensor>& bn_bias,
+                                  double dropout_p, const at::Tensor& seed_offset, const char* op) {
+  using namespace layer_detail;
+  check_pre_bn(pre_bn_, /*batch_stats=*/false, op);
+  check_feature_stats(pre_bn_, mean_, invstd_, op);
+  const int64_t C = pre_bn_.size(1);
+  check_bn_params(pre_bn_, C, bn_weight, bn_bias, op);
+  check_dropout(pre_bn_, dropout_p, seed_offset, op);
+  const auto acc = at::toOpMathType(pre_bn_.scalar_type());
+  const at::Tensor pre_bn = pre_bn_.contiguous(), mean = mean_.contiguous(), invstd = invstd_.contiguous();
+  const at::Tensor gamma = as_acc(bn_weight, acc), beta = as_acc(bn_bias, acc);
+  const DeviceDropout dropout = device_dropout(dropout_p, seed_offset, pre_bn);
+  at::Tensor affine = at::empty({2 * C}, pre_bn.options().dtype(acc));
+  launch.poison(affine);
+  if (C > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pre_bn.scalar_type(), "bn_relu_dropout_device", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const BnAffineArgs<scalar_t> args{.C = C,
+                                        .gamma = ptr_or_null<acc_t>(gamma),
+                                        .beta = ptr_or_null<acc_t>(beta),
+                                        .mean = mean.const_data_ptr<acc_t>(),
+                                        .invstd = invstd.const_data_ptr<acc_t>(),
+                                        .bias = nullptr,
+                                        .affine = affine.mutable_data_ptr<acc_t>(),
+                                        .folded_bias = nullptr};
+      launch(bn_feature_config(C, limits), bn_affine<scalar_t>, args);
+    });
+  }
+  return launch_affine_relu_dropout(launch, limits, pre_bn, affine, dropout.args);
+}
+
 template <typename Launch>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn_relu_backward_device(
     const Launch& launch, const LaunchLimits& limits, const at::Tensor& grad_out_, const at::Tensor& input_,
@@ -171,11 +282,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn
     bool need_grad_input, const char* op) {
   using namespace layer_detail;
   check_layer(input_, weight_, bias, bn_weight, bn_bias, dropout_p, seed_offset, op);
-  TORCH_CHECK(limits.max_threads_per_block >= kReduceThreads, op, ": the device allows fewer than ", kReduceThreads,
-              " threads per block");
+  TORCH_CHECK(limits.max_threads_per_block >= kColumnReduceThreads, op, ": the device allows fewer than ",
+              kColumnReduceThreads, " threads per block");
   const int64_t N = input_.size(0), C = weight_.size(0), K = weight_.size(1);
   check_backward_tensors(grad_out_, input_, saved_, mean_, invstd_, C, op);
-  const auto acc = acc_type(input_);
+  const auto acc = at::toOpMathType(input_.scalar_type());
   const at::Tensor g = grad_out_.contiguous(), input = input_.contiguous(), weight = weight_.contiguous();
   const at::Tensor saved = saved_.contiguous(), mean = mean_.contiguous(), invstd = invstd_.contiguous();
   const at::Tensor gamma = as_acc(bn_weight, acc), beta = as_acc(bn_bias, acc);
@@ -190,14 +301,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn
   for (at::Tensor* t : {&affine, &coef, &sum_dy, &sum_dy_zhat, &dz}) launch.poison(*t);
   at::Tensor grad_input, grad_weight, grad_bias;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "linear_bn_relu_backward_device", [&] {
-    using acc_t = typename AccType<scalar_t>::type;
+    using acc_t = at::opmath_type<scalar_t>;
     const acc_t* mu = mean.const_data_ptr<acc_t>();
     const acc_t* is = invstd.const_data_ptr<acc_t>();
     const acc_t* af = affine.const_data_ptr<acc_t>();
     if (C > 0) {
-      launch(bn_feature_config(C, limits), bn_affine<scalar_t>, C, ptr_or_null<acc_t>(gamma), ptr_or_null<acc_t>(beta),
-             mu, is, static_cast<const scalar_t*>(nullptr), affine.mutable_data_ptr<acc_t>(),
-             static_cast<acc_t*>(nullptr));
+      const BnAffineArgs<scalar_t> args{.C = C,
+                                        .gamma = ptr_or_null<acc_t>(gamma),
+                                        .beta = ptr_or_null<acc_t>(beta),
+                                        .mean = mu,
+                                        .invstd = is,
+                                        .bias = nullptr,
+                                        .affine = affine.mutable_data_ptr<acc_t>(),
+                                        .folded_bias = nullptr};
+      launch(bn_feature_config(C, limits), bn_affine<scalar_t>, args);
     }
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
     const scalar_t* sp = saved.const_data_ptr<scalar_t>();
@@ -206,26 +323,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn
       sum_dy_zhat.zero_();
       coef.zero_();
     } else {
-      const int kF = reduce_features_per_thread<scalar_t>(C, {gp, sp});
-      const ReduceConfig cfg = bn_reduce_config(N, C, kF, limits);
-      const std::pair<at::Tensor, at::Tensor> parts = partial_buffers(launch, cfg, C, stat_options);
-      const at::Tensor& part_dy = parts.first;
-      const at::Tensor& part_dyz = parts.second;
-      if (kF == kGroup) {
-        launch(cfg, bn_backward_partial<scalar_t, kGroup>, gp, sp, N, C, cfg.rows_per_chunk, use_batch_stats, af, mu,
-               is, dropout.args, part_dy.mutable_data_ptr<acc_t>(), part_dyz.mutable_data_ptr<acc_t>());
-      } else {
-        launch(cfg, bn_backward_partial<scalar_t, 1>, gp, sp, N, C, cfg.rows_per_chunk, use_batch_stats, af, mu, is,
-               dropout.args, part_dy.mutable_data_ptr<acc_t>(), part_dyz.mutable_data_ptr<acc_t>());
-      }
-      launch(bn_feature_config(C, limits), bn_backward_finalize<acc_t>,
-             static_cast<const acc_t*>(part_dy.const_data_ptr<acc_t>()),
-             static_cast<const acc_t*>(part_dyz.const_data_ptr<acc_t>()), N, C, cfg.chunks, use_batch_stats, af, mu, is,
-             sum_dy.mutable_data_ptr<acc_t>(), sum_dy_zhat.mutable_data_ptr<acc_t>(), coef.mutable_data_ptr<acc_t>());
+      const ColumnReduction plan = plan_column_reduction<scalar_t>(launch, limits, N, C, {gp, sp}, stat_options);
       scalar_t* dzp = dz.mutable_data_ptr<scalar_t>();
-      launch(bn_elementwise_config((N * C + kGroup - 1) / kGroup, limits), bn_backward_input<scalar_t>, gp, sp, N * C,
-             C, all_packed<scalar_t>({gp, sp, dzp}), use_batch_stats, af,
-             static_cast<const acc_t*>(coef.const_data_ptr<acc_t>()), dropout.args, dzp);
+      const BnBackwardArgs<scalar_t> args{.grad = gp,
+                                          .saved = sp,
+                                          .N = N,
+                                          .C = C,
+                                          .rows_per_chunk = plan.rows_per_chunk,
+                                          .chunks = plan.chunks,
+                                          .use_batch_stats = use_batch_stats,
+                                          .packed = all_packed<scalar_t>({gp, sp, dzp}),
+                                          .affine = af,
+                                          .mean = mu,
+                                          .invstd = is,
+                                          .dropout = dropout.args,
+                                          .part_dy = plan.part_a.mutable_data_ptr<acc_t>(),
+                                          .part_dy_zhat = plan.part_b.mutable_data_ptr<acc_t>(),
+                                          .sum_dy = sum_dy.mutable_data_ptr<acc_t>(),
+                                          .sum_dy_zhat = sum_dy_zhat.mutable_data_ptr<acc_t>(),
+                                          .coef = coef.mutable_data_ptr<acc_t>(),
+                                          .dz = dzp};
+      if (plan.features_per_thread == kGroup) {
+        launch(plan.config, bn_backward_partial<scalar_t, kGroup>, args);
+      } else {
+        launch(plan.config, bn_backward_partial<scalar_t, 1>, args);
+      }
+      launch(bn_feature_config(C, limits), bn_backward_finalize<scalar_t>, args);
+      launch(bn_elementwise_config((N * C + kGroup - 1) / kGroup, limits), bn_backward_input<scalar_t>, args);
     }
     const at::Tensor no_grad_input = at::empty({0}, input.options());
     if (use_batch_stats) {
@@ -253,10 +377,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn
     launch.poison(grad_bias);
     const at::Tensor bias_c = defined(bias) ? bias->contiguous() : at::Tensor();
     if (C > 0) {
-      launch(bn_warp_per_feature_config(C, limits), folded_weight_grad<scalar_t>, G.const_data_ptr<scalar_t>(),
-             weight.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(bias_c), af, mu, is,
-             static_cast<const acc_t*>(sum_dy.const_data_ptr<acc_t>()), C, K, grad_weight.mutable_data_ptr<scalar_t>(),
-             sum_dy_zhat.mutable_data_ptr<acc_t>(), grad_bias.mutable_data_ptr<scalar_t>());
+      const FoldedWeightGradArgs<scalar_t> args{.G = G.const_data_ptr<scalar_t>(),
+                                                .weight = weight.const_data_ptr<scalar_t>(),
+                                                .bias = ptr_or_null<scalar_t>(bias_c),
+                                                .affine = af,
+                                                .mean = mu,
+                                                .invstd = is,
+                                                .sum_dy = sum_dy.const_data_ptr<acc_t>(),
+                                                .C = C,
+                                                .K = K,
+                                                .grad_weight = grad_weight.mutable_data_ptr<scalar_t>(),
+                                                .grad_gamma = sum_dy_zhat.mutable_data_ptr<acc_t>(),
+                                                .grad_bias = grad_bias.mutable_data_ptr<scalar_t>()};
+      launch(bn_warp_per_feature_config(C, limits), folded_weight_grad<scalar_t>, args);
     }
   });
   return {grad_input, grad_weight, grad_bias, sum_dy_zhat.to(param_type(bn_weight, acc)),
@@ -272,7 +405,8 @@ at::Tensor linear_relu_dropout_forward_device(const Launch& launch, const Launch
   check_layer(input, weight, bias, c10::nullopt, c10::nullopt, dropout_p, seed_offset, op);
   const DeviceDropout dropout = device_dropout(dropout_p, seed_offset, input);
   at::Tensor out = at::mm(input.contiguous(), weight.contiguous().t());
-  const at::Tensor bias_acc = defined(bias) ? bias->to(acc_type(input)).contiguous() : at::Tensor();
+  const at::Tensor bias_acc =
+      defined(bias) ? bias->to(at::toOpMathType(input.scalar_type())).contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, input.scalar_type(), "linear_relu_dropout_forward_device",
       [&] { launch_bias_relu_dropout<scalar_t>(launch, limits, out, bias_acc, dropout.args); });

@@ -5,8 +5,8 @@
 //   - __syncthreads() is a barrier across the block; the __shfl_*_sync intrinsics exchange values
 //     within a warp of 32 through a warp barrier, and only with a full mask;
 //   - threadIdx, blockIdx, blockDim and gridDim are per thread; static __shared__ arrays are per
-//     block (blocks run one at a time); dynamic shared memory, through fused_mlp::dynamic_shared<T>(),
-//     has the launch's size and is poisoned before each block;
+//     block (blocks run one at a time); dynamic shared memory, through
+//     fused_mlp::cuda::dynamic_shared<T>(), has the launch's size and is poisoned before each block;
 //   - atomicAdd is atomic; the math functions map to the standard ones.
 // It refuses what a GPU would (more threads or shared memory than the device limits), and reports a
 // barrier or shuffle that not every thread reaches as an error after a timeout, never a hang.
@@ -39,6 +39,8 @@
 #define __forceinline__ inline
 #define __restrict__ __restrict
 #define __shared__ static  // blocks run one at a time, so a static array is per block
+// A register budget for nvcc; the simulation has no registers to budget.
+#define __launch_bounds__(...)
 
 namespace cuda_sim {
 
@@ -358,11 +360,12 @@ T __ldg(const T* p) {
     if (!(cond)) throw ::cuda_sim::SimError("device-side assert failed: " #cond); \
   } while (0)
 
-namespace fused_mlp {
-// The launch's dynamic shared memory, as T: the one way device code reaches it (the .cu side
-// defines the same helper over `extern __shared__`).
+namespace fused_mlp::cuda {
+// The launch's dynamic shared memory, as T. No kernel uses dynamic shared memory yet, so only the
+// self-tests call this; the first kernel that does adds the device counterpart to
+// csrc/cuda/device_common.cuh (an `extern __shared__` array, cast to T), under the same name.
 template <typename T>
 inline T* dynamic_shared() {
   return reinterpret_cast<T*>(::cuda_sim::detail::dynamic_smem);
 }
-}  // namespace fused_mlp
+}  // namespace fused_mlp::cuda

@@ -50,49 +50,44 @@ void run_case(const Case& k) {
   sim.sm_count = k.sm_count;
   std::vector<float> row_loss(R), grad(R * C), mass(k.prob ? R : 0), grad_out(R, 1.0f);
   std::vector<double> lse(R), scalars(2);
-  ForwardArgs<float> fa{x.data(),
-                        k.prob ? nullptr : target.data(),
-                        k.prob ? prob.data() : nullptr,
-                        k.weighted ? weight.data() : nullptr,
-                        R,
-                        C,
-                        -100,
-                        k.smoothing,
-                        row_loss.data(),
-                        lse.data()};
-  const LaunchConfig rows_cfg = cross_entropy_rows_config(R, C, limits);
+  const ForwardArgs<float> fa{.input = x.data(),
+                              .target = k.prob ? nullptr : target.data(),
+                              .prob_target = k.prob ? prob.data() : nullptr,
+                              .weight = k.weighted ? weight.data() : nullptr,
+                              .rows = R,
+                              .classes = C,
+                              .ignore_index = -100,
+                              .label_smoothing = k.smoothing,
+                              .row_loss = row_loss.data(),
+                              .logsumexp = lse.data()};
   auto sim_launch = [&](const LaunchConfig& cfg, auto kernel, auto... args) {
     cuda_sim::launch(sim, cfg.grid, cfg.block, cfg.shared_bytes, kernel, args...);
   };
-  if (rows_cfg.warp_per_row) {
+  const LaunchConfig rows_cfg = cross_entropy_rows_config(R, C, limits);
+  if (cross_entropy_warp_per_row(C)) {
     launch_warp_rows<float>(sim_launch, rows_cfg, fa);
   } else {
     sim_launch(rows_cfg, cross_entropy_forward_block_rows<float>, fa);
   }
-  const LaunchConfig one = cross_entropy_reduce_config(limits);
-  cuda_sim::launch(sim, one.grid, one.block, 0, cross_entropy_batch_scalars<float>, fa.target, fa.weight, R, C,
-                   int64_t(-100), scalars.data());
-  if (k.prob) {
-    const LaunchConfig cfg = cross_entropy_warp_per_row_config(R, limits);
-    cuda_sim::launch(sim, cfg.grid, cfg.block, 0, cross_entropy_prob_mass<float>, fa, mass.data());
-  }
-  BackwardArgs<float> ba{grad_out.data(),
-                         1,
-                         x.data(),
-                         fa.target,
-                         fa.prob_target,
-                         fa.weight,
-                         lse.data(),
-                         scalars.data(),
-                         k.prob ? mass.data() : nullptr,
-                         R,
-                         C,
-                         -100,
-                         kNone,
-                         k.smoothing,
-                         grad.data()};
-  const LaunchConfig ew = cross_entropy_elementwise_config(R * C, limits);
-  cuda_sim::launch(sim, ew.grid, ew.block, 0, cross_entropy_backward_elementwise<float>, ba);
+  sim_launch(cross_entropy_reduce_config(limits), cross_entropy_batch_scalars<float>, fa.target, fa.weight, R, C,
+             int64_t(-100), scalars.data());
+  if (k.prob) sim_launch(cross_entropy_warp_per_row_config(R, limits), cross_entropy_prob_mass<float>, fa, mass.data());
+  const BackwardArgs<float> ba{.grad_loss = grad_out.data(),
+                               .grad_stride = 1,
+                               .input = x.data(),
+                               .target = fa.target,
+                               .prob_target = fa.prob_target,
+                               .weight = fa.weight,
+                               .logsumexp = lse.data(),
+                               .scalars = scalars.data(),
+                               .prob_mass = k.prob ? mass.data() : nullptr,
+                               .rows = R,
+                               .classes = C,
+                               .ignore_index = -100,
+                               .reduction = at::Reduction::None,
+                               .label_smoothing = k.smoothing,
+                               .grad_input = grad.data()};
+  sim_launch(cross_entropy_elementwise_config(R * C, limits), cross_entropy_backward_elementwise<float>, ba);
 
   // The same in double, directly from the definitions.
   bool ok = true;

@@ -41,13 +41,15 @@ void set_sm_count(int64_t sm_count) {
 }
 
 pybind11::dict launch_config(int64_t rows, int64_t classes) {
-  const LaunchConfig cfg = fused_mlp::cuda::cross_entropy_rows_config(rows, classes, limits());
+  namespace dev = fused_mlp::cuda;
+  const LaunchConfig cfg = dev::cross_entropy_rows_config(rows, classes, limits());
+  const bool warp_per_row = dev::cross_entropy_warp_per_row(classes);
   pybind11::dict d;
   d["grid"] = cfg.grid.x;
   d["block"] = cfg.block.x;
-  d["warp_per_row"] = cfg.warp_per_row;
-  d["lanes_per_row"] = cfg.lanes_per_row;
-  d["values_per_lane"] = cfg.values_per_lane;
+  d["warp_per_row"] = warp_per_row;
+  d["lanes_per_row"] = warp_per_row ? dev::cross_entropy_lanes_per_row(classes) : 0;
+  d["values_per_lane"] = warp_per_row ? dev::cross_entropy_values_per_lane(classes) : 0;
   return d;
 }
 

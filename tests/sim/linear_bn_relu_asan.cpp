@@ -66,36 +66,74 @@ void run_case(const Case& k) {
   Sim launch{cuda_sim::kH100, {k.sm_count, 1024}};
   launch.device.sm_count = k.sm_count;
   const int kF = C % kGroup == 0 ? kGroup : 1;
-  const ReduceConfig rc = bn_reduce_config(N, C, kF, launch.limits);
+  const int64_t rows_per_chunk = bn_rows_per_chunk(N, C, kF, launch.limits);
+  const int64_t chunks = bn_chunk_count(N, rows_per_chunk);
+  const LaunchConfig rc = bn_column_reduce_config(C, kF, chunks);
+  const LaunchConfig features = bn_feature_config(C, launch.limits);
 
   // Forward with batch statistics.
-  std::vector<float> part_a(rc.chunks * C), part_b(rc.chunks * C), mean(C), invstd(C), var(C), affine(2 * C),
-      out(N * C);
+  std::vector<float> part_a(chunks * C), part_b(chunks * C), mean(C), invstd(C), var(C), affine(2 * C), out(N * C);
+  const BatchStatsArgs<float> stats{.z = z.data(),
+                                    .N = N,
+                                    .C = C,
+                                    .rows_per_chunk = rows_per_chunk,
+                                    .chunks = chunks,
+                                    .eps = eps,
+                                    .gamma = gamma.data(),
+                                    .beta = beta.data(),
+                                    .part_mean = part_a.data(),
+                                    .part_m2 = part_b.data(),
+                                    .mean = mean.data(),
+                                    .invstd = invstd.data(),
+                                    .var = var.data(),
+                                    .affine = affine.data()};
   if (kF == kGroup) {
-    launch(rc, bn_stats_partial<float, kGroup>, z.data(), N, C, rc.rows_per_chunk, part_a.data(), part_b.data());
+    launch(rc, bn_stats_partial<float, kGroup>, stats);
   } else {
-    launch(rc, bn_stats_partial<float, 1>, z.data(), N, C, rc.rows_per_chunk, part_a.data(), part_b.data());
+    launch(rc, bn_stats_partial<float, 1>, stats);
   }
-  launch(bn_feature_config(C, launch.limits), bn_stats_finalize<float>, part_a.data(), part_b.data(), N, C,
-         rc.rows_per_chunk, rc.chunks, eps, gamma.data(), beta.data(), mean.data(), invstd.data(), var.data(),
-         affine.data());
-  const GridConfig ew = bn_elementwise_config((N * C + 3) / 4, launch.limits);
-  launch(ew, affine_relu_dropout<float>, z.data(), affine.data(), affine.data() + C, N * C, C, true, dropout,
-         out.data());
+  launch(features, bn_stats_finalize<float>, stats);
+  const LaunchConfig ew = bn_elementwise_config((N * C + 3) / 4, launch.limits);
+  launch(ew, affine_relu_dropout<float>,
+         AffineReluDropoutArgs<float>{.in = z.data(),
+                                      .A = affine.data(),
+                                      .B = affine.data() + C,
+                                      .numel = N * C,
+                                      .C = C,
+                                      .packed = true,
+                                      .dropout = dropout,
+                                      .out = out.data()});
 
   // Backward with batch statistics.
   std::vector<float> coef(2 * C), sum_dy(C), sum_dyz(C), dz(N * C);
-  if (kF == kGroup) {
-    launch(rc, bn_backward_partial<float, kGroup>, grad.data(), z.data(), N, C, rc.rows_per_chunk, true, affine.data(),
-           mean.data(), invstd.data(), dropout, part_a.data(), part_b.data());
-  } else {
-    launch(rc, bn_backward_partial<float, 1>, grad.data(), z.data(), N, C, rc.rows_per_chunk, true, affine.data(),
-           mean.data(), invstd.data(), dropout, part_a.data(), part_b.data());
-  }
-  launch(bn_feature_config(C, launch.limits), bn_backward_finalize<float>, part_a.data(), part_b.data(), N, C,
-         rc.chunks, true, affine.data(), mean.data(), invstd.data(), sum_dy.data(), sum_dyz.data(), coef.data());
-  launch(ew, bn_backward_input<float>, grad.data(), z.data(), N * C, C, true, true, affine.data(), coef.data(), dropout,
-         dz.data());
+  BnBackwardArgs<float> backward{.grad = grad.data(),
+                                 .saved = z.data(),
+                                 .N = N,
+                                 .C = C,
+                                 .rows_per_chunk = rows_per_chunk,
+                                 .chunks = chunks,
+                                 .use_batch_stats = true,
+                                 .packed = true,
+                                 .affine = affine.data(),
+                                 .mean = mean.data(),
+                                 .invstd = invstd.data(),
+                                 .dropout = dropout,
+                                 .part_dy = part_a.data(),
+                                 .part_dy_zhat = part_b.data(),
+                                 .sum_dy = sum_dy.data(),
+                                 .sum_dy_zhat = sum_dyz.data(),
+                                 .coef = coef.data(),
+                                 .dz = dz.data()};
+  auto run_backward = [&] {
+    if (kF == kGroup) {
+      launch(rc, bn_backward_partial<float, kGroup>, backward);
+    } else {
+      launch(rc, bn_backward_partial<float, 1>, backward);
+    }
+    launch(features, bn_backward_finalize<float>, backward);
+    launch(ew, bn_backward_input<float>, backward);
+  };
+  run_backward();
 
   bool ok = true;
   for (int64_t f = 0; f < C; ++f) {
@@ -126,28 +164,45 @@ void run_case(const Case& k) {
   std::vector<float> run_invstd(C), folded_bias(C), folded_w(C * K), y(N * C), grad_w(C * K), grad_gamma(C),
       grad_bias(C);
   for (int64_t f = 0; f < C; ++f) run_invstd[f] = static_cast<float>(1.0 / std::sqrt(running_var[f] + eps));
-  launch(bn_feature_config(C, launch.limits), bn_affine<float>, C, gamma.data(), beta.data(), running_mean.data(),
-         run_invstd.data(), bias.data(), affine.data(), folded_bias.data());
+  launch(features, bn_affine<float>,
+         BnAffineArgs<float>{.C = C,
+                             .gamma = gamma.data(),
+                             .beta = beta.data(),
+                             .mean = running_mean.data(),
+                             .invstd = run_invstd.data(),
+                             .bias = bias.data(),
+                             .affine = affine.data(),
+                             .folded_bias = folded_bias.data()});
   launch(bn_elementwise_config(C * K, launch.limits), scale_weight_rows<float>, w.data(), affine.data(), C, K,
          folded_w.data());
   y = z;  // stands for the GEMM's output x W'^T
-  launch(ew, affine_relu_dropout<float>, y.data(), static_cast<const float*>(nullptr), folded_bias.data(), N * C, C,
-         true, dropout, y.data());
-  if (kF == kGroup) {
-    launch(rc, bn_backward_partial<float, kGroup>, grad.data(), y.data(), N, C, rc.rows_per_chunk, false, affine.data(),
-           running_mean.data(), run_invstd.data(), dropout, part_a.data(), part_b.data());
-  } else {
-    launch(rc, bn_backward_partial<float, 1>, grad.data(), y.data(), N, C, rc.rows_per_chunk, false, affine.data(),
-           running_mean.data(), run_invstd.data(), dropout, part_a.data(), part_b.data());
-  }
-  launch(bn_feature_config(C, launch.limits), bn_backward_finalize<float>, part_a.data(), part_b.data(), N, C,
-         rc.chunks, false, affine.data(), running_mean.data(), run_invstd.data(), sum_dy.data(), sum_dyz.data(),
-         coef.data());
-  launch(ew, bn_backward_input<float>, grad.data(), y.data(), N * C, C, true, false, affine.data(), coef.data(),
-         dropout, dz.data());
-  launch(bn_warp_per_feature_config(C, launch.limits), folded_weight_grad<float>, G.data(), w.data(), bias.data(),
-         affine.data(), running_mean.data(), run_invstd.data(), sum_dy.data(), C, K, grad_w.data(), grad_gamma.data(),
-         grad_bias.data());
+  launch(ew, affine_relu_dropout<float>,
+         AffineReluDropoutArgs<float>{.in = y.data(),
+                                      .A = nullptr,
+                                      .B = folded_bias.data(),
+                                      .numel = N * C,
+                                      .C = C,
+                                      .packed = true,
+                                      .dropout = dropout,
+                                      .out = y.data()});
+  backward.saved = y.data();
+  backward.use_batch_stats = false;
+  backward.mean = running_mean.data();
+  backward.invstd = run_invstd.data();
+  run_backward();
+  launch(bn_warp_per_feature_config(C, launch.limits), folded_weight_grad<float>,
+         FoldedWeightGradArgs<float>{.G = G.data(),
+                                     .weight = w.data(),
+                                     .bias = bias.data(),
+                                     .affine = affine.data(),
+                                     .mean = running_mean.data(),
+                                     .invstd = run_invstd.data(),
+                                     .sum_dy = sum_dy.data(),
+                                     .C = C,
+                                     .K = K,
+                                     .grad_weight = grad_w.data(),
+                                     .grad_gamma = grad_gamma.data(),
+                                     .grad_bias = grad_bias.data()});
   const double scale = k.p > 0 ? 1.0 / (1.0 - k.p) : 1.0;
   for (int64_t f = 0; f < C; ++f) {
     const double a = gamma[f] * double(run_invstd[f]), b = beta[f] - running_mean[f] * a;
@@ -171,7 +226,7 @@ void run_case(const Case& k) {
   }
   std::printf("%s rows=%lld features=%lld in_features=%lld p=%.1f sm_count=%d chunks=%lld\n", ok ? "PASS" : "FAIL",
               static_cast<long long>(N), static_cast<long long>(C), static_cast<long long>(K), k.p, k.sm_count,
-              static_cast<long long>(rc.chunks));
+              static_cast<long long>(chunks));
   (ok ? passed : failed)++;
 }
 

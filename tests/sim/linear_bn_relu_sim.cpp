@@ -33,6 +33,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
                                              seed_offset, need_grad_input, "simulated linear_bn_relu_backward");
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_batch_stats(const at::Tensor& pre_bn, double eps) {
+  return dev::bn_batch_stats_device(SimLaunch{}, sim_launch::launch_limits(), pre_bn, eps, "simulated bn_batch_stats");
+}
+
+at::Tensor bn_relu_dropout(const at::Tensor& pre_bn, const at::Tensor& mean, const at::Tensor& invstd,
+                           const Optional& bn_weight, const Optional& bn_bias, double dropout_p,
+                           const at::Tensor& seed_offset) {
+  return dev::bn_relu_dropout_device(SimLaunch{}, sim_launch::launch_limits(), pre_bn, mean, invstd, bn_weight, bn_bias,
+                                     dropout_p, seed_offset, "simulated bn_relu_dropout");
+}
+
 at::Tensor linear_relu_dropout_forward(const at::Tensor& input, const at::Tensor& weight, const Optional& bias,
                                        double dropout_p, const at::Tensor& seed_offset) {
   return dev::linear_relu_dropout_forward_device(SimLaunch{}, sim_launch::launch_limits(), input, weight, bias,
@@ -54,20 +65,22 @@ at::Tensor write_seed_offset(bool captured, int64_t seed, int64_t offset, const 
     source.offset = static_cast<uint64_t>(offset);
   }
   at::Tensor out = at::full({2}, -1, at::kLong);
-  SimLaunch{}(dev::GridConfig{dim3(1), dim3(32), 0}, dev::write_seed_offset<int64_t>, source,
+  SimLaunch{}(dev::write_seed_offset_config(), dev::write_seed_offset<int64_t>, source,
               out.mutable_data_ptr<int64_t>());
   return out;
 }
 
 pybind11::dict reduce_config(int64_t rows, int64_t features, int64_t features_per_thread) {
-  const dev::ReduceConfig cfg =
-      dev::bn_reduce_config(rows, features, static_cast<int>(features_per_thread), sim_launch::launch_limits());
+  const int kF = static_cast<int>(features_per_thread);
+  const int64_t rows_per_chunk = dev::bn_rows_per_chunk(rows, features, kF, sim_launch::launch_limits());
+  const int64_t chunks = dev::bn_chunk_count(rows, rows_per_chunk);
+  const dev::LaunchConfig cfg = dev::bn_column_reduce_config(features, kF, chunks);
   pybind11::dict d;
   d["grid_x"] = cfg.grid.x;
   d["grid_y"] = cfg.grid.y;
   d["block"] = cfg.block.x;
-  d["rows_per_chunk"] = cfg.rows_per_chunk;
-  d["chunks"] = cfg.chunks;
+  d["rows_per_chunk"] = rows_per_chunk;
+  d["chunks"] = chunks;
   return d;
 }
 
@@ -79,6 +92,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("bias"), pybind11::arg("bn_weight"), pybind11::arg("bn_bias"), pybind11::arg("saved"),
         pybind11::arg("mean"), pybind11::arg("invstd"), pybind11::arg("use_batch_stats"), pybind11::arg("dropout_p"),
         pybind11::arg("seed_offset"), pybind11::arg("need_grad_input") = true);
+  m.def("bn_batch_stats", &bn_batch_stats);
+  m.def("bn_relu_dropout", &bn_relu_dropout);
   m.def("linear_relu_dropout_forward", &linear_relu_dropout_forward);
   m.def("write_seed_offset", &write_seed_offset);
   m.def("reduce_config", &reduce_config);

@@ -60,7 +60,7 @@ __global__ void shuffle_in_partial_warp(float* out) {
 }
 
 __global__ void read_unwritten_shared(float* out) {
-  float* smem = fused_mlp::dynamic_shared<float>();
+  float* smem = fused_mlp::cuda::dynamic_shared<float>();
   out[threadIdx.x] = smem[threadIdx.x];
 }
 

@@ -1,0 +1,148 @@
+// The CPU ops as PyTorch sees them: one registration per op, calling the variant of the kernels
+// (csrc/cpu/*.cpp, compiled once per instruction set) that suits the running CPU.
+//
+// Compiled for the baseline instruction set, like ops.cpp: nothing here may assume more.
+#include <ATen/Version.h>
+#include <torch/library.h>
+
+#include "cpu/kernels.h"
+
+namespace fused_mlp::cpu {
+namespace {
+
+// The best variant this CPU can run, by the same CPUID features ATen requires for its own AVX2 and
+// AVX512 kernels, plus F16C, which the float16 conversions of both use.
+CpuCapability hardware_capability() {
+#if defined(__GNUC__) && defined(__x86_64__)
+  __builtin_cpu_init();
+  const bool fma_f16c = __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  if (fma_f16c && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
+    return CpuCapability::kAvx512;
+  }
+  if (fma_f16c && __builtin_cpu_supports("avx2")) return CpuCapability::kAvx2;
+#endif
+  return CpuCapability::kDefault;
+}
+
+// ATen's own choice (its DispatchStub's): the CPU's best unless ATEN_CPU_CAPABILITY asks for less.
+CpuCapability aten_capability() {
+  const std::string name = at::get_cpu_capability();
+  if (name == "AVX512") return CpuCapability::kAvx512;
+  if (name == "AVX2") return CpuCapability::kAvx2;
+  return CpuCapability::kDefault;
+}
+
+CpuCapability built_capability() {
+#if defined(FUSED_MLP_CPU_HAVE_AVX512)
+  return CpuCapability::kAvx512;
+#elif defined(FUSED_MLP_CPU_HAVE_AVX2)
+  return CpuCapability::kAvx2;
+#else
+  return CpuCapability::kDefault;
+#endif
+}
+
+const CrossEntropyKernels& cross_entropy() {
+  static const CrossEntropyKernels& table = FUSED_MLP_SELECT_CPU_VARIANT(cross_entropy_kernels);
+  return table;
+}
+const LinearBnReluKernels& linear_bn_relu() {
+  static const LinearBnReluKernels& table = FUSED_MLP_SELECT_CPU_VARIANT(linear_bn_relu_kernels);
+  return table;
+}
+const DropoutKernels& dropout() {
+  static const DropoutKernels& table = FUSED_MLP_SELECT_CPU_VARIANT(dropout_kernels);
+  return table;
+}
+
+std::tuple<at::Tensor, at::Tensor> cross_entropy_forward(const at::Tensor& input, const at::Tensor& target,
+                                                         const OptionalTensor& weight, int64_t reduction,
+                                                         int64_t ignore_index, double label_smoothing) {
+  return cross_entropy().forward(input, target, weight, reduction, ignore_index, label_smoothing);
+}
+
+at::Tensor cross_entropy_backward(const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
+                                  const OptionalTensor& weight, const at::Tensor& logsumexp, int64_t reduction,
+                                  int64_t ignore_index, double label_smoothing) {
+  return cross_entropy().backward(grad_loss, input, target, weight, logsumexp, reduction, ignore_index,
+                                  label_smoothing);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn_relu_forward(
+    const at::Tensor& input, const at::Tensor& weight, const OptionalTensor& bias, const OptionalTensor& bn_weight,
+    const OptionalTensor& bn_bias, const OptionalTensor& running_mean, const OptionalTensor& running_var,
+    bool use_batch_stats, double eps, double dropout_p, const at::Tensor& seed_offset) {
+  return linear_bn_relu().forward(input, weight, bias, bn_weight, bn_bias, running_mean, running_var, use_batch_stats,
+                                  eps, dropout_p, seed_offset);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn_relu_backward(
+    const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& weight, const OptionalTensor& bias,
+    const OptionalTensor& bn_weight, const OptionalTensor& bn_bias, const at::Tensor& saved, const at::Tensor& mean,
+    const at::Tensor& invstd, bool use_batch_stats, double dropout_p, const at::Tensor& seed_offset,
+    bool need_grad_input) {
+  return linear_bn_relu().backward(grad_out, input, weight, bias, bn_weight, bn_bias, saved, mean, invstd,
+                                   use_batch_stats, dropout_p, seed_offset, need_grad_input);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_batch_stats(const at::Tensor& pre_bn, double eps) {
+  return linear_bn_relu().batch_stats(pre_bn, eps);
+}
+
+at::Tensor bn_relu_dropout(const at::Tensor& pre_bn, const at::Tensor& mean, const at::Tensor& invstd,
+                           const OptionalTensor& bn_weight, const OptionalTensor& bn_bias, double dropout_p,
+                           const at::Tensor& seed_offset) {
+  return linear_bn_relu().bn_relu_dropout(pre_bn, mean, invstd, bn_weight, bn_bias, dropout_p, seed_offset);
+}
+
+at::Tensor linear_relu_dropout_forward(const at::Tensor& input, const at::Tensor& weight, const OptionalTensor& bias,
+                                       double dropout_p, const at::Tensor& seed_offset) {
+  return linear_bn_relu().linear_relu_dropout_forward(input, weight, bias, dropout_p, seed_offset);
+}
+
+void bn_update_running_stats_(at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& batch_mean,
+                              const at::Tensor& batch_var, double factor) {
+  linear_bn_relu().update_running_stats(running_mean, running_var, batch_mean, batch_var, factor);
+}
+
+at::Tensor philox4x32_10(const at::Tensor& counter, const at::Tensor& key) {
+  return dropout().philox4x32_10(counter, key);
+}
+
+at::Tensor dropout_mask(const at::Tensor& seed_offset, int64_t numel, double p, int64_t start) {
+  return dropout().dropout_mask(seed_offset, numel, p, start);
+}
+
+}  // namespace
+
+CpuCapability cpu_capability() {
+  static const CpuCapability chosen = std::min({hardware_capability(), aten_capability(), built_capability()});
+  return chosen;
+}
+
+const char* cpu_capability_name(CpuCapability capability) {
+  switch (capability) {
+    case CpuCapability::kAvx512:
+      return "AVX512";
+    case CpuCapability::kAvx2:
+      return "AVX2";
+    default:
+      return "DEFAULT";
+  }
+}
+
+TORCH_LIBRARY_IMPL(fused_mlp, CPU, m) {
+  m.impl("cross_entropy_forward", &cross_entropy_forward);
+  m.impl("cross_entropy_backward", &cross_entropy_backward);
+  m.impl("linear_bn_relu_forward", &linear_bn_relu_forward);
+  m.impl("linear_bn_relu_backward", &linear_bn_relu_backward);
+  m.impl("bn_batch_stats", &bn_batch_stats);
+  m.impl("bn_relu_dropout", &bn_relu_dropout);
+  m.impl("linear_relu_dropout_forward", &linear_relu_dropout_forward);
+  m.impl("bn_update_running_stats_", &bn_update_running_stats_);
+  m.impl("philox4x32_10", &philox4x32_10);
+  m.impl("dropout_mask", &dropout_mask);
+}
+
+}  // namespace fused_mlp::cpu
