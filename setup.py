@@ -192,8 +192,18 @@ def _extensions():
     cuda_sources = sorted(_rel(p) for p in glob.glob(os.path.join(CSRC, "cuda", "*.cu")))
     with_cuda = _want_cuda(cuda_sources)
     macros = [(f"FUSED_MLP_CPU_HAVE_{name}", None) for name, _ in CPU_VARIANTS]
-    cxx_flags = ["-O3", "-fno-math-errno"]
-    common = dict(include_dirs=[CSRC], define_macros=macros, depends=HEADERS + CPU_KERNEL_SOURCES, py_limited_api=False)
+    # at::parallel_for runs its loop on ATen's OpenMP threads only where the caller is compiled
+    # with OpenMP; without it, every CPU kernel would run on one thread. The OpenMP runtime is the
+    # one torch loads (libgomp.so.1 by soname), so the kernels share ATen's thread pool.
+    openmp = ["-fopenmp"] if _compiler_accepts(["-fopenmp"]) else []
+    cxx_flags = ["-O3", "-fno-math-errno", *openmp]
+    common = dict(
+        include_dirs=[CSRC],
+        define_macros=macros,
+        depends=HEADERS + CPU_KERNEL_SOURCES,
+        extra_link_args=openmp,
+        py_limited_api=False,
+    )
     if with_cuda:
         ext = CUDAExtension(
             "fused_mlp._C",

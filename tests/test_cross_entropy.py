@@ -191,6 +191,30 @@ def test_nan_and_inf_propagate_as_pytorch():
         torch.testing.assert_close(xo.grad, xs.grad, equal_nan=True)
 
 
+@pytest.mark.cpu_parity
+@pytest.mark.parametrize("classes", [100, 5000, 20_000])
+@pytest.mark.parametrize("position", ["first", "middle", "last"])
+def test_non_finite_logits_in_long_rows_propagate_as_pytorch(classes, position):
+    """Rows of one tile and of several: a NaN, a +inf and a -inf placed first, in a later tile, or
+    last, among finite logits, and a row of -inf with one finite logit. Against stock in float64:
+    stock's own float32 smoothing gradient varies with the instruction set by more than ours."""
+    g = torch.Generator().manual_seed(classes)
+    x = torch.randn(5, classes, generator=g)
+    col = {"first": 0, "middle": classes // 2 + 7, "last": classes - 1}[position]
+    x[0, col], x[1, col], x[2, col] = float("nan"), float("inf"), float("-inf")
+    x[3] = float("-inf")
+    x[3, col] = 1.5
+    t = torch.tensor([1, 2, 3, col, 0])
+    for smoothing in (0.0, 0.1):
+        xs, xo = x.double().requires_grad_(), x.clone().requires_grad_()
+        want = F.cross_entropy(xs, t, reduction="none", label_smoothing=smoothing)
+        want.sum().backward()
+        got = cross_entropy(xo, t, reduction="none", label_smoothing=smoothing)
+        got.sum().backward()
+        torch.testing.assert_close(got.double(), want, equal_nan=True, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(xo.grad.double(), xs.grad, equal_nan=True, rtol=1e-5, atol=1e-6)
+
+
 def test_inputs_are_not_modified():
     x, target, weight = make_case((8, 6), "prob", torch.float32, True, False)
     x.requires_grad_()
