@@ -93,40 +93,28 @@ struct CoefLoader {
   }
 };
 
-// The RowPartial of n contiguous values: a max pass, then an exp-sum pass over the same L1-resident
-// tile. `coef` supplies coefficients for the classes [c0, c0 + n) of the row.
-template <typename scalar_t, Coef kCoef>
-RowPartial<at::opmath_type<scalar_t>> tile_partial(const scalar_t* x, int64_t c0, int64_t n,
-                                                   const CoefLoader<scalar_t, kCoef>& coef) {
+// The exp-sum pass over n contiguous values, relative to ref: the RowPartial of the values with
+// ref as its reference (`max`), and, when asked, the values' max into *max_out (a plain max, which
+// may miss a NaN: the NaN's exp, and so the sum, is NaN anyway).
+template <typename scalar_t, Coef kCoef, bool kTrackMax>
+RowPartial<at::opmath_type<scalar_t>> exp_sum_pass(const scalar_t* x, int64_t c0, int64_t n,
+                                                   const CoefLoader<scalar_t, kCoef>& coef,
+                                                   at::opmath_type<scalar_t> ref, at::opmath_type<scalar_t>* max_out) {
   using IO = VecIO<scalar_t>;
   using acc_t = typename IO::acc_t;
   using Vec = typename IO::Vec;
   constexpr int64_t W = IO::kWidth;
   constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
-
-  // The max pass need not see NaN (a plain max, a third of the cost of a NaN-propagating one): a NaN
-  // logit makes its exp, and so the sum, NaN in the second pass. +inf it must see, and does.
-  Vec vmax(-kInf);
-  int64_t c = 0;
-  for (; c + W <= n; c += W) vmax = at::vec::clamp_min(IO::load(x + c), vmax);
-  if (c < n) vmax = at::vec::clamp_min(Vec::set(Vec(-kInf), IO::load(x + c, n - c), n - c), vmax);
-  const acc_t m = at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vmax);
-
-  RowPartial<acc_t> out;
-  out.max = m;
-  if (std::isnan(m) || m == kInf) {
-    const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
-    return {m, nan, nan, nan};
-  }
-  const Vec ref(m == -kInf ? acc_t(0) : m);  // an all -inf tile: exp gives 0, coef_dot = sum coef*x
-  Vec vsum(acc_t(0)), vcoef_sum(acc_t(0)), vcoef_dot(acc_t(0));
-  for (c = 0; c < n; c += W) {
+  const Vec vref(ref);
+  Vec vsum(acc_t(0)), vcoef_sum(acc_t(0)), vcoef_dot(acc_t(0)), vmax(-kInf);
+  for (int64_t c = 0; c < n; c += W) {
     const int64_t len = std::min(W, n - c);
     // The next tile (of this row or the next) is what this thread reads next: fetch it from memory
-    // while this pass computes, instead of waiting for it in the next max pass. Only a hint: an
-    // address past the end of the logits is never touched.
+    // while this pass computes. Only a hint: an address past the end of the logits is never touched.
     __builtin_prefetch(x + c + n);
-    Vec d = (len == W ? IO::load(x + c) : IO::load(x + c, len)) - ref;
+    const Vec xv = len == W ? IO::load(x + c) : Vec::set(Vec(-kInf), IO::load(x + c, len), len);
+    if constexpr (kTrackMax) vmax = at::vec::clamp_min(xv, vmax);
+    Vec d = xv - vref;
     Vec e = vec_exp<acc_t>(d);
     if (len < W) {
       e = Vec::set(Vec(acc_t(0)), e, len);
@@ -140,11 +128,73 @@ RowPartial<at::opmath_type<scalar_t>> tile_partial(const scalar_t* x, int64_t c0
     }
   }
   auto add = [](Vec& a, Vec& b) { return a + b; };
+  RowPartial<acc_t> out;
+  out.max = ref;
   out.sumexp = at::vec::vec_reduce_all<acc_t>(add, vsum);
   if constexpr (kCoef != Coef::kNone) {
     out.coef_sum = at::vec::vec_reduce_all<acc_t>(add, vcoef_sum);
     out.coef_dot = at::vec::vec_reduce_all<acc_t>(add, vcoef_dot);
   }
+  if constexpr (kTrackMax) {
+    *max_out = at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vmax);
+  }
+  return out;
+}
+
+// The RowPartial of n contiguous values. The exps are taken relative to a reference at most kSlack
+// below the values' max: that keeps every exp, and their sum over a tile (exp(64) * 4096), far
+// inside float's range, and needs no pass of its own to find. The reference is the max of the
+// first vector, and the one pass over the tile also finds the tile's max; only when that exceeds
+// the reference by more than kSlack (or the first vector is all -inf) does the tile take a second
+// pass, relative to its max. `coef` supplies coefficients for the classes [c0, c0 + n) of the row.
+template <typename scalar_t, Coef kCoef>
+RowPartial<at::opmath_type<scalar_t>> tile_partial(const scalar_t* x, int64_t c0, int64_t n,
+                                                   const CoefLoader<scalar_t, kCoef>& coef) {
+  using IO = VecIO<scalar_t>;
+  using acc_t = typename IO::acc_t;
+  using Vec = typename IO::Vec;
+  constexpr int64_t W = IO::kWidth;
+  constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
+  constexpr acc_t kSlack = 64;
+  const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
+  auto vmax_of = [](const Vec& v) {
+    return at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, v);
+  };
+
+  const Vec first = n >= W ? IO::load(x) : Vec::set(Vec(-kInf), IO::load(x, n), n);
+  const acc_t guess = vmax_of(first);
+  if (std::isnan(guess) || guess == kInf) return {guess, nan, nan, nan};
+  acc_t m = guess;
+  if (guess != -kInf) {
+    RowPartial<acc_t> out = exp_sum_pass<scalar_t, kCoef, true>(x, c0, n, coef, guess, &m);
+    if (std::isnan(m) || m == kInf) return {m, nan, nan, nan};
+    if (m - guess <= kSlack) {
+      // Moved to the tile's max as the reference, so that (max - x_t) + log(sumexp) loses nothing
+      // to cancellation on a row whose target is its max (a small loss). The max's own term, the
+      // float exp(m - guess) the pass added (the same function on the same value gives the same
+      // bits), becomes exactly 1 rather than 1 plus that exp's rounding error.
+      if (m > guess) {
+        alignas(64) acc_t max_term[W];
+        vec_exp<acc_t>(Vec(m) - Vec(guess)).store(max_term);
+        const double rest = static_cast<double>(out.sumexp) - static_cast<double>(max_term[0]);
+        out.sumexp = static_cast<acc_t>(rest * std::exp(static_cast<double>(guess) - static_cast<double>(m)) + 1.0);
+        out.coef_dot += out.coef_sum * (guess - m);
+        out.max = m;
+      }
+      return out;
+    }
+  } else {
+    // A first vector of -inf only: the tile's max, by a max pass, as the reference.
+    Vec vmax(-kInf);
+    int64_t c = 0;
+    for (; c + W <= n; c += W) vmax = at::vec::clamp_min(IO::load(x + c), vmax);
+    if (c < n) vmax = at::vec::clamp_min(Vec::set(Vec(-kInf), IO::load(x + c, n - c), n - c), vmax);
+    m = vmax_of(vmax);
+    if (std::isnan(m) || m == kInf) return {m, nan, nan, nan};
+  }
+  // An all -inf tile keeps max -inf, with exps of 0 and coef_dot = sum coef * x (reference 0).
+  RowPartial<acc_t> out = exp_sum_pass<scalar_t, kCoef, false>(x, c0, n, coef, m == -kInf ? acc_t(0) : m, nullptr);
+  out.max = m;
   return out;
 }
 
