@@ -1,8 +1,9 @@
 // Fused log-softmax + NLL (cross-entropy) on the CPU.
 //
-// Forward reads each row once: per tile of kTile classes, a max pass and an exp-sum pass while the
-// tile sits in L1, merged across tiles by the online-softmax rule. It writes the loss and the row's
-// logsumexp (lse); backward rebuilds softmax = exp(x - lse) and writes the gradient in one pass.
+// Forward reads each row once: per tile of kTile classes, one pass that sums the exps relative to a
+// guess of the tile's max while it finds the max (tile_partial), merged across tiles by the
+// online-softmax rule. It writes the loss and the row's logsumexp (lse); backward rebuilds
+// softmax = exp(x - lse) and writes the gradient in one pass.
 // The maths is in docs/cross_entropy.md.
 //
 // Work is split into (row, tile) units, and partial results are merged in a fixed order, so the
@@ -27,8 +28,8 @@ namespace fused_mlp::cpu {
 FUSED_MLP_ISA_BEGIN
 namespace {
 
-// Classes per tile: a float tile (16 KiB) stays between its two passes in the L1 data cache, which
-// is 32 KiB or more on every x86-64 CPU of the last decade.
+// Classes per tile: a float tile (16 KiB) stays in the L1 data cache, which is 32 KiB or more on
+// every x86-64 CPU of the last decade, for the rare second pass.
 constexpr int64_t kTile = 4096;
 // Elements per parallel task, so short rows are not one task each: starting a parallel region
 // costs microseconds on any CPU, the work of a few thousand elements about as much.
