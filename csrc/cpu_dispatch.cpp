@@ -3,6 +3,7 @@
 //
 // Compiled for the baseline instruction set, like ops.cpp: nothing here may assume more.
 #include <ATen/Version.h>
+#include <ATen/ops/randint.h>
 #include <torch/library.h>
 
 #include "cpu/kernels.h"
@@ -132,6 +133,16 @@ const char* cpu_capability_name(CpuCapability capability) {
   }
 }
 
+namespace {
+
+// (seed, offset) of one dropout mask from the CPU generator: the draw torch.randint(0, 2**62, (2,))
+// makes, so the op and fused_mlp.functional's own draw give the same mask for the same seed.
+at::Tensor philox_seed_offset(const at::Tensor& like, const c10::optional<at::Generator>& generator) {
+  return at::randint(0, int64_t{1} << 62, {2}, generator, like.options().dtype(at::kLong));
+}
+
+}  // namespace
+
 TORCH_LIBRARY_IMPL(fused_mlp, CPU, m) {
   m.impl("cross_entropy_forward", &cross_entropy_forward);
   m.impl("cross_entropy_backward", &cross_entropy_backward);
@@ -143,6 +154,7 @@ TORCH_LIBRARY_IMPL(fused_mlp, CPU, m) {
   m.impl("bn_update_running_stats_", &bn_update_running_stats_);
   m.impl("philox4x32_10", &philox4x32_10);
   m.impl("dropout_mask", &dropout_mask);
+  m.impl("philox_seed_offset", &philox_seed_offset);
 }
 
 }  // namespace fused_mlp::cpu

@@ -27,6 +27,8 @@ extern "C" PyObject* PyInit__C(void) {
   return PyModule_Create(&module_def);
 }
 
+// fused_mlp/ops.py holds the same schema strings (ops.SCHEMAS), for the reference backend that
+// defines the ops when this library is not built; tests/test_autograd.py holds the two equal.
 TORCH_LIBRARY(fused_mlp, m) {
   // Cross-entropy over the last dimension of a 2-D input (rows, classes).
   // target: int64 class indices of shape (rows,), or class probabilities of the input's shape.
@@ -86,7 +88,7 @@ TORCH_LIBRARY(fused_mlp, m) {
   m.def("philox4x32_10(Tensor counter, Tensor key) -> Tensor");
   m.def("dropout_mask(Tensor seed_offset, int numel, float p, int start=0) -> Tensor");
   // A fresh (seed, offset) for one dropout mask on like's device, drawn from generator (default:
-  // that device's default generator) and written by the device itself, so that a CUDA graph
-  // replays it with new values as PyTorch's own dropout does. CUDA only.
+  // that device's default generator). On CUDA the device writes it itself, so that a CUDA graph
+  // replays it with new values as PyTorch's own dropout does.
   m.def("philox_seed_offset(Tensor like, Generator? generator=None) -> Tensor", {at::Tag::nondeterministic_seeded});
 }

@@ -28,7 +28,7 @@ def _check_build(info):
 def load():
     """Returns "extension" or "reference": which implementation the ops use."""
     require = os.environ.get("FUSED_MLP_REQUIRE_EXT", "") == "1"
-    impl = os.environ.get("FUSED_MLP_IMPL", "auto").lower()
+    impl = (os.environ.get("FUSED_MLP_IMPL") or "auto").lower()
     if impl not in ("auto", "extension", "reference"):
         raise ValueError(f"FUSED_MLP_IMPL must be auto, extension or reference, got {impl!r}")
     if impl == "reference":

@@ -2,7 +2,7 @@
 
 import torch
 
-from . import functional as F
+from . import autograd, checks, functional
 
 __all__ = ["CrossEntropyLoss", "LinearBNReLU"]
 
@@ -17,7 +17,7 @@ class CrossEntropyLoss(torch.nn.Module):
 
     def __init__(self, weight=None, *, ignore_index=-100, reduction="mean", label_smoothing=0.0):
         super().__init__()
-        if reduction not in F._REDUCTIONS:
+        if reduction not in checks.REDUCTIONS:
             raise ValueError(f"CrossEntropyLoss: reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
         if not 0.0 <= label_smoothing <= 1.0:
             raise ValueError(f"CrossEntropyLoss: label_smoothing must be in [0, 1], got {label_smoothing!r}")
@@ -27,7 +27,7 @@ class CrossEntropyLoss(torch.nn.Module):
         self.label_smoothing = label_smoothing
 
     def forward(self, input, target):
-        return F.cross_entropy(
+        return functional.cross_entropy(
             input,
             target,
             self.weight,
@@ -67,7 +67,7 @@ class LinearBNReLU(torch.nn.Module):
         dtype=None,
     ):
         super().__init__()
-        _check_dropout(dropout)
+        checks.dropout_probability(dropout, "LinearBNReLU")
         self.linear = torch.nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.bn = torch.nn.BatchNorm1d(
             out_features,
@@ -93,7 +93,7 @@ class LinearBNReLU(torch.nn.Module):
                 f"LinearBNReLU.from_modules: bn has {bn.num_features} features but linear "
                 f"has out_features={linear.out_features}"
             )
-        _check_dropout(dropout)
+        checks.dropout_probability(dropout, "LinearBNReLU")
         layer = cls.__new__(cls)
         torch.nn.Module.__init__(layer)
         layer.linear, layer.bn, layer.dropout = linear, bn, dropout
@@ -110,7 +110,7 @@ class LinearBNReLU(torch.nn.Module):
         cache = self._fold_cache
         if cache is None or cache[0] != key:
             with torch.no_grad():
-                folded = F.fold_batch_norm(*sources, eps)
+                folded = functional.fold_batch_norm(*sources, eps)
             cache = self._fold_cache = (key, *folded)
         return cache[1:]
 
@@ -125,7 +125,7 @@ class LinearBNReLU(torch.nn.Module):
         if bn_training and not track:
             running_mean = running_var = None
         dropout = self.dropout if self.training else 0.0
-        F._check_linear_bn_relu_args(
+        checks.linear_bn_relu_args(
             input, weight, bias, bn_weight, bn_bias, running_mean, running_var, use_batch_stats, dropout
         )
         if (
@@ -137,14 +137,16 @@ class LinearBNReLU(torch.nn.Module):
             folded_weight, folded_bias = self._folded_parameters(
                 weight, bias, bn_weight, bn_bias, running_mean, running_var, bn.eps
             )
-            return F.folded_linear_relu_dropout(input, folded_weight, folded_bias, dropout=dropout)
+            return functional.folded_linear_relu_dropout(input, folded_weight, folded_bias, dropout=dropout)
         update = bn_training and track and bn.num_batches_tracked is not None
         momentum = 0.0
+        if update and autograd.transforms_active():
+            raise RuntimeError(functional.RUNNING_STATS_UNDER_TRANSFORM)
         if update:  # only once the input is known good: bad input leaves the state untouched
             bn.num_batches_tracked.add_(1)
             momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
         pass_running = update or not use_batch_stats
-        return F._linear_bn_relu(
+        return functional.linear_bn_relu_checked(
             input,
             weight,
             bias,
@@ -166,8 +168,3 @@ def _needs_grad(input, *params):
     if not torch.is_grad_enabled():
         return False
     return input.requires_grad or any(t is not None and t.requires_grad for t in params)
-
-
-def _check_dropout(p):
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
-        raise ValueError(f"LinearBNReLU: dropout must be a probability in [0, 1), got {p!r}")

@@ -33,8 +33,15 @@ def _log_softmax(x):
 
 def _check_targets(target, classes, ignore_index):
     # Meta tensors have shapes but no values, and a traced graph cannot branch on one: nothing to
-    # check there (the gather below still refuses an index past the classes on real tensors).
-    if target.device.type == "meta" or torch.compiler.is_compiling():
+    # check there (the gather below still refuses an index past the classes on real tensors), nor
+    # on a traced one (a tensor subclass: fake, functional). Nor under torch.func, where vmap cannot
+    # branch on one sample's values. The forward op has checked the targets in all those cases.
+    if (
+        target.device.type == "meta"
+        or type(target) is not torch.Tensor
+        or torch.compiler.is_compiling()
+        or torch._C._are_functorch_transforms_active()
+    ):
         return
     bad = (target != ignore_index) & ((target < 0) | (target >= classes))
     if bool(bad.any()):
@@ -132,10 +139,30 @@ _PHILOX_WEYL = (0x9E3779B9, 0xBB67AE85)
 _PHILOX_ROUNDS = 10
 
 
+def _mulhilo(x, m):
+    """(hi, lo) 32-bit words of x * m, for x an int64 tensor of 32-bit words and m a 32-bit int."""
+    a, b = x * (m & 0xFFFF), x * (m >> 16)
+    s = b + (a >> 16)
+    return s >> 16, ((s & 0xFFFF) << 16) | (a & 0xFFFF)
+
+
+def _philox_rounds_broadcast(c0, c1, c2, c3, key0, key1):
+    """_philox_rounds for keys of any shape that broadcasts with the counters (one key per sample
+    under vmap), without buffers, which batched tensors do not take."""
+    for r in range(_PHILOX_ROUNDS):
+        k0, k1 = (key0 + r * _PHILOX_WEYL[0]) & _MASK32, (key1 + r * _PHILOX_WEYL[1]) & _MASK32
+        hi0, lo0 = _mulhilo(c0, _PHILOX_MUL[0])
+        hi1, lo1 = _mulhilo(c2, _PHILOX_MUL[1])
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+    return torch.stack([c0, c2]), torch.stack([c3, c1])
+
+
 def _philox_rounds(c0, c1, c2, c3, key0, key1):
     """Philox4x32-10 on int64 tensors holding 32-bit words (broadcast to one shape); key0 and key1
     are 0-dim tensors, so a key on the device is never read on the host. Returns the output words
     as the rows of two (2, n) tensors: (c0, c2) and (c3, c1)."""
+    if key0.dim() > 0 or torch._C._are_functorch_transforms_active():
+        return _philox_rounds_broadcast(c0, c1, c2, c3, key0, key1)
     device = c0.device
     weyl = torch.tensor(_PHILOX_WEYL, dtype=torch.int64, device=device)[:, None]
     rounds = torch.arange(_PHILOX_ROUNDS, dtype=torch.int64, device=device)
@@ -186,12 +213,17 @@ def dropout_mask(seed_offset, numel, p, start=0):
     """The keep mask (bool tensor of numel elements, on seed_offset's device) of dropout with
     probability p for elements start .. start + numel - 1, as torch.ops.fused_mlp.dropout_mask.
     seed_offset is the int64 tensor (seed, offset); each is a 64-bit number stored as a signed
-    int64, and is never read on the host."""
-    so = seed_offset.to(torch.int64).reshape(2)
+    int64, and is never read on the host. A (..., 2) seed_offset gives a (..., numel) mask per
+    (seed, offset)."""
+    so = seed_offset.to(torch.int64)
+    batch = so.shape[:-1]
     device = so.device
     # & and an arithmetic shift then & give the unsigned 32-bit halves of a negative int64 too.
-    seed_lo, seed_hi = so[0] & _MASK32, (so[0] >> 32) & _MASK32
-    offset_lo, offset_hi = so[1] & _MASK32, (so[1] >> 32) & _MASK32
+    seed, offset = so[..., 0:1], so[..., 1:2]  # (..., 1): one key per row of blocks
+    seed_lo, seed_hi = seed & _MASK32, (seed >> 32) & _MASK32
+    offset_lo, offset_hi = offset & _MASK32, (offset >> 32) & _MASK32
+    if not batch:
+        seed_lo, seed_hi, offset_lo, offset_hi = (t.reshape(()) for t in (seed_lo, seed_hi, offset_lo, offset_hi))
     first_block = start // 4
     blocks = torch.arange(first_block, (start + numel + 3) // 4, dtype=torch.int64, device=device)
     even, low = _philox_rounds(blocks & _MASK32, blocks >> 32, offset_lo, offset_hi, seed_lo, seed_hi)
@@ -200,8 +232,8 @@ def dropout_mask(seed_offset, numel, p, start=0):
     threshold = math.ceil(_float32(p) * 2.0**24) << 8
     keep_even, keep_low = even >= threshold, low >= threshold
     # Element i takes word i % 4 of block i // 4.
-    keep = torch.stack([keep_even[0], keep_low[1], keep_even[1], keep_low[0]], dim=1).reshape(-1)
-    return keep[start - first_block * 4 :][:numel]
+    keep = torch.stack([keep_even[0], keep_low[1], keep_even[1], keep_low[0]], dim=-1).reshape(*batch, -1)
+    return keep[..., start - first_block * 4 :][..., :numel].clone()  # a tensor of its own, as the op returns
 
 
 def dropout_keep_mask(seed, offset, numel, p, start=0, *, device=None):
@@ -229,28 +261,44 @@ def _as_int64(v):
 
 
 def _bn_affine(bn_weight, bn_bias, mean, invstd):
-    """A, B with gamma * (z - mean) * invstd + beta == z * A + B."""
+    """A, B with gamma * (z - mean) * invstd + beta == z * A + B, per feature (..., C), shaped
+    (..., 1, C) to broadcast over the rows of z."""
     a = invstd if bn_weight is None else bn_weight.to(invstd.dtype) * invstd
     b = -mean * a if bn_bias is None else bn_bias.to(invstd.dtype) - mean * a
-    return a, b
+    return a.unsqueeze(-2), b.unsqueeze(-2)
 
 
 def _dropout_multiplier(like, dropout_p, seed_offset, acc):
-    """The dropout multipliers (0 or 1 / (1 - p)) of a tensor shaped like `like`, on its device;
-    seed_offset moves there as the CUDA kernels move it (a copy toward the input, never a read)."""
+    """The dropout multipliers (0 or 1 / (1 - p)) of a (..., rows, features) tensor shaped like
+    `like`, on its device; seed_offset moves there as the CUDA kernels move it (a copy toward the
+    input, never a read). One (seed, offset) gives every leading index the same mask; a (..., 2)
+    seed_offset gives each its own."""
     if dropout_p <= 0:
         return None
-    keep = dropout_mask(seed_offset.to(like.device), like.numel(), dropout_p)
-    return keep.reshape(like.shape).to(acc) * (1.0 / (1.0 - dropout_p))
+    matrix = like.shape[-2:]
+    keep = dropout_mask(seed_offset.to(like.device), matrix.numel(), dropout_p)
+    return keep.reshape(keep.shape[:-1] + matrix).to(acc) * (1.0 / (1.0 - dropout_p))
+
+
+def _linear(input, weight, bias):
+    if weight.dim() == 2 and (bias is None or bias.dim() == 1):
+        return torch.nn.functional.linear(input, weight, bias)
+    z = input @ weight.transpose(-1, -2)  # parameters per sample (vmap)
+    return z if bias is None else z + bias.unsqueeze(-2)
+
+
+# Every function below also takes leading batch dimensions, each index an independent layer with
+# its own statistics: the vmap rules of fused_mlp.batching run them so. Rows are dim -2, features
+# dim -1, and per-feature tensors are (..., features).
 
 
 def bn_batch_stats(pre_bn, eps):
     """Per feature (column) of pre_bn: the mean, 1 / sqrt(biased variance + eps) and the unbiased
     variance, in the accumulation dtype."""
-    if pre_bn.shape[0] <= 1:
+    if pre_bn.shape[-2] <= 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(pre_bn.shape)}")
     z = pre_bn.to(_acc_dtype(pre_bn.dtype))
-    return z.mean(dim=0), (z.var(dim=0, unbiased=False) + eps).rsqrt(), z.var(dim=0, unbiased=True)
+    return z.mean(dim=-2), (z.var(dim=-2, unbiased=False) + eps).rsqrt(), z.var(dim=-2, unbiased=True)
 
 
 def bn_relu_dropout(pre_bn, mean, invstd, bn_weight, bn_bias, dropout_p, seed_offset):
@@ -268,7 +316,7 @@ def linear_bn_relu_forward(
     input, weight, bias, bn_weight, bn_bias, running_mean, running_var, use_batch_stats, eps, dropout_p, seed_offset
 ):
     acc = _acc_dtype(input.dtype)
-    z = torch.nn.functional.linear(input, weight, bias)
+    z = _linear(input, weight, bias)
     if use_batch_stats:
         mean, invstd, var = bn_batch_stats(z, eps)
         pre_bn = z
@@ -276,7 +324,7 @@ def linear_bn_relu_forward(
         mean = running_mean.to(acc).clone()
         var = running_var.to(acc).clone()
         invstd = (var + eps).rsqrt()
-        pre_bn = input.new_empty(0)
+        pre_bn = input.new_empty(input.shape[:-2] + (0,))
     return bn_relu_dropout(z, mean, invstd, bn_weight, bn_bias, dropout_p, seed_offset), pre_bn, mean, invstd, var
 
 
@@ -297,25 +345,26 @@ def linear_bn_relu_backward(
 ):
     acc = _acc_dtype(input.dtype)
     g = grad_out.to(acc)
-    n = input.shape[0]
+    n = input.shape[-2]
     a, b = _bn_affine(bn_weight, bn_bias, mean, invstd)
+    mean, invstd = mean.unsqueeze(-2), invstd.unsqueeze(-2)
     if use_batch_stats:
         z = saved.to(acc)
         mult = _dropout_multiplier(z, dropout_p, seed_offset, acc)
         dy = torch.where(z * a + b > 0, g if mult is None else g * mult, torch.zeros_like(g))
         zhat = (z - mean) * invstd
-        sum_dy, sum_dy_zhat = dy.sum(dim=0), (dy * zhat).sum(dim=0)
-        dz = a * (dy - sum_dy / n - zhat * sum_dy_zhat / n)
+        sum_dy, sum_dy_zhat = dy.sum(dim=-2), (dy * zhat).sum(dim=-2)
+        dz = a * (dy - sum_dy.unsqueeze(-2) / n - zhat * sum_dy_zhat.unsqueeze(-2) / n)
         grad_bias = torch.zeros_like(sum_dy)
     else:
         scale = 1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0
         dy = torch.where(saved > 0, g * scale, torch.zeros_like(g))
-        z = torch.nn.functional.linear(input, weight, bias).to(acc)
-        sum_dy, sum_dy_zhat = dy.sum(dim=0), (dy * (z - mean) * invstd).sum(dim=0)
+        z = _linear(input, weight, bias).to(acc)
+        sum_dy, sum_dy_zhat = dy.sum(dim=-2), (dy * (z - mean) * invstd).sum(dim=-2)
         dz = dy * a
-        grad_bias = dz.sum(dim=0)
-    grad_input = dz @ weight.to(acc) if need_grad_input else input.new_empty(0)
-    grad_weight = dz.t() @ input.to(acc)
+        grad_bias = dz.sum(dim=-2)
+    grad_input = dz @ weight.to(acc) if need_grad_input else input.new_empty(input.shape[:-2] + (0,))
+    grad_weight = dz.transpose(-1, -2) @ input.to(acc)
     param_dtype = lambda t: acc if t is None else t.dtype  # noqa: E731
     return (
         grad_input.to(input.dtype),
@@ -328,7 +377,7 @@ def linear_bn_relu_backward(
 
 def linear_relu_dropout_forward(input, weight, bias, dropout_p, seed_offset):
     acc = _acc_dtype(input.dtype)
-    y = torch.relu(torch.nn.functional.linear(input, weight, bias).to(acc))
+    y = torch.relu(_linear(input, weight, bias).to(acc))
     mult = _dropout_multiplier(y, dropout_p, seed_offset, acc)
     if mult is not None:
         y = y * mult
@@ -339,3 +388,10 @@ def bn_update_running_stats_(running_mean, running_var, batch_mean, batch_var, f
     with torch.no_grad():
         running_mean.mul_(1.0 - factor).add_(batch_mean.to(running_mean.dtype), alpha=factor)
         running_var.mul_(1.0 - factor).add_(batch_var.to(running_var.dtype), alpha=factor)
+
+
+def philox_seed_offset(like, generator=None):
+    """A fresh (seed, offset) for one dropout mask, on like's device, drawn from generator (default:
+    the default generator of like's device)."""
+    device = generator.device if generator is not None else like.device
+    return torch.randint(0, 2**62, (2,), dtype=torch.int64, generator=generator, device=device).to(like.device)

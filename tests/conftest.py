@@ -1,7 +1,9 @@
 import os
 
 import pytest
+import torch
 
+import fused_mlp
 from fused_mlp import data
 
 
@@ -23,3 +25,68 @@ def data_dir():
             pytest.fail(message + " (CI must have them)")
         pytest.skip(message)
     return path
+
+
+#: Tests of the compiled kernels themselves: skipped on the reference backend (FUSED_MLP_IMPL=reference).
+needs_extension = pytest.mark.skipif(fused_mlp.BACKEND != "extension", reason="needs the compiled extension")
+
+
+class Backend:
+    """One implementation of the ops' kernels: `name`, the `device` its tensors live on, and the ops
+    as attributes (cross_entropy_forward, linear_bn_relu_backward, ...) with the ops' signatures."""
+
+    def __init__(self, name, device, ops):
+        self.name, self.device, self._ops = name, torch.device(device), ops
+
+    def __getattr__(self, op):
+        try:
+            return self._ops[op]
+        except KeyError:
+            raise AttributeError(f"backend {self.name} has no op {op}") from None
+
+    def to(self, args):
+        """args with every tensor moved to this backend's device."""
+        return tuple(a.to(self.device) if isinstance(a, torch.Tensor) else a for a in args)
+
+    def __repr__(self):
+        return self.name
+
+
+#: The ops that compute (every op but the random-number and in-place ones).
+COMPUTE_OPS = (
+    "cross_entropy_forward",
+    "cross_entropy_backward",
+    "linear_bn_relu_forward",
+    "linear_bn_relu_backward",
+    "bn_batch_stats",
+    "bn_relu_dropout",
+    "linear_relu_dropout_forward",
+)
+
+
+def _simulated_backend():
+    import simulated
+
+    ce, layer = simulated.load("cross_entropy"), simulated.load("linear_bn_relu")
+    for module in (ce, layer):
+        module.set_barrier_timeout_ms(5000)
+    ops = {"cross_entropy_forward": ce.forward, "cross_entropy_backward": ce.backward}
+    ops.update(linear_bn_relu_forward=layer.forward, linear_bn_relu_backward=layer.backward)
+    ops.update({name: getattr(layer, name) for name in COMPUTE_OPS[4:]})
+    return Backend("cuda-sim", "cpu", ops)
+
+
+@pytest.fixture(
+    scope="session",
+    params=[pytest.param("cpu", marks=pytest.mark.cpu_parity), "cuda-sim", "cuda"],
+)
+def backend(request):
+    """The backends every parity test runs on: the CPU kernels, the CUDA kernels in the simulation
+    (csrc/sim), and the CUDA kernels on a GPU; each skipped when it is not available."""
+    if request.param == "cuda-sim":
+        return _simulated_backend()
+    if fused_mlp.BACKEND != "extension":
+        pytest.skip("needs the compiled extension")
+    if request.param == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    return Backend(request.param, request.param, {name: getattr(torch.ops.fused_mlp, name) for name in COMPUTE_OPS})

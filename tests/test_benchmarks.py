@@ -7,7 +7,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks import bench_cross_entropy, bench_linear_bn_relu, suite  # noqa: E402
+from benchmarks import bench_cross_entropy, bench_linear_bn_relu, bench_overhead, suite  # noqa: E402
 
 
 def test_cross_entropy_benchmark_quick(capsys):
@@ -25,6 +25,17 @@ def test_cross_entropy_benchmark_quick(capsys):
         assert all(t > 0 for m in orders.values() for t in m.values())
     out = capsys.readouterr().out
     assert "| (64, 10) |" in out and "| THP_MEM_ALLOC_ENABLE=1 | eager first |" in out
+
+
+def test_overhead_benchmark_once(capsys):
+    # This tree against itself: the before/after machinery, one round.
+    medians = bench_overhead.main(["--before", ROOT, "--rounds", "1"])
+    assert set(medians) == {"cross_entropy", "layer"} and all(b > 0 and a > 0 for b, a in medians.values())
+    against = bench_overhead.main(["--rounds", "1"])
+    assert set(against) == {"hvp_cross_entropy", "gradient_penalty_layer", "per_sample_grads_cross_entropy"}
+    assert all(f > 0 and s > 0 for f, s in against.values())
+    out = capsys.readouterr().out
+    assert "| cross_entropy |" in out and "| per_sample_grads_cross_entropy |" in out
 
 
 def test_linear_bn_relu_benchmark_quick(capsys):

@@ -8,7 +8,6 @@ import torch.nn.functional as F
 
 import fused_mlp
 from fused_mlp import nn as fnn
-from fused_mlp import reference
 from fused_mlp.functional import cross_entropy
 
 REDUCTIONS = ["none", "mean", "sum"]
@@ -263,20 +262,15 @@ def test_deterministic_across_runs_and_thread_counts():
         assert torch.equal(loss, results[0][0]) and torch.equal(grad, results[0][1])
 
 
-def test_double_backward_raises():
+def test_hessian_vector_product_equals_stock():
     x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
-    loss = cross_entropy(x, torch.tensor([0, 1, 2, 0]))
-    v = torch.ones((), dtype=torch.float64, requires_grad=True)  # e.g. a Hessian-vector product
-    (grad,) = torch.autograd.grad(loss, x, v, create_graph=True)
-    with pytest.raises(RuntimeError, match="differentiate twice"):
-        grad.sum().backward()
-
-
-def test_probability_target_gradient_is_refused_clearly():
-    x = torch.randn(3, 4, requires_grad=True)
-    t = torch.softmax(torch.randn(3, 4), 1).requires_grad_()
-    with pytest.raises(NotImplementedError, match="probability target"):
-        cross_entropy(x, t)
+    target = torch.tensor([0, 1, 2, 0])
+    v = torch.randn(4, 3, dtype=torch.float64)
+    hvps = []
+    for loss_fn in (cross_entropy, F.cross_entropy):
+        (grad,) = torch.autograd.grad(loss_fn(x, target), x, create_graph=True)
+        hvps.append(torch.autograd.grad(grad, x, v)[0])
+    torch.testing.assert_close(hvps[0], hvps[1])
 
 
 # --- the ops themselves ----------------------------------------------------------------------
@@ -300,26 +294,6 @@ def test_opcheck(target_kind, reduction):
         torch.library.opcheck(
             torch.ops.fused_mlp.cross_entropy_backward.default, (grad_loss, x, target, weight, lse) + args[3:]
         )
-
-
-@pytest.mark.cpu_parity
-@pytest.mark.skipif(fused_mlp.BACKEND != "extension", reason="needs the compiled extension")
-@pytest.mark.parametrize("target_kind", ["index", "prob"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-@pytest.mark.parametrize("reduction,smoothing,weighted", [(0, 0.0, False), (1, 0.1, True), (2, 0.0, True)])
-def test_ops_match_reference(target_kind, dtype, reduction, smoothing, weighted):
-    for rows, classes in ((17, 3), (4, 9000)):
-        args = op_args(rows, classes, target_kind, dtype, weighted, reduction, smoothing)
-        loss, lse = torch.ops.fused_mlp.cross_entropy_forward(*args)
-        ref_loss, ref_lse = reference.cross_entropy_forward(*args)
-        rtol, atol = TOLERANCES[dtype]
-        torch.testing.assert_close(lse, ref_lse, rtol=rtol, atol=atol)
-        torch.testing.assert_close(loss, ref_loss, rtol=rtol, atol=atol)
-        g = torch.randn_like(loss)
-        x, target, weight = args[:3]
-        grad = torch.ops.fused_mlp.cross_entropy_backward(g, x, target, weight, lse, *args[3:])
-        ref_grad = reference.cross_entropy_backward(g, x, target, weight, ref_lse, *args[3:])
-        torch.testing.assert_close(grad, ref_grad, rtol=rtol, atol=atol)
 
 
 def test_torch_compile_fullgraph_matches_eager():

@@ -8,13 +8,11 @@ from collections import OrderedDict
 import pytest
 import torch
 import torch.nn as nn
+from conftest import needs_extension
 
-import fused_mlp
 from fused_mlp import reference
 from fused_mlp.functional import linear_bn_relu
 from fused_mlp.nn import LinearBNReLU
-
-needs_extension = pytest.mark.skipif(fused_mlp.BACKEND != "extension", reason="needs the compiled extension")
 
 CONFIGS = list(itertools.product([True, False], [True, False], [True, False], [0.1, None]))
 CONFIG_IDS = [f"bias{b}-affine{a}-track{t}-mom{m}" for b, a, t, m in CONFIGS]
@@ -234,56 +232,6 @@ def in_float64(args):
     return tuple(a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
 
 
-@needs_extension
-@pytest.mark.cpu_parity
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-@pytest.mark.parametrize("use_batch_stats", [True, False])
-@pytest.mark.parametrize("dropout", [0.0, 0.3])
-@pytest.mark.parametrize("shape", [(2, 3, 1), (33, 70, 31), (300, 17, 129)])
-def test_ops_match_reference(dtype, use_batch_stats, dropout, shape):
-    """The kernels against the reference maths in float64 on the same inputs, so that only the
-    kernels' own rounding counts: the GEMM library's blocking, and whether the CPU fuses
-    multiply-adds, differ between machines."""
-    N, K, C = shape
-    g = torch.Generator().manual_seed(N + K + C)
-    stat = torch.float64 if dtype == torch.float64 else torch.float32
-    x = torch.randn(N, K, generator=g).to(dtype)
-    w = (torch.randn(C, K, generator=g) * 0.3).to(dtype)
-    b = torch.randn(C, generator=g).to(dtype)
-    gamma, beta = (torch.rand(C, generator=g) + 0.5).to(stat), torch.randn(C, generator=g).to(stat)
-    rm, rv = torch.randn(C, generator=g).to(stat) * 0.1, (torch.rand(C, generator=g) + 0.5).to(stat)
-    so = torch.tensor([1234567, 89])
-    args = (x, w, b, gamma, beta, rm, rv, use_batch_stats, 1e-5, dropout, so)
-    got = torch.ops.fused_mlp.linear_bn_relu_forward(*args)
-    want = reference.linear_bn_relu_forward(*in_float64(args))
-    if dtype == torch.bfloat16:
-        # The GEMM rounds to bfloat16 (and in eval the folded weights too): allow a few bfloat16
-        # roundings of the magnitude of each output's terms, |A| (|x| |W|^T + |b|) + |B|.
-        a, b_shift = reference._bn_affine(gamma.double(), beta.double(), want[2], want[3])
-        terms = a.abs() * (x.double().abs() @ w.double().abs().t() + b.double().abs()) + b_shift.abs()
-        excess = (got[0].double() - want[0]).abs() - 2**-6 * terms
-        assert excess.max() <= 0, f"{int((excess > 0).sum())} outputs off by more than 4 bfloat16 roundings"
-        for a, r in zip(got[1:], want[1:]):
-            torch.testing.assert_close(a.double(), r, rtol=2e-2, atol=2e-2)
-    else:
-        for a, r in zip(got, want):
-            torch.testing.assert_close(a.double(), r, rtol=1e-4, atol=1e-5)
-    grad = torch.randn(N, C, generator=g).to(dtype)
-    saved = got[1] if use_batch_stats else got[0]
-    if use_batch_stats:
-        # Where BN's output is within rounding of zero, the kernel's ReLU mask (from a fused
-        # multiply-add on CPUs that have one) and float64's may differ: no gradient there.
-        a, b_shift = reference._bn_affine(gamma.double(), beta.double(), got[2].double(), got[3].double())
-        y = saved.double() * a + b_shift
-        grad = torch.where(y.abs() <= 1e-4 * (1 + (saved.double() * a).abs()), 0, grad)
-    bwd = (grad, x, w, b, gamma, beta, saved, got[2], got[3], use_batch_stats, dropout, so)
-    want_grads = reference.linear_bn_relu_backward(*in_float64(bwd))
-    tol = dict(rtol=5e-2, atol=5e-2 * (1 + grad.float().abs().max().item())) if dtype == torch.bfloat16 else {}
-    for a, r in zip(torch.ops.fused_mlp.linear_bn_relu_backward(*bwd), want_grads):
-        # Sums over the batch: the absolute tolerance grows with the rows summed.
-        torch.testing.assert_close(a.double(), r, **(tol or dict(rtol=1e-4, atol=1e-5 * N**0.5)))
-
-
 def test_state_dict_round_trips_with_stock_modules():
     layer = make_layer(True, True, True, 0.1)
     stock = nn.Sequential(OrderedDict(linear=nn.Linear(20, 33), bn=nn.BatchNorm1d(33)))
@@ -403,34 +351,6 @@ def test_statistics_epilogue_and_backward_sums_are_the_same_at_any_thread_count(
     for other in others:
         for name, a, b in zip(("mean", "invstd", "var", "out", "grad_bn_weight", "grad_bn_bias"), first, other):
             assert torch.equal(a, b), name
-
-
-@needs_extension
-@pytest.mark.cpu_parity
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("affine", [True, False])
-@pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_stage_ops_are_the_forward_after_its_gemm(dtype, affine, dropout):
-    """bn_batch_stats and bn_relu_dropout on the forward's own pre-BN activation give its
-    statistics and output bit for bit, and match the reference."""
-    g = torch.Generator().manual_seed(5)
-    stat = torch.float64 if dtype == torch.float64 else torch.float32
-    x, w, b = torch.randn(37, 11, generator=g).to(dtype), torch.randn(70, 11, generator=g).to(dtype), None
-    gamma = (torch.rand(70, generator=g) + 0.5).to(stat) if affine else None
-    beta = torch.randn(70, generator=g).to(stat) if affine else None
-    so = torch.tensor([99, 7])
-    out, pre_bn, mean, invstd, var = torch.ops.fused_mlp.linear_bn_relu_forward(
-        x, w, b, gamma, beta, None, None, True, 1e-5, dropout, so
-    )
-    stats = torch.ops.fused_mlp.bn_batch_stats(pre_bn, 1e-5)
-    for name, a, r in zip(("mean", "invstd", "var"), stats, (mean, invstd, var)):
-        assert torch.equal(a, r), name
-    assert torch.equal(torch.ops.fused_mlp.bn_relu_dropout(pre_bn, mean, invstd, gamma, beta, dropout, so), out)
-    tol = dict(rtol=1e-2, atol=1e-2) if dtype in (torch.bfloat16, torch.float16) else dict(rtol=1e-5, atol=1e-5)
-    for a, r in zip(stats, reference.bn_batch_stats(pre_bn, 1e-5)):
-        torch.testing.assert_close(a, r, **tol)
-    want = reference.bn_relu_dropout(pre_bn, mean, invstd, gamma, beta, dropout, so)
-    torch.testing.assert_close(out, want, **tol)
 
 
 @needs_extension
@@ -572,16 +492,6 @@ def test_running_stats_update_bumps_the_version_counters(dtype):
         )
     )
     torch.testing.assert_close(after, expected, rtol=1e-5, atol=1e-5)
-
-
-def test_double_backward_raises():
-    layer = LinearBNReLU(4, 3).double()
-    x = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
-    out = layer(x)
-    v = torch.ones_like(out, requires_grad=True)
-    (grad,) = torch.autograd.grad(out, x, v, create_graph=True)
-    with pytest.raises(RuntimeError, match="differentiate twice"):
-        grad.sum().backward()
 
 
 @pytest.mark.cpu_parity

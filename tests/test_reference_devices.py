@@ -6,12 +6,11 @@ import struct
 
 import pytest
 import torch
+from conftest import needs_extension
 from test_linear_bn_relu import PHILOX_KNOWN_ANSWERS
 
-import fused_mlp
 from fused_mlp import reference
 
-needs_extension = pytest.mark.skipif(fused_mlp.BACKEND != "extension", reason="needs the compiled extension")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 CPU, META = torch.device("cpu"), torch.device("meta")
