@@ -8,7 +8,9 @@ machine affects them alike; the median samples/s of each is reported. Needs the 
 """
 
 import argparse
+import dataclasses
 import statistics
+import time
 
 import torch
 
@@ -22,8 +24,11 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=3, help="timed epochs per implementation")
     parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--limit", type=int, help="train on the first LIMIT samples only (a quick run)")
     args = parser.parse_args(argv)
     splits = data.load_splits("fashion", seed=0)
+    if args.limit:
+        splits = dataclasses.replace(splits, train_x=splits.train_x[: args.limit], train_y=splits.train_y[: args.limit])
     runs = {}
     for impl in ("fused", "baseline", "compile"):
         torch.manual_seed(0)
@@ -43,7 +48,39 @@ def main(argv=None):
     print("|---|---:|---:|---:|")
     for impl, speed in medians.items():
         print(f"| {impl} | {speed:,.0f} | {len(splits.train_y) / speed:.2f} | {speed / medians['baseline']:.2f}x |")
+    overhead = loop_overhead(*runs["fused"][:4], args.epochs)
+    print(
+        f"\nThe loop's own cost (fused_mlp.train.train_one_epoch against the bare steps over the same "
+        f"batches, median of {args.epochs} alternating epochs): {overhead:+.1f} us per step."
+    )
     return medians
+
+
+def loop_overhead(model, forward, batches, optimizer, rounds):
+    """Per step, microseconds: an epoch of train_one_epoch minus an epoch of the bare steps
+    (zero_grad, forward, loss, backward, optimizer step) over the same batches."""
+
+    def bare():
+        model.train()
+        start = time.perf_counter()
+        for x, y in batches:
+            optimizer.zero_grad(set_to_none=True)
+            model.loss(forward(x), y).backward()
+            optimizer.step()
+        return time.perf_counter() - start
+
+    def loop():
+        start = time.perf_counter()
+        train_one_epoch(model, forward, batches, optimizer, "cpu")
+        return time.perf_counter() - start
+
+    steps = sum(1 for _ in batches)
+    differences = []
+    for r in range(rounds):
+        first, second = (bare, loop) if r % 2 == 0 else (loop, bare)
+        times = {first: first(), second: second()}
+        differences.append((times[loop] - times[bare]) / steps * 1e6)
+    return statistics.median(differences)
 
 
 if __name__ == "__main__":

@@ -41,47 +41,67 @@ def make_scheduler(optimizer, name="cosine", epochs=30):
     raise ValueError(f"unknown schedule {name!r}: expected cosine or none")
 
 
-def train_one_epoch(model, forward, batches, optimizer, device, progress=None):
+#: Training steps between reads of the running loss on the host. Each read waits for the device
+#: to finish its queued work; the loss is summed on the device in between.
+SYNC_EVERY = 50
+
+#: Seconds between redraws of the progress bar, at most.
+PROGRESS_INTERVAL = 0.1
+
+
+def train_one_epoch(model, forward, batches, optimizer, device, progress=None, sync_every=SYNC_EVERY):
     """One pass over the training batches. `forward` is the model or its compiled twin.
-    Returns (average loss, samples per second)."""
+    Returns (average loss, samples per second).
+
+    The loss is summed on the device and read on the host once every `sync_every` steps (for the
+    progress bar, when there is one) and once at the end, so the host never waits on the device at
+    each step."""
     model.train()
-    total_loss, seen = 0.0, 0
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    seen = 0
     start = time.perf_counter()
-    for x, y in batches:
+    for step, (x, y) in enumerate(batches, 1):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
         logits = forward(x)
         loss = model.loss(logits, y)
         loss.backward()
         optimizer.step()
-        total_loss += loss.item() * len(y)
+        loss_sum += loss.detach() * len(y)
         seen += len(y)
         if progress is not None:
-            progress.update(len(y))
-            progress.set_postfix(
-                loss=f"{total_loss / seen:.4f}", samples_per_s=f"{seen / (time.perf_counter() - start):.0f}"
-            )
+            progress.update(len(y))  # redrawn at most every PROGRESS_INTERVAL seconds
+            if step % sync_every == 0:
+                progress.set_postfix(
+                    loss=f"{loss_sum.item() / seen:.4f}",
+                    samples_per_s=f"{seen / (time.perf_counter() - start):.0f}",
+                    refresh=False,
+                )
+    total_loss = loss_sum.item()
     return total_loss / max(seen, 1), seen / (time.perf_counter() - start)
 
 
 @torch.no_grad()
 def validate(model, forward, batches, device, return_predictions=False):
-    """Average loss and accuracy (a fraction) over the batches, in eval mode."""
+    """Average loss and accuracy (a fraction) over the batches, in eval mode; the sums stay on the
+    device until the end."""
     model.eval()
-    total_loss, correct, seen = 0.0, 0, 0
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    seen = 0
     predictions = []
     for x, y in batches:
         x, y = x.to(device), y.to(device)
         logits = forward(x)
-        total_loss += model.loss(logits, y).item() * len(y)
+        loss_sum += model.loss(logits, y) * len(y)
         pred = logits.argmax(dim=1)
-        correct += (pred == y).sum().item()
+        correct += (pred == y).sum()
         seen += len(y)
         if return_predictions:
-            predictions.append(pred.cpu())
-    result = (total_loss / max(seen, 1), correct / max(seen, 1))
+            predictions.append(pred)
+    result = (loss_sum.item() / max(seen, 1), correct.item() / max(seen, 1))
     if return_predictions:
-        return result + (torch.cat(predictions) if predictions else torch.empty(0, dtype=torch.long),)
+        return result + (torch.cat(predictions).cpu() if predictions else torch.empty(0, dtype=torch.long),)
     return result
 
 
@@ -182,6 +202,7 @@ def fit(model, forward, splits, args, out_dir, device, resume=None, log=print, p
                 leave=False,
                 dynamic_ncols=True,
                 disable=None,
+                mininterval=PROGRESS_INTERVAL,
             )
         start = time.perf_counter()
         train_loss, speed = train_one_epoch(model, forward, train_batches, optimizer, device, bar)

@@ -7,7 +7,13 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks import bench_cross_entropy, bench_linear_bn_relu, bench_overhead, suite  # noqa: E402
+from benchmarks import (  # noqa: E402
+    bench_cross_entropy,
+    bench_linear_bn_relu,
+    bench_overhead,
+    bench_training_epoch,
+    suite,
+)
 
 
 def test_cross_entropy_benchmark_quick(capsys):
@@ -36,6 +42,14 @@ def test_overhead_benchmark_once(capsys):
     assert all(f > 0 and s > 0 for f, s in against.values())
     out = capsys.readouterr().out
     assert "| cross_entropy |" in out and "| per_sample_grads_cross_entropy |" in out
+
+
+def test_training_epoch_benchmark_on_a_subset(data_dir, monkeypatch, capsys):
+    monkeypatch.setenv("FUSED_MLP_DATA", data_dir)
+    medians = bench_training_epoch.main(["--epochs", "1", "--limit", "1024"])
+    assert set(medians) == {"fused", "baseline", "compile"} and all(m > 0 for m in medians.values())
+    out = capsys.readouterr().out
+    assert "| fused |" in out and "us per step" in out
 
 
 def test_linear_bn_relu_benchmark_quick(capsys):

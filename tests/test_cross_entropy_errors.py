@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import needs_extension
 
 from fused_mlp import nn as fnn
 from fused_mlp.functional import cross_entropy
@@ -92,10 +93,9 @@ def test_tensors_on_different_devices(x, target):
         cross_entropy(x, target, torch.ones(5, device="meta"))
 
 
+@needs_extension
 def test_ops_check_their_own_arguments(x, target):
-    op = torch.ops.fused_mlp.cross_entropy_forward if hasattr(torch.ops.fused_mlp, "cross_entropy_forward") else None
-    if op is None:
-        pytest.skip("the compiled extension is not loaded")
+    op = torch.ops.fused_mlp.cross_entropy_forward
     with pytest.raises(RuntimeError, match="reduction must be 0 \\(none\\), 1 \\(mean\\) or 2 \\(sum\\)"):
         op(x, target, None, 3, -100, 0.0)
     with pytest.raises(RuntimeError, match="label_smoothing must be in \\[0, 1\\]"):

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import needs_extension
 
 from fused_mlp.functional import linear_bn_relu
 from fused_mlp.nn import LinearBNReLU
@@ -79,12 +80,9 @@ def test_parameter_shapes_are_checked():
         linear_bn_relu(x, w, bn_weight=torch.randn(5))
 
 
+@needs_extension
 def test_ops_check_their_own_arguments():
-    op = getattr(torch.ops.fused_mlp, "linear_bn_relu_forward", None)
-    import fused_mlp
-
-    if fused_mlp.BACKEND != "extension":
-        pytest.skip("the compiled extension is not loaded")
+    op = torch.ops.fused_mlp.linear_bn_relu_forward
     x, w, so = torch.randn(5, 8), torch.randn(4, 8), torch.tensor([1, 2])
     with pytest.raises(RuntimeError, match="weight must have shape \\(out_features, 8\\)"):
         op(x, torch.randn(4, 7), None, None, None, None, None, True, 1e-5, 0.0, so)
@@ -98,11 +96,8 @@ def test_ops_check_their_own_arguments():
         op(x, w, None, None, None, None, None, True, 1e-5, 0.5, torch.tensor([1.0, 2.0]))
 
 
+@needs_extension
 def test_stage_ops_check_their_own_arguments():
-    import fused_mlp
-
-    if fused_mlp.BACKEND != "extension":
-        pytest.skip("the compiled extension is not loaded")
     stats, epilogue = torch.ops.fused_mlp.bn_batch_stats, torch.ops.fused_mlp.bn_relu_dropout
     z, so = torch.randn(5, 4), torch.tensor([1, 2])
     mean, invstd, _ = stats(z, 1e-5)

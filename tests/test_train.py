@@ -215,3 +215,60 @@ def test_a_terminal_still_gets_the_bar(splits, tmp_path, monkeypatch):
     train.fit(model, model, small_splits(splits), dict(FIT_ARGS, epochs=1), str(tmp_path), "cpu", log=lines.append)
     assert "\r" in terminal.getvalue() and "epoch 1/1" in terminal.getvalue()
     assert len(lines) == 1 and lines[0].startswith("epoch   1")
+
+
+class _Progress:
+    """Records what the loop tells a progress bar."""
+
+    def __init__(self):
+        self.samples, self.postfixes = 0, []
+
+    def update(self, n):
+        self.samples += n
+
+    def set_postfix(self, refresh=True, **values):
+        self.postfixes.append((refresh, values))
+
+
+def test_the_loop_reads_the_device_once_per_sync_interval(splits, monkeypatch):
+    """120 steps: the running loss is read for the bar at steps 50 and 100 and once at the end,
+    never per step; the epoch's loss is the mean of the steps' losses all the same."""
+    reads = []
+    item = torch.Tensor.item
+
+    def counting_item(self):
+        reads.append(1)
+        return item(self)
+
+    torch.manual_seed(0)
+    model = MLP(hidden=(32,), dropout=0.0)
+    batches = data.Batches(splits.train_x[: 120 * 16], splits.train_y[: 120 * 16], 16)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: every step sees the same model
+    expected = sum(model.loss(model(x), y).item() * len(y) for x, y in batches) / (120 * 16)
+    progress = _Progress()
+    monkeypatch.setattr(torch.Tensor, "item", counting_item)
+    loss, speed = train.train_one_epoch(model, model, batches, optimizer, "cpu", progress)
+    assert len(reads) == 3
+    assert progress.samples == 120 * 16 and speed > 0
+    assert [refresh for refresh, _ in progress.postfixes] == [False, False]  # the bar redraws on its own clock
+    assert loss == pytest.approx(expected, rel=1e-6)
+    reads.clear()
+    train.validate(model, model, batches, "cpu", return_predictions=True)
+    assert len(reads) == 2  # the loss and the accuracy, once each
+
+
+def test_the_bar_redraws_at_most_ten_times_a_second(splits, tmp_path, monkeypatch):
+    bars = []
+    import tqdm
+
+    class Recording(tqdm.tqdm):
+        def __init__(self, *args, **kwargs):
+            bars.append(kwargs)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(tqdm, "tqdm", Recording)
+    monkeypatch.setattr(sys, "stderr", _Terminal())
+    torch.manual_seed(0)
+    model = MLP()
+    train.fit(model, model, small_splits(splits), dict(FIT_ARGS, epochs=1), str(tmp_path), "cpu", log=lambda *a: None)
+    assert bars and all(kw["mininterval"] >= 0.1 for kw in bars)
