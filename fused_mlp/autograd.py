@@ -166,8 +166,9 @@ def _final_gradient_level(args):
 
 def _recompute_vjp(fn, args, needs, grads):
     """The gradients of fn(*args) for the output gradients `grads`, with respect to the tensor args
-    flagged in `needs` (None for the others), by running fn (plain PyTorch) under torch.func.vjp:
-    exact, and differentiable again when the caller records a graph."""
+    flagged in `needs` (None for the others), by running fn (plain PyTorch) again and
+    differentiating it (torch.func.vjp under a transform, autograd otherwise): exact, and
+    differentiable again when the caller records a graph."""
     positions = [i for i, need in enumerate(needs) if need and isinstance(args[i], torch.Tensor)]
     result = [None] * len(args)
     if not positions:
