@@ -323,7 +323,7 @@ def _linear_bn_relu_backward(ctx, grad_out, grad_pre_bn, grad_mean, grad_invstd,
     grads = [None] * 5
     if grad_out is not None and any(need[:5]):
         # A first layer's input needs no gradient: its GEMM, the largest of the backward, is skipped.
-        computed = LINEAR_BN_RELU_BACKWARD(
+        computed = LINEAR_BN_RELU_BACKWARD.call_in_backward(
             grad_out.contiguous(),
             input,
             weight,

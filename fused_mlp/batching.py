@@ -54,22 +54,13 @@ _PER_SAMPLE_WEIGHT = (
 )
 
 
-def _row_weights(target, weight, ignore_index):
-    """The weight each class-index target counts with in a mean: 0 where ignored."""
-    valid = target != ignore_index
-    if weight is None:
-        return valid.to(torch.float64)
-    safe = torch.where(valid, target, torch.zeros_like(target))
-    return torch.where(
-        valid, weight.to(torch.float64)[safe], torch.zeros((), dtype=torch.float64, device=target.device)
-    )
-
-
-def _mean_divisor(target, weight, ignore_index, rows):
+def _mean_divisor(target, weight, ignore_index, rows, classes):
     """Per sample (dim 0): what reduction "mean" divides the summed loss by."""
     if target.is_floating_point():
         return torch.full((target.shape[0],), float(rows), dtype=torch.float64, device=target.device)
-    return _row_weights(target, weight, ignore_index).sum(dim=1)
+    # The forward op has checked the targets' values.
+    valid, _, w_t, _ = reference._target_weights(target, weight, classes, ignore_index, torch.float64)
+    return reference._counted_weight(valid, w_t)
 
 
 def cross_entropy_forward_rule(
@@ -94,7 +85,7 @@ def cross_entropy_forward_rule(
     if reduction != reference.REDUCTION_NONE:
         total = loss.to(torch.float64).sum(dim=1)
         if reduction == reference.REDUCTION_MEAN:
-            total = total / _mean_divisor(t, weight, ignore_index, rows)
+            total = total / _mean_divisor(t, weight, ignore_index, rows, classes)
         loss = total.to(input.dtype)
     return (loss, logsumexp), (0, 0)
 
@@ -121,7 +112,7 @@ def cross_entropy_backward_rule(
     rows, classes = x.shape[1], x.shape[2]
     if reduction != reference.REDUCTION_NONE:  # one gradient per sample: spread over its rows
         if reduction == reference.REDUCTION_MEAN:
-            g = g.to(torch.float64) / _mean_divisor(t, weight, ignore_index, rows)
+            g = g.to(torch.float64) / _mean_divisor(t, weight, ignore_index, rows, classes)
         g = g.unsqueeze(1).expand(size, rows)
     grad = op(
         g.reshape(-1).to(x.dtype),

@@ -114,8 +114,7 @@ def linear_bn_relu_args(input, weight, bias, bn_weight, bn_bias, running_mean, r
         raise ValueError(f"{name}: running_mean and running_var must be given together")
     if not training and running_mean is None:
         raise ValueError(f"{name}: running_mean and running_var are required when training=False")
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"{name}: dropout must be a probability in [0, 1), got {dropout!r}")
+    dropout_probability(dropout, name)
     if training and input.shape[0] <= 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.shape}")
 

@@ -125,7 +125,7 @@ def bn_update_running_stats_(running_mean, running_var, batch_mean, batch_var, f
 
 
 def linear_relu_dropout_forward(input, weight, bias, dropout_p, seed_offset):
-    """relu(input @ weight.T + bias) * dropout, no autograd: inference with BN folded in."""
+    """relu(input @ weight.T + bias) * dropout: inference with BN folded in."""
     return _fused.linear_relu_dropout_forward(input, weight, bias, dropout_p, seed_offset)
 
 

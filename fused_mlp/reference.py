@@ -53,13 +53,25 @@ def _check_targets(target, classes, ignore_index):
 
 
 def _class_terms(target, weight, classes, ignore_index, acc):
-    """For class-index targets: the mask of counted rows, the target of each row (0 where
-    ignored), the weight of each row's target, and the weight vector (ones without weights)."""
+    """For class-index targets, once their values are checked: the mask of counted rows, the
+    target of each row (0 where ignored), the weight of each row's target, and the weight vector
+    (ones without weights)."""
     _check_targets(target, classes, ignore_index)
+    return _target_weights(target, weight, classes, ignore_index, acc)
+
+
+def _target_weights(target, weight, classes, ignore_index, acc):
+    """_class_terms without the check of the values."""
     valid = target != ignore_index
     safe_target = torch.where(valid, target, torch.zeros_like(target))
     w = weight.to(acc) if weight is not None else torch.ones(classes, dtype=acc, device=target.device)
     return valid, safe_target, w[safe_target], w
+
+
+def _counted_weight(valid, w_t):
+    """What reduction "mean" divides by for class-index targets: the summed weight of the counted
+    rows (of each leading index), in float64."""
+    return torch.where(valid, w_t, torch.zeros_like(w_t)).double().sum(dim=-1)
 
 
 def _smoothed_prob_target(target, label_smoothing, acc):
@@ -84,7 +96,7 @@ def cross_entropy_forward(input, target, weight, reduction, ignore_index, label_
             smooth = -(log_prob * w).sum(dim=1)
             per_row = (1.0 - eps) * per_row + (eps / classes) * smooth
         per_row = torch.where(valid, per_row, torch.zeros_like(per_row))
-        divisor = torch.where(valid, w_t, torch.zeros_like(w_t)).double().sum()
+        divisor = _counted_weight(valid, w_t)
     if reduction == REDUCTION_NONE:
         loss = per_row
     else:
@@ -113,7 +125,7 @@ def cross_entropy_backward(grad_loss, input, target, weight, logsumexp, reductio
         a = (1.0 - eps) * w_t + (eps / classes) * w.sum()
         grad = prob * a[:, None] - (eps / classes) * w[None, :]
         grad = grad.scatter_add(1, t[:, None], -((1.0 - eps) * w_t)[:, None])
-        divisor = torch.where(valid, w_t, torch.zeros_like(w_t)).double().sum()
+        divisor = _counted_weight(valid, w_t)
     if reduction == REDUCTION_NONE:
         scale = g
     elif reduction == REDUCTION_MEAN:
