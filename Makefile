@@ -51,8 +51,14 @@ test: install
 train: install
 	$(PY) examples/train_fashion.py $(ARGS)
 
-bench: install
+$(STAMPS)/bench-deps: requirements-bench.txt | $(PY)
+	$(PY) -m pip install --quiet -r requirements-bench.txt
+	@mkdir -p $(STAMPS) && touch $@
+
+# The suite against the stock modules and torch.compile, then against JAX and ONNX Runtime.
+bench: install $(STAMPS)/bench-deps
 	$(PY) -m benchmarks.suite $(ARGS)
+	$(PY) -m benchmarks.peers
 
 bench-ops: install
 	$(PY) -m benchmarks.bench_cross_entropy $(ARGS)

@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include "cpu/kernels.h"
+#include "mlp_network.h"
 
 namespace fused_mlp::cpu {
 namespace {
@@ -84,7 +85,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn
     const at::Tensor& invstd, bool use_batch_stats, double dropout_p, const at::Tensor& seed_offset,
     bool need_grad_input) {
   return linear_bn_relu().backward(grad_out, input, weight, bias, bn_weight, bn_bias, saved, mean, invstd,
-                                   use_batch_stats, dropout_p, seed_offset, need_grad_input);
+                                   use_batch_stats, dropout_p, seed_offset, need_grad_input, /*need_grad_weight=*/true);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_batch_stats(const at::Tensor& pre_bn, double eps) {
@@ -113,6 +114,64 @@ at::Tensor philox4x32_10(const at::Tensor& counter, const at::Tensor& key) {
 
 at::Tensor dropout_mask(const at::Tensor& seed_offset, int64_t numel, double p, int64_t start) {
   return dropout().dropout_mask(seed_offset, numel, p, start);
+}
+
+// The layer kernels of the whole-network ops (csrc/mlp_network.h): this CPU's variants.
+struct CpuLayers {
+  const LinearBnReluKernels& kernels = linear_bn_relu();
+
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
+      const at::Tensor& input, const at::Tensor& weight, const OptionalTensor& bias, const OptionalTensor& bn_weight,
+      const OptionalTensor& bn_bias, const OptionalTensor& running_mean, const OptionalTensor& running_var,
+      bool use_batch_stats, double eps, double dropout_p, const at::Tensor& seed_offset) const {
+    return kernels.forward(input, weight, bias, bn_weight, bn_bias, running_mean, running_var, use_batch_stats, eps,
+                           dropout_p, seed_offset);
+  }
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
+      const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& weight, const OptionalTensor& bias,
+      const OptionalTensor& bn_weight, const OptionalTensor& bn_bias, const at::Tensor& saved, const at::Tensor& mean,
+      const at::Tensor& invstd, bool use_batch_stats, double dropout_p, const at::Tensor& seed_offset,
+      bool need_grad_input, bool need_grad_weight) const {
+    return kernels.backward(grad_out, input, weight, bias, bn_weight, bn_bias, saved, mean, invstd, use_batch_stats,
+                            dropout_p, seed_offset, need_grad_input, need_grad_weight);
+  }
+  at::Tensor linear_relu_dropout(const at::Tensor& input, const at::Tensor& weight, const OptionalTensor& bias,
+                                 double dropout_p, const at::Tensor& seed_offset) const {
+    return kernels.linear_relu_dropout_forward(input, weight, bias, dropout_p, seed_offset);
+  }
+  void update_running_stats(at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& batch_mean,
+                            const at::Tensor& batch_var, double factor) const {
+    kernels.update_running_stats(running_mean, running_var, batch_mean, batch_var, factor);
+  }
+};
+
+std::tuple<at::Tensor, TensorVector, TensorVector, TensorVector, TensorVector, TensorVector> mlp_forward_cpu(
+    const at::Tensor& input, at::TensorList weights, const OptionalTensorList& biases,
+    const OptionalTensorList& bn_weights, const OptionalTensorList& bn_biases, const OptionalTensorList& running_means,
+    const OptionalTensorList& running_vars, bool batch_norm, bool use_batch_stats, double eps, double dropout_p,
+    const at::Tensor& seed_offset) {
+  return mlp_forward(CpuLayers{}, input, weights, biases, bn_weights, bn_biases, running_means, running_vars,
+                     batch_norm, use_batch_stats, eps, dropout_p, seed_offset, "fused_mlp::mlp_forward");
+}
+
+std::tuple<at::Tensor, TensorVector, TensorVector, TensorVector, TensorVector> mlp_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& input, at::TensorList weights, const OptionalTensorList& biases,
+    const OptionalTensorList& bn_weights, const OptionalTensorList& bn_biases, at::TensorList hidden,
+    at::TensorList pre_bn, at::TensorList mean, at::TensorList invstd, bool batch_norm, bool use_batch_stats,
+    double dropout_p, const at::Tensor& seed_offset, bool need_grad_input, const c10::List<bool>& need_layer_grads) {
+  return mlp_backward(CpuLayers{}, grad_out, input, weights, biases, bn_weights, bn_biases, hidden, pre_bn, mean,
+                      invstd, batch_norm, use_batch_stats, dropout_p, seed_offset, need_grad_input, need_layer_grads,
+                      "fused_mlp::mlp_backward");
+}
+
+at::Tensor mlp_inference_cpu(const at::Tensor& input, at::TensorList weights, const OptionalTensorList& biases) {
+  return mlp_inference(CpuLayers{}, input, weights, biases, "fused_mlp::mlp_inference");
+}
+
+void mlp_update_running_stats_cpu(at::TensorList running_means, at::TensorList running_vars, at::TensorList batch_means,
+                                  at::TensorList batch_vars, c10::ArrayRef<double> factors) {
+  mlp_update_running_stats(CpuLayers{}, running_means, running_vars, batch_means, batch_vars, factors,
+                           "fused_mlp::mlp_update_running_stats_");
 }
 
 }  // namespace
@@ -155,6 +214,10 @@ TORCH_LIBRARY_IMPL(fused_mlp, CPU, m) {
   m.impl("philox4x32_10", &philox4x32_10);
   m.impl("dropout_mask", &dropout_mask);
   m.impl("philox_seed_offset", &philox_seed_offset);
+  m.impl("mlp_forward", &mlp_forward_cpu);
+  m.impl("mlp_backward", &mlp_backward_cpu);
+  m.impl("mlp_inference", &mlp_inference_cpu);
+  m.impl("mlp_update_running_stats_", &mlp_update_running_stats_cpu);
 }
 
 }  // namespace fused_mlp::cpu

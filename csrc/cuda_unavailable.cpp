@@ -21,7 +21,8 @@ void no_cuda_kernels(const c10::OperatorHandle& op, torch::jit::Stack*) {
 TORCH_LIBRARY_IMPL(fused_mlp, CUDA, m) {
   for (const char* name : {"cross_entropy_forward", "cross_entropy_backward", "linear_bn_relu_forward",
                            "linear_bn_relu_backward", "bn_batch_stats", "bn_relu_dropout", "bn_update_running_stats_",
-                           "linear_relu_dropout_forward", "philox4x32_10", "dropout_mask", "philox_seed_offset"}) {
+                           "linear_relu_dropout_forward", "philox4x32_10", "dropout_mask", "philox_seed_offset",
+                           "mlp_forward", "mlp_backward", "mlp_inference", "mlp_update_running_stats_"}) {
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&no_cuda_kernels>());
   }
 }

@@ -91,4 +91,33 @@ TORCH_LIBRARY(fused_mlp, m) {
   // that device's default generator). On CUDA the device writes it itself, so that a CUDA graph
   // replays it with new values as PyTorch's own dropout does.
   m.def("philox_seed_offset(Tensor like, Generator? generator=None) -> Tensor", {at::Tag::nondeterministic_seeded});
+
+  // The whole MLP, one op per pass (csrc/mlp_network.h): hidden layers Linear -> BatchNorm1d ->
+  // ReLU -> Dropout (batch_norm) or Linear -> ReLU -> Dropout, then the output Linear. weights and
+  // biases hold one entry per Linear, the output layer's last; the BatchNorm lists one per hidden
+  // layer (empty without BatchNorm, or without affine / running statistics). Hidden layer i drops
+  // out with (seed, offset + i). Returns the logits, each hidden layer's output, and per hidden
+  // layer what linear_bn_relu_forward returns (pre_bn, mean, invstd, batch_var; empty lists
+  // without BatchNorm).
+  m.def(
+      "mlp_forward(Tensor input, Tensor[] weights, Tensor?[] biases, Tensor?[] bn_weights, Tensor?[] bn_biases, "
+      "Tensor?[] running_means, Tensor?[] running_vars, bool batch_norm, bool use_batch_stats, float eps, "
+      "float dropout_p, Tensor seed_offset) -> (Tensor out, Tensor[] hidden, Tensor[] pre_bn, Tensor[] mean, "
+      "Tensor[] invstd, Tensor[] batch_var)");
+  // Every gradient of mlp_forward's logits, from what it returned. need_layer_grads: one flag per
+  // Linear; a layer without it gets empty gradients and no weight GEMM, and no input GEMM runs
+  // below the lowest layer that needs one (grad_input is empty without need_grad_input).
+  m.def(
+      "mlp_backward(Tensor grad_out, Tensor input, Tensor[] weights, Tensor?[] biases, Tensor?[] bn_weights, "
+      "Tensor?[] bn_biases, Tensor[] hidden, Tensor[] pre_bn, Tensor[] mean, Tensor[] invstd, bool batch_norm, "
+      "bool use_batch_stats, float dropout_p, Tensor seed_offset, bool need_grad_input, bool[] need_layer_grads) "
+      "-> (Tensor grad_input, Tensor[] grad_weights, Tensor[] grad_biases, Tensor[] grad_bn_weights, "
+      "Tensor[] grad_bn_biases)");
+  // Inference on weights with BatchNorm folded in: relu(x W^T + b) per hidden layer, then the
+  // output Linear.
+  m.def("mlp_inference(Tensor input, Tensor[] weights, Tensor?[] biases) -> Tensor");
+  // bn_update_running_stats_ for every hidden layer, each with its own factor.
+  m.def(
+      "mlp_update_running_stats_(Tensor(a!)[] running_means, Tensor(b!)[] running_vars, Tensor[] batch_means, "
+      "Tensor[] batch_vars, float[] factors) -> ()");
 }

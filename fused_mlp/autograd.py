@@ -21,6 +21,7 @@ gradients. No saved value is a constant, so second derivatives are exact.
 """
 
 import collections
+import contextlib
 
 import torch
 from torch._functorch.pyfunctorch import VmapInterpreter, temporarily_clear_interpreter_stack
@@ -31,7 +32,15 @@ from . import (
     reference,
 )
 
-__all__ = ["CROSS_ENTROPY", "LINEAR_BN_RELU", "LINEAR_RELU_DROPOUT", "ForwardModeUnsupported", "transforms_active"]
+__all__ = [
+    "CROSS_ENTROPY",
+    "LINEAR_BN_RELU",
+    "LINEAR_RELU_DROPOUT",
+    "MLP",
+    "MLPConfig",
+    "ForwardModeUnsupported",
+    "transforms_active",
+]
 
 #: Whether a torch.func transform (grad, vjp, vmap, ...) is active: a cheap C call.
 transforms_active = torch._C._are_functorch_transforms_active
@@ -353,3 +362,246 @@ def _linear_bn_relu_backward(ctx, grad_out, grad_pre_bn, grad_mean, grad_invstd,
 
 
 LINEAR_BN_RELU = _Op("linear_bn_relu_forward", _linear_bn_relu_setup_context, _linear_bn_relu_backward)
+
+
+# --- the whole MLP -------------------------------------------------------------------------------
+
+_MLP_FORWARD = torch.ops.fused_mlp.mlp_forward.default
+_MLP_BACKWARD = torch.ops.fused_mlp.mlp_backward.default
+
+
+class MLPConfig(collections.namedtuple("MLPConfig", "layers batch_norm use_batch_stats eps dropout_p n_bn")):
+    """What mlp_forward takes besides tensors: `layers` hidden layers (one more Linear), n_bn
+    entries in each BatchNorm list (layers with BatchNorm, 0 without)."""
+
+    def split(self, tensors):
+        """The flat tensors of MLP.apply as mlp_forward's lists."""
+        linears, n = self.layers + 1, self.n_bn
+        weights, biases = list(tensors[:linears]), list(tensors[linears : 2 * linears])
+        rest = tensors[2 * linears :]
+        gammas, betas, means, variances = (list(rest[k * n : (k + 1) * n]) for k in range(4))
+        return weights, biases, gammas, betas, means, variances, rest[4 * n]
+
+    def forward_args(self, input, tensors):
+        weights, biases, gammas, betas, means, variances, seed_offset = self.split(tensors)
+        return (
+            input,
+            weights,
+            biases,
+            _present(gammas),
+            _present(betas),
+            _present(means),
+            _present(variances),
+            self.batch_norm,
+            self.use_batch_stats,
+            self.eps,
+            self.dropout_p,
+            seed_offset,
+        )
+
+
+def _present(items):
+    """A per-layer list as the ops take it: empty when every entry is None (no affine, no running
+    statistics)."""
+    return items if any(t is not None for t in items) else []
+
+
+def _reference_logits(config, input, *tensors):
+    return reference.mlp_forward(*config.forward_args(input, tensors))[0]
+
+
+def _mlp_gradients(config, input, tensors, outputs, needs, grad_out):
+    """The gradients of the logits for grad_out with respect to input and the flat tensors (None
+    where `needs`, one flag per input then per tensor, says none is needed). outputs: what the
+    forward saved (hidden, pre_bn, mean, invstd, flat). First order runs mlp_backward; while a graph
+    is recorded (create_graph=True) or under torch.func, the reference maths of the whole network
+    are differentiated from the inputs, so that every statistic stays a function of them and second
+    derivatives are exact."""
+    if transforms_active() or (
+        torch.is_grad_enabled()
+        and (grad_out.requires_grad or any(t is not None and t.requires_grad for t in (input, *tensors)))
+    ):
+        return _recompute_vjp(_reference_logits, (config, input, *tensors), (False, *needs), (grad_out,))[1:]
+    weights, biases, gammas, betas, _, _, seed_offset = config.split(tensors)
+    layers, n = config.layers, config.n_bn
+    linears = layers + 1
+    need_w, need_b = needs[1 : 1 + linears], needs[1 + linears : 1 + 2 * linears]
+    need_gamma = needs[1 + 2 * linears : 1 + 2 * linears + n]
+    need_beta = needs[1 + 2 * linears + n : 1 + 2 * linears + 2 * n]
+    # Per Linear: whether any of its parameters (weight, bias, BatchNorm affine) needs a gradient.
+    need_layer = [bool(need_w[i] or need_b[i] or (i < n and (need_gamma[i] or need_beta[i]))) for i in range(linears)]
+    hidden = list(outputs[:layers])
+    if config.batch_norm:
+        pre_bn, mean, invstd = (list(outputs[layers * k : layers * (k + 1)]) for k in (1, 2, 3))
+    else:
+        pre_bn = mean = invstd = []
+    with contextlib.nullcontext() if torch.compiler.is_compiling() else _below_autograd():
+        grad_input, grad_weights, grad_biases, grad_gammas, grad_betas = _MLP_BACKWARD(
+            grad_out.contiguous(),
+            input,
+            weights,
+            biases,
+            _present(gammas),
+            _present(betas),
+            hidden,
+            pre_bn,
+            mean,
+            invstd,
+            config.batch_norm,
+            config.use_batch_stats,
+            config.dropout_p,
+            seed_offset,
+            bool(needs[0]),
+            need_layer,
+        )
+
+    def pick(grads, flags):
+        return [g if flag else None for g, flag in zip(grads or [None] * len(flags), flags)]
+
+    return (
+        grad_input if needs[0] else None,
+        *pick(grad_weights, need_w),
+        *pick(grad_biases, need_b),
+        *pick(grad_gammas, need_gamma),
+        *pick(grad_betas, need_beta),
+        *([None] * (2 * n + 1)),
+    )
+
+
+class MLP(torch.autograd.Function):
+    """The whole network as one autograd node: mlp_forward, then mlp_backward for every gradient.
+
+    ``MLP.apply(config, input, *weights, *biases, *bn_weights, *bn_biases, *running_means,
+    *running_vars, seed_offset)`` returns ``(logits, *mean, *batch_var)`` (no statistics without
+    BatchNorm), flat so that autograd sees every tensor. torch.func transforms do not come here:
+    fused_mlp.nn.FusedMLP runs the network layer by layer under them.
+    """
+
+    @staticmethod
+    def forward(ctx, config, input, *tensors):
+        args = config.forward_args(input, tensors)
+        if torch.compiler.is_compiling():
+            out, hidden, pre_bn, mean, invstd, batch_var = _MLP_FORWARD(*args)
+        else:
+            with _below_autograd():
+                out, hidden, pre_bn, mean, invstd, batch_var = _MLP_FORWARD(*args)
+        # The least the backward needs: each layer's output (the next GEMM's input) and, with batch
+        # statistics, its pre-BN activation; never a normalized or activated copy, nor a mask.
+        ctx.save_for_backward(input, *tensors, *hidden, *pre_bn, *mean, *invstd)
+        ctx.config = config
+        ctx.mark_non_differentiable(*mean, *batch_var)
+        ctx.set_materialize_grads(False)
+        return (out, *mean, *batch_var)
+
+    @staticmethod
+    def backward(ctx, grad_out, *_statistics):
+        needs = ctx.needs_input_grad
+        if grad_out is None or not any(needs):
+            return (None,) * len(needs)
+        saved, config = ctx.saved_tensors, ctx.config
+        count = 2 * (config.layers + 1) + 4 * config.n_bn + 1
+        tensors, outputs = saved[1 : 1 + count], saved[1 + count :]
+        return (None, *_mlp_gradients(config, saved[0], tensors, outputs, needs[1:], grad_out))
+
+
+# The same backward on the op itself, for direct torch.ops.fused_mlp.mlp_forward calls.
+
+
+def _padded(items, n):
+    return list(items) if len(items) == n else [None] * n
+
+
+def _op_setup_context(ctx, inputs, output):
+    input, weights, biases, gammas, betas, means, variances, batch_norm, use_batch_stats, eps, p, so = inputs
+    layers = len(weights) - 1
+    n = layers if batch_norm else 0
+    config = MLPConfig(layers, batch_norm, use_batch_stats, eps, p, n)
+    tensors = (*weights, *biases, *(t for group in (gammas, betas, means, variances) for t in _padded(group, n)), so)
+    for name, group in (("biases", biases), ("bn_weights", gammas), ("bn_biases", betas)):
+        if None in group and any(t is not None and t.requires_grad for t in group):
+            # torch.library's autograd takes a list holding None for a constant: these tensors
+            # would silently get no gradient.
+            raise RuntimeError(
+                f"fused_mlp::mlp_forward: {name} mixes None with tensors that require grad, and the op's autograd "
+                "cannot see tensors in such a list; pass every entry or none, or call fused_mlp.nn.FusedMLP"
+            )
+    ctx.needs = [input.requires_grad] + [t is not None and t.requires_grad for t in tensors]
+    ctx.config, ctx.shapes = config, (len(gammas), len(betas), len(means), len(variances))
+    ctx.given = [list(group) for group in (weights, biases, gammas, betas, means, variances)]
+    _, hidden, pre_bn, mean, invstd, _ = output
+    ctx.save_for_backward(input, *tensors, *hidden, *pre_bn, *mean, *invstd)
+
+
+def _op_backward(ctx, grad_out, *_):
+    config, needs = ctx.config, ctx.needs
+    saved = ctx.saved_tensors
+    count = 2 * (config.layers + 1) + 4 * config.n_bn + 1
+    tensors, outputs = saved[1 : 1 + count], saved[1 + count :]
+    if grad_out is None or not any(needs):
+        grads = [None] * (1 + count)
+    else:
+        grads = list(_mlp_gradients(config, saved[0], tensors, outputs, needs, grad_out))
+    linears, n = config.layers + 1, config.n_bn
+    rest = grads[1 + 2 * linears :]
+    groups = [rest[k * n : (k + 1) * n] if size else [] for k, size in enumerate(ctx.shapes)]
+    groups = [grads[1 : 1 + linears], grads[1 + linears : 1 + 2 * linears], *groups]
+    # A list holding None reached autograd as one constant: its gradient is None.
+    lists = [None if None in given else group for given, group in zip(ctx.given, groups)]
+    return (grads[0], *lists, *([None] * 5))
+
+
+torch.library.register_autograd(_MLP_FORWARD, _op_backward, setup_context=_op_setup_context)
+
+
+def _register_list_recompute(name):
+    """register_autograd for an op with Tensor[] arguments, differentiating its reference maths
+    (reference.<name>) from the flat tensors. A list holding None reaches autograd as one constant
+    (torch.library's rule) and gets None."""
+    fn, op = getattr(reference, name), getattr(torch.ops.fused_mlp, name).default
+
+    def setup_context(ctx, inputs, output):
+        spec = []
+        flat = []
+        for a in inputs:
+            if isinstance(a, (list, tuple)) and all(isinstance(t, torch.Tensor) for t in a):
+                spec.append(len(a))
+                flat.extend(a)
+            elif isinstance(a, torch.Tensor):
+                spec.append(-1)
+                flat.append(a)
+            else:
+                spec.append(None)
+        ctx.spec, ctx.others = spec, [a if s is None else None for a, s in zip(inputs, spec)]
+        ctx.save_for_backward(*flat)
+
+    def rebuild(spec, others, flat):
+        args, k = [], 0
+        for s, other in zip(spec, others):
+            if s is None:
+                args.append(other)
+            elif s < 0:
+                args.append(flat[k])
+                k += 1
+            else:
+                args.append(list(flat[k : k + s]))
+                k += s
+        return args
+
+    def backward(ctx, *grads):
+        flat = ctx.saved_tensors
+        spec, others = ctx.spec, ctx.others
+
+        def flat_fn(*tensors):
+            out = fn(*rebuild(spec, others, tensors))
+            return tuple(t for item in out for t in (item if isinstance(item, (list, tuple)) else (item,)))
+
+        flat_grads = [g for item in grads for g in (item if isinstance(item, (list, tuple)) else (item,))]
+        needs = [t.requires_grad or t.is_floating_point() for t in flat]
+        got = _recompute_vjp(flat_fn, flat, needs, flat_grads)
+        result = rebuild(spec, [None] * len(spec), got)
+        return tuple(r if s is not None else None for r, s in zip(result, spec))
+
+    torch.library.register_autograd(op, backward, setup_context=setup_context)
+
+
+_register_list_recompute("mlp_backward")

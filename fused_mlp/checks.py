@@ -3,7 +3,7 @@
 
 import torch
 
-__all__ = ["REDUCTIONS", "cross_entropy_args", "dropout_probability", "linear_bn_relu_args"]
+__all__ = ["REDUCTIONS", "cross_entropy_args", "dropout_probability", "linear_bn_relu_args", "network_input"]
 
 #: Reduction names and the ops' codes for them (the values of at::Reduction).
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
@@ -122,3 +122,18 @@ def linear_bn_relu_args(input, weight, bias, bn_weight, bn_bias, running_mean, r
 def dropout_probability(p, name):
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
         raise ValueError(f"{name}: dropout must be a probability in [0, 1), got {p!r}")
+
+
+def network_input(input, weight, name):
+    """The input of a whole network: a floating-point (batch, in_features) tensor on the first
+    weight's device, of its dtype (autocast aside)."""
+    if not isinstance(input, torch.Tensor) or not input.is_floating_point():
+        raise TypeError(f"{name}: input must be a floating-point tensor")
+    if input.dim() != 2:
+        raise ValueError(f"{name}: input must have shape (batch, in_features), got {tuple(input.shape)}")
+    if input.shape[1] != weight.shape[1]:
+        raise ValueError(f"{name}: input has {input.shape[1]} features but the network expects {weight.shape[1]}")
+    if input.device != weight.device:
+        raise ValueError(f"{name}: input is on {input.device} but the parameters are on {weight.device}")
+    if input.dtype != weight.dtype and not torch.is_autocast_enabled(input.device.type):
+        raise TypeError(f"{name}: input dtype {input.dtype} does not match the parameters' dtype {weight.dtype}")

@@ -7,7 +7,14 @@ import torch
 
 from . import autograd, checks, ops
 
-__all__ = ["cross_entropy", "fold_batch_norm", "folded_linear_relu_dropout", "linear_bn_relu"]
+__all__ = [
+    "cross_entropy",
+    "fold_batch_norm",
+    "folded_linear_relu_dropout",
+    "linear_bn_relu",
+    "mlp_checked",
+    "mlp_inference",
+]
 
 
 def cross_entropy(input, target, weight=None, *, ignore_index=-100, reduction="mean", label_smoothing=0.0):
@@ -176,3 +183,63 @@ def folded_linear_relu_dropout(input, weight, bias, *, dropout=0.0, generator=No
     return autograd.LINEAR_RELU_DROPOUT(
         input, weight, bias, float(dropout), _dropout_seed_offset(dropout, generator, input)
     )
+
+
+# --- the whole MLP -------------------------------------------------------------------------------
+
+
+def mlp_checked(
+    input,
+    weights,
+    biases,
+    bn_weights,
+    bn_biases,
+    running_means,
+    running_vars,
+    batch_norm,
+    use_batch_stats,
+    eps,
+    dropout,
+    generator=None,
+):
+    """The whole MLP in one op per pass (fused_mlp.nn.FusedMLP's forward), on arguments the module
+    has checked: hidden layers Linear -> BatchNorm1d -> ReLU -> Dropout (or Linear -> ReLU ->
+    Dropout without batch_norm), then the output Linear. weights and biases: one per Linear, the
+    output layer's last; the BatchNorm lists one entry per hidden layer (None for an absent
+    parameter; running statistics only to normalize with them, use_batch_stats=False), empty
+    without BatchNorm. Hidden layer i drops out with (seed, offset + i) of one draw from generator.
+
+    Returns (logits, mean, batch_var): with batch statistics, each layer's batch mean and unbiased
+    variance, for the caller's running-statistics update (ops.mlp_update_running_stats_).
+    Under torch.autocast the Linears run in the autocast dtype, BatchNorm in its parameters' dtype.
+    """
+    if torch.is_autocast_enabled(input.device.type):
+        dtype = torch.get_autocast_dtype(input.device.type)
+        input = input.to(dtype)
+        weights = [w.to(dtype) for w in weights]
+        biases = [None if b is None else b.to(dtype) for b in biases]
+    seed_offset = _dropout_seed_offset(dropout, generator, input)
+    layers = len(weights) - 1
+    config = autograd.MLPConfig(layers, batch_norm, use_batch_stats, float(eps), float(dropout), len(bn_weights))
+    tensors = (*weights, *biases, *bn_weights, *bn_biases, *running_means, *running_vars, seed_offset)
+    if torch.compiler.is_compiling() or (
+        torch.is_grad_enabled() and (input.requires_grad or any(t is not None and t.requires_grad for t in tensors))
+    ):
+        outputs = autograd.MLP.apply(config, input, *tensors)
+        statistics = outputs[1:]
+        return outputs[0], statistics[: len(statistics) // 2], statistics[len(statistics) // 2 :]
+    with torch._C._AutoDispatchBelowAutograd():  # nothing to record: skip the autograd kernel
+        logits, _, _, mean, _, batch_var = ops.mlp_forward(*config.forward_args(input, tensors))
+    return logits, mean, batch_var
+
+
+def mlp_inference(input, weights, biases):
+    """The network on weights with BatchNorm folded in (fold_batch_norm per layer): one GEMM per
+    layer, with the hidden layers' ReLU in its epilogue or in place on its output. No autograd."""
+    if torch.is_autocast_enabled(input.device.type):
+        dtype = torch.get_autocast_dtype(input.device.type)
+        input = input.to(dtype)
+        weights = [w.to(dtype) for w in weights]
+        biases = [None if b is None else b.to(dtype) for b in biases]
+    with torch._C._AutoDispatchBelowAutograd():
+        return ops.mlp_inference(input, weights, biases)

@@ -2,10 +2,9 @@
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from .functional import cross_entropy
-from .nn import LinearBNReLU
+from .nn import FusedMLP
 
 __all__ = ["MLP", "IMPLS"]
 
@@ -14,26 +13,18 @@ __all__ = ["MLP", "IMPLS"]
 IMPLS = ("baseline", "fused")
 
 
-class _LinearReLU(nn.Module):
-    """A hidden layer without BatchNorm: its parameters live in `linear`, as in LinearBNReLU."""
-
-    def __init__(self, in_features, out_features):
-        super().__init__()
-        self.linear = nn.Linear(in_features, out_features)
-
-
-class MLP(nn.Module):
+class MLP(FusedMLP):
     """Flatten, then per hidden layer Linear -> BatchNorm1d -> ReLU -> Dropout, then a Linear to
     the class logits.
 
     impl="baseline" runs the stock modules the class notes teach (nn.Linear, nn.BatchNorm1d,
-    F.relu, nn.Dropout) and takes F.log_softmax + F.nll_loss as its loss; impl="fused" runs each
-    hidden layer as one LinearBNReLU op and takes the fused cross-entropy. Both hold the same
-    parameters under the same names (``hidden.{i}.linear.*``, ``hidden.{i}.bn.*``, ``out.*``), so a
-    checkpoint of one loads into the other, and ``model.impl`` can be switched on a live model.
+    F.relu, nn.Dropout) and takes F.log_softmax + F.nll_loss as its loss; impl="fused" runs the
+    whole network as fused_mlp.nn.FusedMLP does (one op per pass) and takes the fused
+    cross-entropy. Both hold the same parameters under the same names (``hidden.{i}.linear.*``,
+    ``hidden.{i}.bn.*``, ``out.*``), so a checkpoint of one loads into the other, and
+    ``model.impl`` can be switched on a live model.
 
-    With batch_norm=False the hidden layers are Linear -> ReLU (-> Dropout); impl="fused" then runs
-    them with the stock Linear and ReLU and only the loss is fused.
+    With batch_norm=False the hidden layers are Linear -> ReLU (-> Dropout), fused the same way.
 
     forward returns logits, always. Use ``model.loss(logits, target)`` for the loss: F.nll_loss
     expects log-probabilities, and applied to logits it returns a wrong loss without any error.
@@ -42,18 +33,9 @@ class MLP(nn.Module):
     def __init__(
         self, in_features=784, hidden=(512, 256, 128, 64), num_classes=10, dropout=0.3, batch_norm=True, impl="fused"
     ):
-        super().__init__()
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"MLP: dropout must be in [0, 1), got {dropout}")
-        widths = [in_features, *hidden]
-        if batch_norm:
-            layers = [LinearBNReLU(a, b, dropout=dropout) for a, b in zip(widths, widths[1:])]
-        else:
-            layers = [_LinearReLU(a, b) for a, b in zip(widths, widths[1:])]
-        self.hidden = nn.ModuleList(layers)
-        self.out = nn.Linear(widths[-1], num_classes)
-        self.drop = nn.Dropout(dropout)
-        self.batch_norm = batch_norm
+        super().__init__(in_features, hidden, num_classes, batch_norm=batch_norm, dropout=dropout)
         self.impl = impl
 
     @property
@@ -68,14 +50,13 @@ class MLP(nn.Module):
 
     def forward(self, x):
         x = torch.flatten(x, 1)
+        if self.impl == "fused":
+            return super().forward(x)  # one op for the whole network
         for layer in self.hidden:
-            if self.impl == "fused" and self.batch_norm:
-                x = layer(x)  # one op: Linear, BatchNorm, ReLU, Dropout
-            else:
-                x = layer.linear(x)
-                if self.batch_norm:
-                    x = layer.bn(x)
-                x = self.drop(F.relu(x))
+            x = layer.linear(x)
+            if self.batch_norm:
+                x = layer.bn(x)
+            x = self.drop(F.relu(x))
         return self.out(x)
 
     def loss(self, logits, target):
@@ -92,4 +73,4 @@ class MLP(nn.Module):
         return self(x).argmax(dim=1)
 
     def extra_repr(self):
-        return f"impl={self.impl!r}, batch_norm={self.batch_norm}"
+        return f"impl={self.impl!r}, batch_norm={self.batch_norm}, dropout={self.drop.p}"

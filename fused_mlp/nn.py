@@ -2,9 +2,9 @@
 
 import torch
 
-from . import autograd, checks, functional
+from . import autograd, checks, functional, ops
 
-__all__ = ["CrossEntropyLoss", "LinearBNReLU"]
+__all__ = ["CrossEntropyLoss", "FusedMLP", "LinearBNReLU", "LinearReLU"]
 
 
 class CrossEntropyLoss(torch.nn.Module):
@@ -168,3 +168,201 @@ def _needs_grad(input, *params):
     if not torch.is_grad_enabled():
         return False
     return input.requires_grad or any(t is not None and t.requires_grad for t in params)
+
+
+class LinearReLU(torch.nn.Module):
+    """A hidden layer without BatchNorm, as FusedMLP holds it: its parameters live in ``linear``
+    (``nn.Linear``), as in LinearBNReLU. Called alone: ``dropout(relu(linear(x)))``, fused."""
+
+    def __init__(self, in_features, out_features, bias=True, dropout=0.0, device=None, dtype=None):
+        super().__init__()
+        checks.dropout_probability(dropout, "LinearReLU")
+        self.linear = torch.nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.dropout = dropout
+
+    def forward(self, input):
+        lin = self.linear
+        checks.network_input(input, lin.weight, "LinearReLU")
+        dropout = self.dropout if self.training else 0.0
+        return functional.folded_linear_relu_dropout(input, lin.weight, lin.bias, dropout=dropout)
+
+    def extra_repr(self):
+        return f"dropout={self.dropout}"
+
+
+class FusedMLP(torch.nn.Module):
+    """A multi-layer perceptron as one fused op per pass, forward and backward.
+
+    ``in_features -> hidden[0] -> ... -> hidden[-1] -> out_features``: each hidden layer is
+    Linear -> BatchNorm1d -> ReLU -> Dropout (``batch_norm=True``) or Linear -> ReLU -> Dropout, and
+    the last is a plain Linear giving the logits. The training forward is one op for the whole
+    network (``fused_mlp::mlp_forward``), its backward one op that returns every gradient and skips
+    the GEMMs of whatever needs none (the input's, frozen layers'); inference in eval mode is one
+    op on weights with BatchNorm folded in, cached until a parameter or buffer changes.
+
+    Parameters and buffers live in stock submodules under the keys of ``fused_mlp.models.MLP``:
+    ``hidden.{i}.linear`` (``nn.Linear``), ``hidden.{i}.bn`` (``nn.BatchNorm1d``) and ``out``
+    (``nn.Linear``); ``drop`` is the ``nn.Dropout`` whose ``p`` every hidden layer uses. BatchNorm
+    follows the ``bn`` modules' ``training`` (batch statistics and the running-statistics update of
+    ``nn.BatchNorm1d``, momentum=None included), dropout this module's.
+
+    The network runs as one op when its BatchNorm layers agree on mode, eps and which parameters and
+    statistics they have, and no torch.func transform is active; otherwise layer by layer through
+    the per-layer fused ops, with the same results (dropout masks aside).
+    """
+
+    def __init__(
+        self,
+        in_features,
+        hidden,
+        out_features,
+        batch_norm=True,
+        dropout=0.0,
+        *,
+        bias=True,
+        eps=1e-5,
+        momentum=0.1,
+        affine=True,
+        track_running_stats=True,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        checks.dropout_probability(dropout, type(self).__name__)
+        widths = [in_features, *hidden]
+        factory = {"device": device, "dtype": dtype}
+        if batch_norm:
+            layers = [
+                LinearBNReLU(
+                    a,
+                    b,
+                    bias=bias,
+                    eps=eps,
+                    momentum=momentum,
+                    affine=affine,
+                    track_running_stats=track_running_stats,
+                    dropout=dropout,
+                    **factory,
+                )
+                for a, b in zip(widths, widths[1:])
+            ]
+        else:
+            layers = [LinearReLU(a, b, bias=bias, dropout=dropout, **factory) for a, b in zip(widths, widths[1:])]
+        self.hidden = torch.nn.ModuleList(layers)
+        self.out = torch.nn.Linear(widths[-1], out_features, bias=bias, **factory)
+        self.drop = torch.nn.Dropout(dropout)
+        self.batch_norm = batch_norm
+        self._fold_cache = None
+
+    @property
+    def dropout(self):
+        return self.drop.p
+
+    @dropout.setter
+    def dropout(self, p):
+        checks.dropout_probability(p, type(self).__name__)
+        self.drop.p = p
+        for layer in self.hidden:
+            layer.dropout = p
+
+    def forward(self, input):
+        layers, out = self.hidden, self.out
+        weight0 = layers[0].linear.weight if len(layers) else out.weight
+        checks.network_input(input, weight0, type(self).__name__)
+        dropout = self.drop.p if self.training else 0.0
+        if autograd.transforms_active():
+            return self._layer_by_layer(input, dropout)
+        linears = [layer.linear for layer in layers]
+        linears.append(out)
+        weights = [lin.weight for lin in linears]
+        biases = [lin.bias for lin in linears]
+        compiling = torch.compiler.is_compiling()
+        if not self.batch_norm or not len(layers):
+            if not compiling and not _needs_grad(input, *weights, *biases):
+                return functional.mlp_inference(input, weights, biases)
+            return functional.mlp_checked(input, weights, biases, [], [], [], [], False, False, 0.0, dropout)[0]
+        bns = [layer.bn for layer in layers]
+        mode = _batch_norm_mode(bns)
+        if mode is None:
+            return self._layer_by_layer(input, dropout)
+        bn_training, track, eps = mode
+        gammas, betas = [bn.weight for bn in bns], [bn.bias for bn in bns]
+        running_means, running_vars = [bn.running_mean for bn in bns], [bn.running_var for bn in bns]
+        have_running = running_means[0] is not None
+        # As nn.BatchNorm1d: batch statistics in training, or always without running statistics.
+        use_batch_stats = bn_training or not have_running
+        if not use_batch_stats and not compiling and not _needs_grad(input, *weights, *biases, *gammas, *betas):
+            folded_weights, folded_biases = self._folded(
+                weights, biases, gammas, betas, running_means, running_vars, eps
+            )
+            return functional.mlp_inference(input, folded_weights, folded_biases)
+        if bn_training and input.shape[0] <= 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.shape}")
+        update = bn_training and track and have_running and bns[0].num_batches_tracked is not None
+        if not use_batch_stats:
+            given_means, given_vars = running_means, running_vars
+        else:
+            given_means = given_vars = [None] * len(bns)
+        logits, means, variances = functional.mlp_checked(
+            input, weights, biases, gammas, betas, given_means, given_vars, True, use_batch_stats, eps, dropout
+        )
+        if update:  # after the op: bad input leaves the state untouched
+            counters = [bn.num_batches_tracked for bn in bns]
+            torch._foreach_add_(counters, 1)
+            factors = [1.0 / float(c) if bn.momentum is None else float(bn.momentum) for bn, c in zip(bns, counters)]
+            with torch.no_grad():
+                ops.mlp_update_running_stats_(running_means, running_vars, list(means), list(variances), factors)
+        return logits
+
+    def _layer_by_layer(self, input, dropout):
+        """The per-layer fused ops, one after another: under torch.func, or when the BatchNorm
+        layers differ in a way one network op cannot express."""
+        x = input
+        for layer in self.hidden:
+            layer.dropout = self.drop.p  # the network's dropout is the one that counts
+            x = layer(x)
+        return torch.nn.functional.linear(x, self.out.weight, self.out.bias)
+
+    def _folded(self, weights, biases, gammas, betas, running_means, running_vars, eps):
+        """Every hidden layer's (W', b') with BatchNorm folded in, cached until any tensor they
+        derive from is replaced or changed in place. Not a buffer: never in the state_dict."""
+        sources = (*weights, *biases, *gammas, *betas, *running_means, *running_vars)
+        key = tuple(None if t is None else (t.data_ptr(), t._version, t.dtype, t.device) for t in sources)
+        key += (eps,)
+        cache = self._fold_cache
+        if cache is None or cache[0] != key:
+            folded_weights, folded_biases = [], []
+            with torch.no_grad():
+                for i in range(len(weights) - 1):
+                    w, b = functional.fold_batch_norm(
+                        weights[i], biases[i], gammas[i], betas[i], running_means[i], running_vars[i], eps
+                    )
+                    folded_weights.append(w)
+                    folded_biases.append(b)
+            folded_weights.append(weights[-1].detach())
+            folded_biases.append(None if biases[-1] is None else biases[-1].detach())
+            cache = self._fold_cache = (key, folded_weights, folded_biases)
+        return cache[1], cache[2]
+
+    def extra_repr(self):
+        return f"batch_norm={self.batch_norm}, dropout={self.drop.p}"
+
+
+def _batch_norm_mode(bns):
+    """(training, track_running_stats, eps) when every BatchNorm layer shares them and agrees on
+    which affine parameters and running statistics it has; None when they differ (or one is not a
+    stock nn.BatchNorm1d, e.g. converted to nn.SyncBatchNorm)."""
+    first = bns[0]
+    if type(first) is not torch.nn.BatchNorm1d:
+        return None
+    shape = (first.training, first.track_running_stats, first.eps, first.weight is None, first.bias is None)
+    shape += (first.running_mean is None,)
+    for bn in bns[1:]:
+        if type(bn) is not torch.nn.BatchNorm1d:
+            return None
+        other = (bn.training, bn.track_running_stats, bn.eps, bn.weight is None, bn.bias is None)
+        if other + (bn.running_mean is None,) != shape:
+            return None
+    if first.training and not first.track_running_stats and first.running_mean is not None:
+        return None  # normalizes with batch statistics but keeps the buffers unchanged: per layer
+    return shape[:3]

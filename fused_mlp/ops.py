@@ -39,6 +39,18 @@ SCHEMAS = {
     "philox4x32_10": "philox4x32_10(Tensor counter, Tensor key) -> Tensor",
     "dropout_mask": "dropout_mask(Tensor seed_offset, int numel, float p, int start=0) -> Tensor",
     "philox_seed_offset": "philox_seed_offset(Tensor like, Generator? generator=None) -> Tensor",
+    "mlp_forward": "mlp_forward(Tensor input, Tensor[] weights, Tensor?[] biases, Tensor?[] bn_weights, "
+    "Tensor?[] bn_biases, Tensor?[] running_means, Tensor?[] running_vars, bool batch_norm, bool use_batch_stats, "
+    "float eps, float dropout_p, Tensor seed_offset) -> (Tensor out, Tensor[] hidden, Tensor[] pre_bn, "
+    "Tensor[] mean, Tensor[] invstd, Tensor[] batch_var)",
+    "mlp_backward": "mlp_backward(Tensor grad_out, Tensor input, Tensor[] weights, Tensor?[] biases, "
+    "Tensor?[] bn_weights, Tensor?[] bn_biases, Tensor[] hidden, Tensor[] pre_bn, Tensor[] mean, Tensor[] invstd, "
+    "bool batch_norm, bool use_batch_stats, float dropout_p, Tensor seed_offset, bool need_grad_input, "
+    "bool[] need_layer_grads) -> (Tensor grad_input, Tensor[] grad_weights, Tensor[] grad_biases, "
+    "Tensor[] grad_bn_weights, Tensor[] grad_bn_biases)",
+    "mlp_inference": "mlp_inference(Tensor input, Tensor[] weights, Tensor?[] biases) -> Tensor",
+    "mlp_update_running_stats_": "mlp_update_running_stats_(Tensor(a!)[] running_means, Tensor(b!)[] running_vars, "
+    "Tensor[] batch_means, Tensor[] batch_vars, float[] factors) -> ()",
 }
 
 if BACKEND == "reference":
@@ -134,6 +146,26 @@ def philox_seed_offset(like, generator=None):
     (default: the device's default generator); the extension has it for CUDA tensors only, where
     the device writes it, so that a CUDA graph replays it with new values."""
     return _fused.philox_seed_offset(like, generator)
+
+
+def mlp_forward(*args):
+    """-> (out, hidden, pre_bn, mean, invstd, batch_var); see csrc/ops.cpp."""
+    return _fused.mlp_forward(*args)
+
+
+def mlp_backward(*args):
+    """-> (grad_input, grad_weights, grad_biases, grad_bn_weights, grad_bn_biases); see csrc/ops.cpp."""
+    return _fused.mlp_backward(*args)
+
+
+def mlp_inference(input, weights, biases):
+    """The network on folded weights: relu(x W^T + b) per hidden layer, then the output Linear."""
+    return _fused.mlp_inference(input, weights, biases)
+
+
+def mlp_update_running_stats_(running_means, running_vars, batch_means, batch_vars, factors):
+    """bn_update_running_stats_ for every hidden layer, each with its own factor."""
+    _fused.mlp_update_running_stats_(running_means, running_vars, batch_means, batch_vars, factors)
 
 
 # The fakes: shapes and dtypes only, for torch.compile and FakeTensor; a dynamic batch size is fine.
@@ -234,3 +266,73 @@ def _philox_seed_offset_fake(like, generator=None):
 @torch.library.register_fake("fused_mlp::dropout_mask")
 def _dropout_mask_fake(seed_offset, numel, p, start=0):
     return seed_offset.new_empty((numel,), dtype=torch.bool)
+
+
+@torch.library.register_fake("fused_mlp::mlp_forward")
+def _mlp_forward_fake(
+    input,
+    weights,
+    biases,
+    bn_weights,
+    bn_biases,
+    running_means,
+    running_vars,
+    batch_norm,
+    use_batch_stats,
+    eps,
+    dropout_p,
+    seed_offset,
+):
+    torch._check(input.dim() == 2, lambda: "mlp_forward: input must be 2-D")
+    rows, acc = input.shape[0], reference._acc_dtype(input.dtype)
+    hidden = [input.new_empty((rows, w.shape[0])) for w in weights[:-1]]
+    if not batch_norm:
+        return input.new_empty((rows, weights[-1].shape[0])), hidden, [], [], [], []
+    pre_bn = [input.new_empty((rows, w.shape[0]) if use_batch_stats else (0,)) for w in weights[:-1]]
+    stats = [[input.new_empty((w.shape[0],), dtype=acc) for w in weights[:-1]] for _ in range(3)]
+    return input.new_empty((rows, weights[-1].shape[0])), hidden, pre_bn, *stats
+
+
+@torch.library.register_fake("fused_mlp::mlp_backward")
+def _mlp_backward_fake(
+    grad_out,
+    input,
+    weights,
+    biases,
+    bn_weights,
+    bn_biases,
+    hidden,
+    pre_bn,
+    mean,
+    invstd,
+    batch_norm,
+    use_batch_stats,
+    dropout_p,
+    seed_offset,
+    need_grad_input,
+    need_layer_grads,
+):
+    none = lambda: input.new_empty((0,))  # noqa: E731
+
+    def grad(t, need):
+        return torch.empty_like(t, memory_format=torch.contiguous_format) if need and t is not None else none()
+
+    layers = len(weights) - 1
+    grad_input = torch.empty_like(input, memory_format=torch.contiguous_format) if need_grad_input else none()
+    grad_weights = [grad(w, n) for w, n in zip(weights, need_layer_grads)]
+    grad_biases = [grad(b, n) for b, n in zip(biases, need_layer_grads)]
+    count = layers if batch_norm else 0
+    grad_bn_weights = [grad(reference._entry(bn_weights, i), need_layer_grads[i]) for i in range(count)]
+    grad_bn_biases = [grad(reference._entry(bn_biases, i), need_layer_grads[i]) for i in range(count)]
+    return grad_input, grad_weights, grad_biases, grad_bn_weights, grad_bn_biases
+
+
+@torch.library.register_fake("fused_mlp::mlp_inference")
+def _mlp_inference_fake(input, weights, biases):
+    torch._check(input.dim() == 2, lambda: "mlp_inference: input must be 2-D")
+    return input.new_empty((input.shape[0], weights[-1].shape[0]))
+
+
+@torch.library.register_fake("fused_mlp::mlp_update_running_stats_")
+def _mlp_update_running_stats_fake(running_means, running_vars, batch_means, batch_vars, factors):
+    return None

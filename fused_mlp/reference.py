@@ -407,3 +407,152 @@ def philox_seed_offset(like, generator=None):
     the default generator of like's device)."""
     device = generator.device if generator is not None else like.device
     return torch.randint(0, 2**62, (2,), dtype=torch.int64, generator=generator, device=device).to(like.device)
+
+
+# --- the whole MLP ------------------------------------------------------------------------------
+
+
+def _entry(items, i):
+    return items[i] if i < len(items) else None
+
+
+def layer_seed_offset(seed_offset, layer, dropout_p):
+    """Hidden layer `layer`'s (seed, offset): the network's (seed, offset + layer)."""
+    if layer == 0 or dropout_p <= 0:
+        return seed_offset
+    return seed_offset + torch.tensor([0, layer], dtype=torch.int64, device=seed_offset.device)
+
+
+def mlp_forward(
+    input,
+    weights,
+    biases,
+    bn_weights,
+    bn_biases,
+    running_means,
+    running_vars,
+    batch_norm,
+    use_batch_stats,
+    eps,
+    dropout_p,
+    seed_offset,
+):
+    """-> (out, hidden, pre_bn, mean, invstd, batch_var); see csrc/ops.cpp."""
+    hidden, pre_bn, mean, invstd, batch_var = [], [], [], [], []
+    x = input
+    for i in range(len(weights) - 1):
+        so = layer_seed_offset(seed_offset, i, dropout_p)
+        if batch_norm:
+            x, z, mu, inv, var = linear_bn_relu_forward(
+                x,
+                weights[i],
+                biases[i],
+                _entry(bn_weights, i),
+                _entry(bn_biases, i),
+                _entry(running_means, i),
+                _entry(running_vars, i),
+                use_batch_stats,
+                eps,
+                dropout_p,
+                so,
+            )
+            pre_bn.append(z)
+            mean.append(mu)
+            invstd.append(inv)
+            batch_var.append(var)
+        else:
+            x = linear_relu_dropout_forward(x, weights[i], biases[i], dropout_p, so)
+        hidden.append(x)
+    return _linear(x, weights[-1], biases[-1]), hidden, pre_bn, mean, invstd, batch_var
+
+
+def mlp_backward(
+    grad_out,
+    input,
+    weights,
+    biases,
+    bn_weights,
+    bn_biases,
+    hidden,
+    pre_bn,
+    mean,
+    invstd,
+    batch_norm,
+    use_batch_stats,
+    dropout_p,
+    seed_offset,
+    need_grad_input,
+    need_layer_grads,
+):
+    """-> (grad_input, grad_weights, grad_biases, grad_bn_weights, grad_bn_biases); see csrc/ops.cpp."""
+    layers = len(weights) - 1
+    none = input.new_empty((0,))
+    below, seen = [], need_grad_input
+    for need in need_layer_grads:
+        below.append(seen)
+        seen = seen or need
+    grad_weights, grad_biases = [none] * (layers + 1), [none] * (layers + 1)
+    grad_bn_weights = [none] * (layers if batch_norm else 0)
+    grad_bn_biases = list(grad_bn_weights)
+    g = grad_out
+    for i in reversed(range(layers + 1)):
+        if not need_layer_grads[i] and not below[i]:
+            break
+        x = input if i == 0 else hidden[i - 1]
+        if i == layers:
+            if need_layer_grads[i]:
+                grad_weights[i] = g.transpose(-1, -2) @ x
+                if biases[i] is not None:
+                    grad_biases[i] = g.sum(-2)
+            g = g @ weights[i] if below[i] else none
+            continue
+        so = layer_seed_offset(seed_offset, i, dropout_p)
+        if batch_norm:
+            saved = pre_bn[i] if use_batch_stats else hidden[i]
+            gx, gw, gb, ggamma, gbeta = linear_bn_relu_backward(
+                g,
+                x,
+                weights[i],
+                biases[i],
+                _entry(bn_weights, i),
+                _entry(bn_biases, i),
+                saved,
+                mean[i],
+                invstd[i],
+                use_batch_stats,
+                dropout_p,
+                so,
+                below[i],
+            )
+            if need_layer_grads[i]:
+                grad_weights[i] = gw
+                if biases[i] is not None:
+                    grad_biases[i] = gb
+                if _entry(bn_weights, i) is not None:
+                    grad_bn_weights[i] = ggamma
+                if _entry(bn_biases, i) is not None:
+                    grad_bn_biases[i] = gbeta
+        else:
+            scale = 1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0
+            gz = torch.where(hidden[i] > 0, g * scale, torch.zeros_like(g))
+            if need_layer_grads[i]:
+                grad_weights[i] = gz.transpose(-1, -2) @ x
+                if biases[i] is not None:
+                    grad_biases[i] = gz.sum(-2)
+            gx = gz @ weights[i] if below[i] else none
+        g = gx if below[i] else none
+    return (g if need_grad_input else none), grad_weights, grad_biases, grad_bn_weights, grad_bn_biases
+
+
+def mlp_inference(input, weights, biases):
+    """relu(x W^T + b) per hidden layer (BatchNorm folded in by the caller), then the output Linear."""
+    x = input
+    no_seed = torch.zeros(2, dtype=torch.int64)
+    for weight, bias in zip(weights[:-1], biases[:-1]):
+        x = linear_relu_dropout_forward(x, weight, bias, 0.0, no_seed)
+    return _linear(x, weights[-1], biases[-1])
+
+
+def mlp_update_running_stats_(running_means, running_vars, batch_means, batch_vars, factors):
+    for args in zip(running_means, running_vars, batch_means, batch_vars, factors):
+        bn_update_running_stats_(*args)

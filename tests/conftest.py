@@ -31,6 +31,14 @@ def data_dir():
 needs_extension = pytest.mark.skipif(fused_mlp.BACKEND != "extension", reason="needs the compiled extension")
 
 
+def _moved(value, device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, list):
+        return [_moved(v, device) for v in value]
+    return value
+
+
 class Backend:
     """One implementation of the ops' kernels: `name`, the `device` its tensors live on, and the ops
     as attributes (cross_entropy_forward, linear_bn_relu_backward, ...) with the ops' signatures."""
@@ -46,7 +54,7 @@ class Backend:
 
     def to(self, args):
         """args with every tensor moved to this backend's device."""
-        return tuple(a.to(self.device) if isinstance(a, torch.Tensor) else a for a in args)
+        return tuple(_moved(a, self.device) for a in args)
 
     def __repr__(self):
         return self.name
@@ -64,15 +72,20 @@ COMPUTE_OPS = (
 )
 
 
+#: The whole-network ops.
+NETWORK_OPS = ("mlp_forward", "mlp_backward", "mlp_inference")
+
+
 def _simulated_backend():
     import simulated
 
-    ce, layer = simulated.load("cross_entropy"), simulated.load("linear_bn_relu")
-    for module in (ce, layer):
+    ce, layer, network = simulated.load("cross_entropy"), simulated.load("linear_bn_relu"), simulated.load("mlp")
+    for module in (ce, layer, network):
         module.set_barrier_timeout_ms(5000)
     ops = {"cross_entropy_forward": ce.forward, "cross_entropy_backward": ce.backward}
     ops.update(linear_bn_relu_forward=layer.forward, linear_bn_relu_backward=layer.backward)
     ops.update({name: getattr(layer, name) for name in COMPUTE_OPS[4:]})
+    ops.update({name: getattr(network, name) for name in NETWORK_OPS})
     return Backend("cuda-sim", "cpu", ops)
 
 
@@ -89,4 +102,5 @@ def backend(request):
         pytest.skip("needs the compiled extension")
     if request.param == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    return Backend(request.param, request.param, {name: getattr(torch.ops.fused_mlp, name) for name in COMPUTE_OPS})
+    ops = {name: getattr(torch.ops.fused_mlp, name) for name in COMPUTE_OPS + NETWORK_OPS}
+    return Backend(request.param, request.param, ops)

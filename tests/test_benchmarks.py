@@ -14,6 +14,9 @@ from benchmarks import (  # noqa: E402
     bench_training_epoch,
     suite,
 )
+from benchmarks import (  # noqa: E402
+    peers as peers_module,
+)
 
 
 def test_cross_entropy_benchmark_quick(capsys):
@@ -86,6 +89,26 @@ def test_suite_quick(capsys, tmp_path):
     # The chart: a PNG with one panel per case.
     png = tmp_path / "cpu.png"
     suite.plot(results, str(png), suite.torch.device("cpu"))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_peers_quick(capsys, tmp_path):
+    """One quick round of the peer comparison: the PyTorch side always, JAX and ONNX Runtime when
+    installed (each in its own process); otherwise the report names what is missing."""
+    medians, peers = peers_module.main(["--quick"])
+    batch = peers_module.QUICK_BATCHES[0]
+    assert set(medians["train_bn"][batch]) >= {"fused", "eager", "floor"}
+    assert set(medians["infer"][batch]) >= {"fused", "eager", "addmm chain"}
+    assert set(medians["train_nobn"][batch]) >= {"fused", "eager", "floor"}
+    assert ("JAX" in medians["train_bn"][batch]) == peers["jax"]
+    assert ("ONNX Runtime" in medians["infer"][batch]) == peers["onnxruntime"]
+    assert all(v > 0 for case in medians.values() for row in case.values() for v in row.values())
+    out = capsys.readouterr().out
+    assert "## Training step, class-notes MLP" in out and "## Inference" in out
+    if not all(peers.values()):
+        assert "Not installed, so not measured" in out
+    png = tmp_path / "peers.png"
+    peers_module.plot(medians, str(png))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

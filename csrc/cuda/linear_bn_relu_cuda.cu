@@ -33,7 +33,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn
   const c10::cuda::CUDAGuard guard(input.device());
   return linear_bn_relu_backward_device(current_stream_launch(input), device_limits(input.device().index()), grad_out,
                                         input, weight, bias, bn_weight, bn_bias, saved, mean, invstd, use_batch_stats,
-                                        dropout_p, seed_offset, need_grad_input, "fused_mlp::linear_bn_relu_backward");
+                                        dropout_p, seed_offset, need_grad_input, /*need_grad_weight=*/true,
+                                        "fused_mlp::linear_bn_relu_backward");
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_batch_stats_cuda(const at::Tensor& pre_bn, double eps) {

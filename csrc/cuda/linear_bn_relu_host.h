@@ -279,7 +279,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn
     const at::Tensor& weight_, const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& bn_weight,
     const c10::optional<at::Tensor>& bn_bias, const at::Tensor& saved_, const at::Tensor& mean_,
     const at::Tensor& invstd_, bool use_batch_stats, double dropout_p, const at::Tensor& seed_offset,
-    bool need_grad_input, const char* op) {
+    bool need_grad_input, bool need_grad_weight, const char* op) {
   using namespace layer_detail;
   check_layer(input_, weight_, bias, bn_weight, bn_bias, dropout_p, seed_offset, op);
   TORCH_CHECK(limits.max_threads_per_block >= kColumnReduceThreads, op, ": the device allows fewer than ",
@@ -354,7 +354,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn
     const at::Tensor no_grad_input = at::empty({0}, input.options());
     if (use_batch_stats) {
       grad_input = need_grad_input ? at::mm(dz, weight) : no_grad_input;
-      grad_weight = at::mm(dz.t(), input);
+      grad_weight = need_grad_weight ? at::mm(dz.t(), input) : no_grad_input;
       // Exactly zero: BatchNorm with batch statistics cancels any constant added before it.
       grad_bias = at::zeros({C}, input.options());
       return;

@@ -30,7 +30,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     bool need_grad_input) {
   return dev::linear_bn_relu_backward_device(SimLaunch{}, sim_launch::launch_limits(), grad_out, input, weight, bias,
                                              bn_weight, bn_bias, saved, mean, invstd, use_batch_stats, dropout_p,
-                                             seed_offset, need_grad_input, "simulated linear_bn_relu_backward");
+                                             seed_offset, need_grad_input, /*need_grad_weight=*/true,
+                                             "simulated linear_bn_relu_backward");
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_batch_stats(const at::Tensor& pre_bn, double eps) {

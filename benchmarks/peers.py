@@ -1,0 +1,410 @@
+"""fused_mlp against its peers outside PyTorch: JAX (training) and ONNX Runtime (inference).
+
+    python -m benchmarks.peers                  # writes benchmarks/results/peers_cpu.md and .png
+    python -m benchmarks.peers --quick          # one small round, nothing written
+
+Each implementation runs in a process of its own (JAX's and ONNX Runtime's thread pools spin
+after work and would take the cores of anything sharing the process), the processes of a round in
+turn, the order rotating from round to round; every process reports its medians and the table gives
+the median over rounds. Cases, all on the CPU:
+
+- train_bn: one training step of the class-notes MLP (784-512-256-128-64-10, BatchNorm, ReLU,
+  Dropout 0.3, cross-entropy, Adam 1e-3): fused_mlp (MLP(impl="fused")), eager (the stock modules),
+  compile (the stock modules under torch.compile), JAX (benchmarks/peer_jax.py) and the floor: the
+  same GEMMs alone plus the Adam step alone. Every PyTorch impl takes the same
+  torch.optim.Adam(fused=True) (fused_mlp.train.make_optimizer).
+- infer: eval-mode inference of the same MLP under no_grad: fused_mlp, eager, compile, ONNX
+  Runtime (the stock model exported with torch.onnx.export; benchmarks/peer_onnxruntime.py) and the
+  network's five GEMMs chained with torch.addmm.
+- train_nobn: one training step of the side notes' 784-128-64-10 ReLU net (no BatchNorm, no
+  dropout, SGD 0.01 with momentum 0.9) at batch 64: fused_mlp, eager, JAX and the floor (its GEMMs
+  plus the SGD step).
+
+JAX and ONNX Runtime are optional (`make bench` installs requirements-bench.txt); without them
+their columns say so and the rest is measured.
+"""
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS_DIR = os.path.join(ROOT, "benchmarks", "results")
+BATCHES = (64, 256, 1024)
+NOBN_BATCHES = (64,)
+QUICK_BATCHES = (32,)
+
+
+# --- the PyTorch side (one process) -----------------------------------------------------------------
+
+
+def torch_child(batches, nobn_batches, reps, rounds, compile_):
+    """Medians (ms) of every PyTorch implementation, interleaved within this process."""
+    import torch
+
+    from benchmarks.harness import interleaved_medians
+    from benchmarks.suite import _gemm_floor
+    from fused_mlp.models import MLP
+    from fused_mlp.train import make_optimizer
+
+    def timed(fn):
+        def run():
+            for _ in range(reps):
+                fn()
+
+        return run
+
+    def models(impls, **kw):
+        out = {}
+        for impl in impls:
+            torch.manual_seed(0)
+            out[impl] = MLP(impl="fused" if impl == "fused" else "baseline", **kw)
+        return out
+
+    def gemm_floor(model, batch, train):
+        return _gemm_floor(model, batch, torch.device("cpu"), train)
+
+    def train_calls(batch, optimizer, **kw):
+        impls = ("fused", "eager", "compile") if compile_ else ("fused", "eager")
+        nets = models(impls, **kw)
+        g = torch.Generator().manual_seed(2)
+        x, y = torch.randn(batch, 784, generator=g), torch.randint(0, 10, (batch,), generator=g)
+        calls = {}
+        for impl, model in nets.items():
+            model.train()
+            opt = make_optimizer(model, *optimizer)
+
+            def loss_of(x, y, model=model):
+                return model.loss(model(x), y)
+
+            fn = torch.compile(loss_of) if impl == "compile" else loss_of
+
+            def step(opt=opt, fn=fn):
+                opt.zero_grad(set_to_none=True)
+                fn(x, y).backward()
+                opt.step()
+
+            calls[impl] = step
+        spare = models(("eager",), **kw)["eager"]
+        for p in spare.parameters():
+            p.grad = torch.randn_like(p) * 1e-3
+        opt = make_optimizer(spare, *optimizer)
+        gemms = gemm_floor(spare, batch, True)
+
+        def floor():
+            gemms()
+            opt.step()
+
+        calls["floor"] = floor
+        return calls
+
+    def infer_calls(batch):
+        impls = ("fused", "eager", "compile") if compile_ else ("fused", "eager")
+        nets = models(impls)
+        x = torch.randn(batch, 784, generator=torch.Generator().manual_seed(3))
+        calls = {}
+        for impl, model in nets.items():
+            model.eval()
+            fn = torch.compile(model) if impl == "compile" else model
+
+            def infer(fn=fn):
+                with torch.no_grad():
+                    fn(x)
+
+            calls[impl] = infer
+        calls["addmm chain"] = gemm_floor(nets["eager"], batch, False)
+        return calls
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    result = {"train_bn": {}, "infer": {}, "train_nobn": {}}
+    cases = [("train_bn", b, lambda b=b: train_calls(b, ("adam", 1e-3))) for b in batches]
+    cases += [("infer", b, lambda b=b: infer_calls(b)) for b in batches]
+    cases += [
+        (
+            "train_nobn",
+            b,
+            lambda b=b: train_calls(b, ("sgd", 0.01, 0.9), hidden=(128, 64), batch_norm=False, dropout=0.0),
+        )
+        for b in nobn_batches
+    ]
+    for case, batch, build in cases:
+        calls = {name: timed(fn) for name, fn in build().items()}
+        medians = interleaved_medians(calls, rounds=rounds, warmup=2)
+        result[case][batch] = {name: t / reps * 1e3 for name, t in medians.items()}
+    return result
+
+
+# --- the driver -------------------------------------------------------------------------------------
+
+
+def have(module):
+    return importlib.util.find_spec(module) is not None
+
+
+def export_onnx(path):
+    """The stock class-notes MLP in eval mode (the seed every impl uses), with a dynamic batch."""
+    import torch
+
+    from fused_mlp.models import MLP
+
+    torch.manual_seed(0)
+    model = MLP(impl="baseline").eval()
+    program = torch.onnx.export(
+        model,
+        (torch.randn(64, 784),),
+        input_names=["x"],
+        output_names=["logits"],
+        dynamic_shapes=({0: torch.export.Dim("batch")},),
+        dynamo=True,
+        verbose=False,
+    )
+    program.save(path)
+
+
+def _run(args):
+    out = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run(batches, nobn_batches, rounds, reps, inner_rounds, compile_=True, log=print):
+    """{case: {batch: {impl: median ms}}} over `rounds` rounds of one process per implementation."""
+    peers = {"jax": have("jax") and have("optax"), "onnxruntime": have("onnxruntime") and have("onnxscript")}
+    joined = ",".join
+    samples = {}
+
+    def add(case, batch, impl, ms):
+        samples.setdefault(case, {}).setdefault(int(batch), {}).setdefault(impl, []).append(ms)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_path = os.path.join(tmp, "mlp.onnx")
+        if peers["onnxruntime"]:
+            export_onnx(model_path)
+        children = {
+            "torch": [
+                "-m",
+                "benchmarks.peers",
+                "--child",
+                "--batches",
+                joined(map(str, batches)),
+                "--nobn-batches",
+                joined(map(str, nobn_batches)),
+                "--reps",
+                str(reps),
+                "--inner-rounds",
+                str(inner_rounds),
+            ]
+            + ([] if compile_ else ["--no-compile"])
+        }
+        if peers["jax"]:
+            children["jax"] = [
+                "-m",
+                "benchmarks.peer_jax",
+                "--batches",
+                joined(map(str, batches)),
+                "--nobn-batches",
+                joined(map(str, nobn_batches)),
+                "--reps",
+                str(reps),
+                "--rounds",
+                str(inner_rounds),
+            ]
+        if peers["onnxruntime"]:
+            children["onnxruntime"] = [
+                "-m",
+                "benchmarks.peer_onnxruntime",
+                "--model",
+                model_path,
+                "--batches",
+                joined(map(str, batches)),
+                "--threads",
+                str(os.cpu_count() or 1),
+                "--reps",
+                str(reps),
+                "--rounds",
+                str(inner_rounds),
+            ]
+        names = list(children)
+        for r in range(rounds):
+            order = names[r % len(names) :] + names[: r % len(names)]
+            for name in order:
+                got = _run(children[name])
+                for case, per_batch in got.items():
+                    for batch, value in per_batch.items():
+                        if isinstance(value, dict):
+                            for impl, ms in value.items():
+                                add(case, batch, impl, ms)
+                        else:
+                            add(case, batch, "JAX" if name == "jax" else "ONNX Runtime", value)
+            log(f"round {r + 1}/{rounds} done ({', '.join(order)})")
+    medians = {
+        case: {b: {impl: statistics.median(v) for impl, v in impls.items()} for b, impls in per.items()}
+        for case, per in samples.items()
+    }
+    return medians, peers
+
+
+def _ratio(a, b):
+    return f"{a / b:.2f}x" if a and b else "-"
+
+
+def format_report(medians, peers, rounds):
+    from benchmarks.harness import machine_description
+
+    missing = [name for name, ok in peers.items() if not ok]
+    lines = [
+        "# fused_mlp against JAX and ONNX Runtime, CPU",
+        "",
+        machine_description(),
+        "",
+        f"Each implementation in its own process, the processes alternating; median over {rounds} rounds "
+        "of each process's medians. Times in ms per call. Ratios are the other's time / fused_mlp's "
+        "(above 1: fused_mlp is faster), except `fused / floor`.",
+        "",
+        "![fused_mlp and its peers](peers_cpu.png)",
+        "",
+        "Reproduce: `make bench` (or `python -m benchmarks.peers`).",
+        "",
+    ]
+    if missing:
+        lines += [
+            f"Not installed, so not measured: {', '.join(missing)} (`pip install -r requirements-bench.txt`).",
+            "",
+        ]
+
+    def ms(row, impl):
+        return f"{row[impl]:.3f}" if impl in row else "-"
+
+    train = medians.get("train_bn", {})
+    if train:
+        lines += [
+            "## Training step, class-notes MLP (BatchNorm, Dropout 0.3, Adam)",
+            "",
+            "| batch | fused_mlp | eager | compile | JAX jit | floor | vs eager | vs compile | vs JAX "
+            "| fused / floor |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for b, row in sorted(train.items()):
+            f = row["fused"]
+            lines.append(
+                f"| {b} | {f:.3f} | {ms(row, 'eager')} | {ms(row, 'compile')} | {ms(row, 'JAX')} | {row['floor']:.3f} "
+                f"| {_ratio(row.get('eager'), f)} | {_ratio(row.get('compile'), f)} | {_ratio(row.get('JAX'), f)} "
+                f"| {f / row['floor']:.2f} |"
+            )
+        lines.append("")
+    infer = medians.get("infer", {})
+    if infer:
+        lines += [
+            "## Inference, class-notes MLP (eval, no_grad)",
+            "",
+            "| batch | fused_mlp | eager | compile | ONNX Runtime | addmm chain | vs eager | vs ONNX Runtime "
+            "| fused / addmm chain |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for b, row in sorted(infer.items()):
+            f = row["fused"]
+            lines.append(
+                f"| {b} | {f:.3f} | {ms(row, 'eager')} | {ms(row, 'compile')} | {ms(row, 'ONNX Runtime')} "
+                f"| {row['addmm chain']:.3f} | {_ratio(row.get('eager'), f)} | {_ratio(row.get('ONNX Runtime'), f)} "
+                f"| {f / row['addmm chain']:.2f} |"
+            )
+        lines.append("")
+    nobn = medians.get("train_nobn", {})
+    if nobn:
+        lines += [
+            "## Training step, 784-128-64-10 ReLU net (no BatchNorm, SGD momentum 0.9)",
+            "",
+            "| batch | fused_mlp | eager | JAX jit | floor | vs eager | vs JAX | fused / floor |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for b, row in sorted(nobn.items()):
+            f = row["fused"]
+            lines.append(
+                f"| {b} | {f:.3f} | {ms(row, 'eager')} | {ms(row, 'JAX')} | {row['floor']:.3f} "
+                f"| {_ratio(row.get('eager'), f)} | {_ratio(row.get('JAX'), f)} | {f / row['floor']:.2f} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(medians, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [
+        ("train_bn", "training step (BN MLP)", ("eager", "compile", "JAX", "fused")),
+        ("infer", "inference (BN MLP)", ("eager", "compile", "ONNX Runtime", "fused")),
+        ("train_nobn", "training step (no-BN net)", ("eager", "JAX", "fused")),
+    ]
+    panels = [p for p in panels if medians.get(p[0])]
+    colors = {"eager": "#9aa5b1", "compile": "#6e7781", "JAX": "#e3a008", "ONNX Runtime": "#8250df", "fused": "#1f6feb"}
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.6), squeeze=False)
+    for ax, (case, title, impls) in zip(axes[0], panels):
+        rows = sorted(medians[case].items())
+        impls = [i for i in impls if any(i in row for _, row in rows)]
+        width = 0.8 / len(impls)
+        for k, impl in enumerate(impls):
+            xs = [j + (k - (len(impls) - 1) / 2) * width for j in range(len(rows))]
+            ax.bar(
+                xs,
+                [row["fused"] and row.get(impl, 0) and row["fused"] / row[impl] for _, row in rows],
+                width,
+                label=impl,
+                color=colors[impl],
+            )
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xticks(range(len(rows)), [str(b) for b, _ in rows])
+        ax.set_xlabel("batch")
+        ax.set_title(title, fontsize=9)
+    axes[0][0].set_ylabel("speed relative to fused_mlp (higher is faster)")
+    for ax in axes[0]:
+        ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one round at a small batch; nothing written")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds of processes (default 5)")
+    parser.add_argument("--reps", type=int, default=None, help="calls per timing (default 20)")
+    parser.add_argument("--inner-rounds", type=int, default=None, help="timings per process (default 7)")
+    parser.add_argument("--batches", default=None)
+    parser.add_argument("--nobn-batches", default=None)
+    parser.add_argument("--no-compile", action="store_true", help="leave torch.compile out (it compiles per batch)")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    def batches_of(value, default):
+        return tuple(int(v) for v in value.split(",") if v) if value is not None else default
+
+    batches = batches_of(args.batches, QUICK_BATCHES if args.quick else BATCHES)
+    nobn = batches_of(args.nobn_batches, QUICK_BATCHES if args.quick else NOBN_BATCHES)
+    reps = args.reps or (2 if args.quick else 20)
+    inner = args.inner_rounds or (1 if args.quick else 7)
+    if args.child:
+        print(json.dumps(torch_child(batches, nobn, reps, inner, compile_=not args.no_compile)))
+        return None
+    rounds = args.rounds or (1 if args.quick else 5)
+    medians, peers = run(batches, nobn, rounds, reps, inner, compile_=not (args.no_compile or args.quick))
+    report = format_report(medians, peers, rounds)
+    print(report)
+    if not args.quick:
+        os.makedirs(RESULTS_DIR, exist_ok=True)
+        with open(os.path.join(RESULTS_DIR, "peers_cpu.md"), "w") as f:
+            f.write(report)
+        plot(medians, os.path.join(RESULTS_DIR, "peers_cpu.png"))
+    return medians, peers
+
+
+if __name__ == "__main__":
+    main()
