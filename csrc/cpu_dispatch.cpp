@@ -139,6 +139,11 @@ struct CpuLayers {
                                  double dropout_p, const at::Tensor& seed_offset) const {
     return kernels.linear_relu_dropout_forward(input, weight, bias, dropout_p, seed_offset);
   }
+  at::Tensor bn_relu_dropout(const at::Tensor& pre_bn, const at::Tensor& mean, const at::Tensor& invstd,
+                             const OptionalTensor& bn_weight, const OptionalTensor& bn_bias, double dropout_p,
+                             const at::Tensor& seed_offset) const {
+    return kernels.bn_relu_dropout(pre_bn, mean, invstd, bn_weight, bn_bias, dropout_p, seed_offset);
+  }
   void update_running_stats(at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& batch_mean,
                             const at::Tensor& batch_var, double factor) const {
     kernels.update_running_stats(running_mean, running_var, batch_mean, batch_var, factor);

@@ -1,6 +1,6 @@
 // The whole MLP as one op per pass: every hidden layer (Linear -> BatchNorm1d -> ReLU -> Dropout,
 // or Linear -> ReLU -> Dropout without BatchNorm) and the output Linear, in a loop written once for
-// any backend. A backend supplies its layer kernels as a `Layers` object with four members, the
+// any backend. A backend supplies its layer kernels as a `Layers` object with five members, the
 // kernels of the per-layer ops (each also an op of its own):
 //
 //   forward(input, weight, bias, bn_weight, bn_bias, running_mean, running_var, use_batch_stats, eps,
@@ -10,6 +10,7 @@
 //                                                        -> (grad_input, grad_weight, grad_bias,
 //                                                            grad_bn_weight, grad_bn_bias)
 //   linear_relu_dropout(input, weight, bias, dropout_p, seed_offset) -> relu(input weight^T + bias) * mask
+//   bn_relu_dropout(pre_bn, mean, invstd, bn_weight, bn_bias, dropout_p, seed_offset) -> the epilogue
 //   update_running_stats(running_mean, running_var, batch_mean, batch_var, factor)
 //
 // csrc/cpu_dispatch.cpp passes the CPU kernels, csrc/cuda/mlp_cuda.cu the CUDA host sequences with
@@ -175,11 +176,20 @@ std::tuple<at::Tensor, TensorVector, TensorVector, TensorVector, TensorVector> m
   check_network(input, weights, biases, bn_weights, bn_biases, none_given, none_given, batch_norm, dropout_p,
                 seed_offset, op);
   const size_t L = weights.size() - 1;
-  TORCH_CHECK(hidden.size() == L, op, ": hidden must hold the forward's ", L, " hidden outputs, got ", hidden.size());
+  // With batch statistics the hidden outputs may be left out (an empty list): each is recomputed
+  // from its pre-BN activation when the layer above needs it, so the forward need not keep them.
+  const bool recompute = batch_norm && use_batch_stats && hidden.empty() && L > 0;
+  TORCH_CHECK(hidden.size() == L || recompute, op, ": hidden must hold the forward's ", L,
+              " hidden outputs (or none, with batch statistics), got ", hidden.size());
   if (batch_norm) {
     TORCH_CHECK(mean.size() == L && invstd.size() == L && (pre_bn.size() == L || !use_batch_stats), op,
                 ": pre_bn, mean and invstd must be the forward's, one per hidden layer");
   }
+  const auto hidden_output = [&](size_t i) -> at::Tensor {
+    if (!recompute) return hidden[i];
+    return layers.bn_relu_dropout(pre_bn[i], mean[i], invstd[i], at_or_none(bn_weights, i), at_or_none(bn_biases, i),
+                                  dropout_p, layer_seed_offset(seed_offset, static_cast<int64_t>(i), dropout_p));
+  };
   TORCH_CHECK(need_layer_grads.size() == weights.size(), op, ": need_layer_grads must have one flag per weight, ",
               weights.size(), ", got ", need_layer_grads.size());
   const int64_t classes = weights[L].size(0);
@@ -203,7 +213,7 @@ std::tuple<at::Tensor, TensorVector, TensorVector, TensorVector, TensorVector> m
   at::Tensor g = grad_out.contiguous();
   for (size_t i = L + 1; i-- > 0;) {
     if (!need_layer_grads.get(i) && !below[i]) break;  // nothing at or below this layer needs a gradient
-    const at::Tensor x = i == 0 ? input.contiguous() : hidden[i - 1];
+    const at::Tensor x = i == 0 ? input.contiguous() : hidden_output(i - 1);
     const std::optional<at::Tensor> bias = at_or_none(biases, i);
     if (i == L) {  // the output Linear
       if (need_layer_grads.get(i)) {
@@ -215,7 +225,7 @@ std::tuple<at::Tensor, TensorVector, TensorVector, TensorVector, TensorVector> m
     }
     const at::Tensor so = layer_seed_offset(seed_offset, static_cast<int64_t>(i), dropout_p);
     if (batch_norm) {
-      const at::Tensor& saved = use_batch_stats ? pre_bn[i] : hidden[i];
+      const at::Tensor saved = use_batch_stats ? pre_bn[i] : hidden[i];
       auto [gx, gw, gb, ggamma, gbeta] = layers.backward(
           g, x, weights[i], bias, at_or_none(bn_weights, i), at_or_none(bn_biases, i), saved, mean[i], invstd[i],
           use_batch_stats, dropout_p, so, static_cast<bool>(below[i]), need_layer_grads.get(i));

@@ -104,7 +104,8 @@ TORCH_LIBRARY(fused_mlp, m) {
       "Tensor?[] running_means, Tensor?[] running_vars, bool batch_norm, bool use_batch_stats, float eps, "
       "float dropout_p, Tensor seed_offset) -> (Tensor out, Tensor[] hidden, Tensor[] pre_bn, Tensor[] mean, "
       "Tensor[] invstd, Tensor[] batch_var)");
-  // Every gradient of mlp_forward's logits, from what it returned. need_layer_grads: one flag per
+  // Every gradient of mlp_forward's logits, from what it returned (with batch statistics, hidden
+  // may be empty: each hidden output is then recomputed from pre_bn). need_layer_grads: one flag per
   // Linear; a layer without it gets empty gradients and no weight GEMM, and no input GEMM runs
   // below the lowest layer that needs one (grad_input is empty without need_grad_input).
   m.def(

@@ -430,9 +430,10 @@ def _mlp_gradients(config, input, tensors, outputs, needs, grad_out):
     need_beta = needs[1 + 2 * linears + n : 1 + 2 * linears + 2 * n]
     # Per Linear: whether any of its parameters (weight, bias, BatchNorm affine) needs a gradient.
     need_layer = [bool(need_w[i] or need_b[i] or (i < n and (need_gamma[i] or need_beta[i]))) for i in range(linears)]
-    hidden = list(outputs[:layers])
+    kept = 0 if (config.batch_norm and config.use_batch_stats) else layers  # hidden outputs saved
+    hidden = list(outputs[:kept])
     if config.batch_norm:
-        pre_bn, mean, invstd = (list(outputs[layers * k : layers * (k + 1)]) for k in (1, 2, 3))
+        pre_bn, mean, invstd = (list(outputs[kept + layers * k : kept + layers * (k + 1)]) for k in (0, 1, 2))
     else:
         pre_bn = mean = invstd = []
     with contextlib.nullcontext() if torch.compiler.is_compiling() else _below_autograd():
@@ -485,8 +486,11 @@ class MLP(torch.autograd.Function):
         else:
             with _below_autograd():
                 out, hidden, pre_bn, mean, invstd, batch_var = _MLP_FORWARD(*args)
-        # The least the backward needs: each layer's output (the next GEMM's input) and, with batch
-        # statistics, its pre-BN activation; never a normalized or activated copy, nor a mask.
+        # The least the backward needs: with batch statistics each layer's pre-BN activation, from
+        # which mlp_backward recomputes the layer's output (the next GEMM's input); otherwise each
+        # layer's output. Never a normalized or activated copy, nor a mask.
+        if config.batch_norm and config.use_batch_stats:
+            hidden = ()
         ctx.save_for_backward(input, *tensors, *hidden, *pre_bn, *mean, *invstd)
         ctx.config = config
         ctx.mark_non_differentiable(*mean, *batch_var)
@@ -529,6 +533,8 @@ def _op_setup_context(ctx, inputs, output):
     ctx.config, ctx.shapes = config, (len(gammas), len(betas), len(means), len(variances))
     ctx.given = [list(group) for group in (weights, biases, gammas, betas, means, variances)]
     _, hidden, pre_bn, mean, invstd, _ = output
+    if batch_norm and use_batch_stats:
+        hidden = ()  # recomputed from pre_bn by mlp_backward
     ctx.save_for_backward(input, *tensors, *hidden, *pre_bn, *mean, *invstd)
 
 

@@ -266,28 +266,30 @@ class FusedMLP(torch.nn.Module):
             layer.dropout = p
 
     def forward(self, input):
-        layers, out = self.hidden, self.out
-        weight0 = layers[0].linear.weight if len(layers) else out.weight
-        checks.network_input(input, weight0, type(self).__name__)
+        # Read through the submodules' own dicts: a Module attribute lookup is a Python call, and
+        # the network has a few dozen tensors to gather on every call.
+        layers = list(self.hidden._modules.values())
+        linears = [layer._modules["linear"] for layer in layers]
+        linears.append(self._modules["out"])
+        weights = [_tensor(lin, "weight") for lin in linears]
+        checks.network_input(input, weights[0], type(self).__name__)
         dropout = self.drop.p if self.training else 0.0
         if autograd.transforms_active():
             return self._layer_by_layer(input, dropout)
-        linears = [layer.linear for layer in layers]
-        linears.append(out)
-        weights = [lin.weight for lin in linears]
-        biases = [lin.bias for lin in linears]
+        biases = [_tensor(lin, "bias") for lin in linears]
         compiling = torch.compiler.is_compiling()
-        if not self.batch_norm or not len(layers):
+        if not self.batch_norm or not layers:
             if not compiling and not _needs_grad(input, *weights, *biases):
                 return functional.mlp_inference(input, weights, biases)
             return functional.mlp_checked(input, weights, biases, [], [], [], [], False, False, 0.0, dropout)[0]
-        bns = [layer.bn for layer in layers]
+        bns = [layer._modules["bn"] for layer in layers]
         mode = _batch_norm_mode(bns)
         if mode is None:
             return self._layer_by_layer(input, dropout)
         bn_training, track, eps = mode
-        gammas, betas = [bn.weight for bn in bns], [bn.bias for bn in bns]
-        running_means, running_vars = [bn.running_mean for bn in bns], [bn.running_var for bn in bns]
+        gammas, betas = [_tensor(bn, "weight") for bn in bns], [_tensor(bn, "bias") for bn in bns]
+        running_means = [_tensor(bn, "running_mean") for bn in bns]
+        running_vars = [_tensor(bn, "running_var") for bn in bns]
         have_running = running_means[0] is not None
         # As nn.BatchNorm1d: batch statistics in training, or always without running statistics.
         use_batch_stats = bn_training or not have_running
@@ -348,21 +350,33 @@ class FusedMLP(torch.nn.Module):
         return f"batch_norm={self.batch_norm}, dropout={self.drop.p}"
 
 
+def _tensor(module, name):
+    """module.<name> for a parameter or buffer (or None), without Module.__getattr__."""
+    found = module._parameters.get(name, _MISSING)
+    if found is _MISSING:
+        found = module._buffers.get(name, _MISSING)
+    return getattr(module, name) if found is _MISSING else found
+
+
+_MISSING = object()
+
+
 def _batch_norm_mode(bns):
     """(training, track_running_stats, eps) when every BatchNorm layer shares them and agrees on
     which affine parameters and running statistics it has; None when they differ (or one is not a
     stock nn.BatchNorm1d, e.g. converted to nn.SyncBatchNorm)."""
     first = bns[0]
-    if type(first) is not torch.nn.BatchNorm1d:
-        return None
-    shape = (first.training, first.track_running_stats, first.eps, first.weight is None, first.bias is None)
-    shape += (first.running_mean is None,)
-    for bn in bns[1:]:
+    shape = None
+    for bn in bns:
         if type(bn) is not torch.nn.BatchNorm1d:
             return None
-        other = (bn.training, bn.track_running_stats, bn.eps, bn.weight is None, bn.bias is None)
-        if other + (bn.running_mean is None,) != shape:
+        params, buffers = bn._parameters, bn._buffers
+        other = (bn.training, bn.track_running_stats, bn.eps, params.get("weight") is None)
+        other += (params.get("bias") is None, buffers.get("running_mean") is None)
+        if shape is None:
+            shape = other
+        elif other != shape:
             return None
-    if first.training and not first.track_running_stats and first.running_mean is not None:
+    if first.training and not first.track_running_stats and not shape[5]:
         return None  # normalizes with batch statistics but keeps the buffers unchanged: per layer
     return shape[:3]

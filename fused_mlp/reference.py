@@ -487,6 +487,19 @@ def mlp_backward(
     """-> (grad_input, grad_weights, grad_biases, grad_bn_weights, grad_bn_biases); see csrc/ops.cpp."""
     layers = len(weights) - 1
     none = input.new_empty((0,))
+    if batch_norm and use_batch_stats and layers and not hidden:  # recomputed from pre_bn
+        hidden = [
+            bn_relu_dropout(
+                pre_bn[i],
+                mean[i],
+                invstd[i],
+                _entry(bn_weights, i),
+                _entry(bn_biases, i),
+                dropout_p,
+                layer_seed_offset(seed_offset, i, dropout_p),
+            )
+            for i in range(layers)
+        ]
     below, seen = [], need_grad_input
     for need in need_layer_grads:
         below.append(seen)

@@ -19,17 +19,20 @@ __all__ = [
 
 
 def make_optimizer(model, name="adam", lr=1e-3, momentum=0.9):
-    """Adam (the fused multi-tensor kernel where this torch has it) or SGD with momentum: the same
-    optimizer for every impl."""
-    params = model.parameters()
-    if name == "adam":
-        try:
-            return torch.optim.Adam(params, lr=lr, fused=True)
-        except (RuntimeError, TypeError):
-            return torch.optim.Adam(model.parameters(), lr=lr)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum)
-    raise ValueError(f"unknown optimizer {name!r}: expected adam or sgd")
+    """Adam or SGD with momentum, each as its fused multi-tensor kernel where this torch has one
+    for the parameters' device (else its default form): the same optimizer for every impl."""
+    if name not in ("adam", "sgd"):
+        raise ValueError(f"unknown optimizer {name!r}: expected adam or sgd")
+
+    def build(**fused):
+        if name == "adam":
+            return torch.optim.Adam(model.parameters(), lr=lr, **fused)
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, **fused)
+
+    try:
+        return build(fused=True)
+    except (RuntimeError, TypeError):
+        return build()
 
 
 def make_scheduler(optimizer, name="cosine", epochs=30):

@@ -45,6 +45,13 @@ struct DeviceLayers {
                                               "fused_mlp::mlp_forward (a hidden layer)");
   }
 
+  at::Tensor bn_relu_dropout(const at::Tensor& pre_bn, const at::Tensor& mean, const at::Tensor& invstd,
+                             const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
+                             double dropout_p, const at::Tensor& seed_offset) const {
+    return bn_relu_dropout_device(launch, limits, pre_bn, mean, invstd, bn_weight, bn_bias, dropout_p, seed_offset,
+                                  "fused_mlp::mlp_backward (a hidden layer)");
+  }
+
   void update_running_stats(at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& batch_mean,
                             const at::Tensor& batch_var, double factor) const {
     bn_update_running_stats(running_mean, running_var, batch_mean, batch_var, factor);
