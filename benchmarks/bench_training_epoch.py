@@ -48,12 +48,37 @@ def main(argv=None):
     print("|---|---:|---:|---:|")
     for impl, speed in medians.items():
         print(f"| {impl} | {speed:,.0f} | {len(splits.train_y) / speed:.2f} | {speed / medians['baseline']:.2f}x |")
+    steps = step_medians(runs, rounds=15)
+    print(
+        f"\nThe bare step on one batch of {args.batch_size} (zero_grad, forward, loss, backward, optimizer "
+        "step), the same models, median of 15 alternating rounds: "
+        + ", ".join(f"{impl} {ms:.2f} ms" for impl, ms in steps.items())
+        + f"; baseline / fused {steps['baseline'] / steps['fused']:.2f}x."
+    )
     overhead = loop_overhead(runs["fused"][2], 21)
     print(
         "\nThe loop's own cost: fused_mlp.train.train_one_epoch against the bare steps over the same "
         f"batches, on a nearly free model, median of 21 alternating epochs: {overhead:+.1f} us per step."
     )
     return medians
+
+
+def step_medians(runs, rounds):
+    """Milliseconds per training step of each impl on one fixed batch, the impls alternating."""
+    from benchmarks.harness import interleaved_medians
+
+    def step_of(model, forward, batches, optimizer):
+        x, y = next(iter(batches))
+
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            model.loss(forward(x), y).backward()
+            optimizer.step()
+
+        return step
+
+    calls = {impl: step_of(*run) for impl, run in runs.items()}
+    return {impl: t * 1e3 for impl, t in interleaved_medians(calls, rounds=rounds, warmup=3).items()}
 
 
 class _NearlyFree(torch.nn.Module):
