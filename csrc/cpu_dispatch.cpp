@@ -98,6 +98,22 @@ at::Tensor bn_relu_dropout(const at::Tensor& pre_bn, const at::Tensor& mean, con
   return linear_bn_relu().bn_relu_dropout(pre_bn, mean, invstd, bn_weight, bn_bias, dropout_p, seed_offset);
 }
 
+std::tuple<at::Tensor, at::Tensor> bn_backward_sums(const at::Tensor& grad_out, const at::Tensor& pre_bn,
+                                                    const at::Tensor& mean, const at::Tensor& invstd,
+                                                    const OptionalTensor& bn_weight, const OptionalTensor& bn_bias,
+                                                    double dropout_p, const at::Tensor& seed_offset) {
+  return linear_bn_relu().backward_sums(grad_out, pre_bn, mean, invstd, bn_weight, bn_bias, dropout_p, seed_offset);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_backward_finish(
+    const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& pre_bn,
+    const at::Tensor& mean, const at::Tensor& invstd, const OptionalTensor& bn_weight, const OptionalTensor& bn_bias,
+    const at::Tensor& sum_dy, const at::Tensor& sum_dy_zhat, int64_t count, double dropout_p,
+    const at::Tensor& seed_offset, bool need_grad_input) {
+  return linear_bn_relu().backward_finish(grad_out, input, weight, pre_bn, mean, invstd, bn_weight, bn_bias, sum_dy,
+                                          sum_dy_zhat, count, dropout_p, seed_offset, need_grad_input);
+}
+
 at::Tensor linear_relu_dropout_forward(const at::Tensor& input, const at::Tensor& weight, const OptionalTensor& bias,
                                        double dropout_p, const at::Tensor& seed_offset) {
   return linear_bn_relu().linear_relu_dropout_forward(input, weight, bias, dropout_p, seed_offset);
@@ -214,6 +230,8 @@ TORCH_LIBRARY_IMPL(fused_mlp, CPU, m) {
   m.impl("linear_bn_relu_backward", &linear_bn_relu_backward);
   m.impl("bn_batch_stats", &bn_batch_stats);
   m.impl("bn_relu_dropout", &bn_relu_dropout);
+  m.impl("bn_backward_sums", &bn_backward_sums);
+  m.impl("bn_backward_finish", &bn_backward_finish);
   m.impl("linear_relu_dropout_forward", &linear_relu_dropout_forward);
   m.impl("bn_update_running_stats_", &bn_update_running_stats_);
   m.impl("philox4x32_10", &philox4x32_10);

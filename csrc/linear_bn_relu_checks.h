@@ -144,5 +144,49 @@ inline void check_backward_tensors(const at::Tensor& grad_out, const at::Tensor&
   }
 }
 
+// The backward stage ops' common arguments: grad_out of pre_bn's shape, dtype and device, pre_bn's
+// statistics, the BatchNorm parameters and the dropout.
+inline void check_backward_stage(const at::Tensor& grad_out, const at::Tensor& pre_bn, const at::Tensor& mean,
+                                 const at::Tensor& invstd, const c10::optional<at::Tensor>& bn_weight,
+                                 const c10::optional<at::Tensor>& bn_bias, double dropout_p,
+                                 const at::Tensor& seed_offset, const char* op) {
+  check_pre_bn(pre_bn, /*batch_stats=*/false, op);
+  TORCH_CHECK(grad_out.sizes() == pre_bn.sizes() && grad_out.scalar_type() == pre_bn.scalar_type() &&
+                  grad_out.device() == pre_bn.device(),
+              op, ": grad_out must have pre_bn's shape, dtype and device, got ", grad_out.sizes(), " ",
+              grad_out.scalar_type());
+  check_feature_stats(pre_bn, mean, invstd, op);
+  check_bn_params(pre_bn, pre_bn.size(1), bn_weight, bn_bias, op);
+  check_dropout(pre_bn, dropout_p, seed_offset, op);
+}
+
+// The per-feature sums bn_backward_finish takes: (features,) in the accumulation dtype, on pre_bn's
+// device, as bn_backward_sums returns them (or their all-reduced totals).
+inline void check_backward_sums(const at::Tensor& pre_bn, const at::Tensor& sum_dy, const at::Tensor& sum_dy_zhat,
+                                const char* op) {
+  const int64_t C = pre_bn.size(1);
+  const auto acc = at::toOpMathType(pre_bn.scalar_type());
+  for (const auto& [name, t] :
+       {std::pair<const char*, const at::Tensor*>{"sum_dy", &sum_dy}, {"sum_dy_zhat", &sum_dy_zhat}}) {
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == C && t->scalar_type() == acc && t->device() == pre_bn.device(), op, ": ",
+                name, " must have shape (", C, "), dtype ", acc, " and pre_bn's device, got shape ", t->sizes(),
+                " and dtype ", t->scalar_type());
+  }
+}
+
+// bn_backward_finish's arguments: the layer's, the backward's saved tensors, the sums, and a count
+// of at least this call's rows.
+inline void check_backward_finish(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& weight,
+                                  const at::Tensor& pre_bn, const at::Tensor& mean, const at::Tensor& invstd,
+                                  const c10::optional<at::Tensor>& bn_weight, const c10::optional<at::Tensor>& bn_bias,
+                                  const at::Tensor& sum_dy, const at::Tensor& sum_dy_zhat, int64_t count,
+                                  double dropout_p, const at::Tensor& seed_offset, const char* op) {
+  check_layer(input, weight, c10::nullopt, bn_weight, bn_bias, dropout_p, seed_offset, op);
+  check_backward_tensors(grad_out, input, pre_bn, mean, invstd, weight.size(0), op);
+  check_backward_sums(pre_bn, sum_dy, sum_dy_zhat, op);
+  TORCH_CHECK(count >= input.size(0) && count > 0, op,
+              ": count must be the number of rows the sums are over (at least ", input.size(0), "), got ", count);
+}
+
 FUSED_MLP_ISA_END
 }  // namespace fused_mlp

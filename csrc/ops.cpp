@@ -72,6 +72,19 @@ TORCH_LIBRARY(fused_mlp, m) {
   m.def(
       "bn_relu_dropout(Tensor pre_bn, Tensor mean, Tensor invstd, Tensor? bn_weight, Tensor? bn_bias, "
       "float dropout_p, Tensor seed_offset) -> Tensor");
+  // The backward with batch statistics after its relu/dropout is these two stages, also ops of their
+  // own, so that a caller can all-reduce the sums across processes in between (synchronized
+  // BatchNorm): the per-feature sums of dy and dy * zhat over this call's rows (dy: grad_out through
+  // dropout and ReLU, recomputed from pre_bn), then, from sums over `count` rows in all, the
+  // gradients linear_bn_relu_backward returns (grad_bn_weight and grad_bn_bias are the sums given).
+  m.def(
+      "bn_backward_sums(Tensor grad_out, Tensor pre_bn, Tensor mean, Tensor invstd, Tensor? bn_weight, "
+      "Tensor? bn_bias, float dropout_p, Tensor seed_offset) -> (Tensor sum_dy, Tensor sum_dy_zhat)");
+  m.def(
+      "bn_backward_finish(Tensor grad_out, Tensor input, Tensor weight, Tensor pre_bn, Tensor mean, Tensor invstd, "
+      "Tensor? bn_weight, Tensor? bn_bias, Tensor sum_dy, Tensor sum_dy_zhat, int count, float dropout_p, "
+      "Tensor seed_offset, bool need_grad_input=True) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias, "
+      "Tensor grad_bn_weight, Tensor grad_bn_bias)");
   // running = (1 - factor) * running + factor * batch, in place: BatchNorm's running statistics.
   m.def(
       "bn_update_running_stats_(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor batch_mean, "

@@ -243,6 +243,8 @@ CROSS_ENTROPY_BACKWARD = _by_recompute("cross_entropy_backward", batching.cross_
 LINEAR_BN_RELU_BACKWARD = _by_recompute("linear_bn_relu_backward")
 BN_BATCH_STATS = _by_recompute("bn_batch_stats")
 BN_RELU_DROPOUT = _by_recompute("bn_relu_dropout")
+BN_BACKWARD_SUMS = _by_recompute("bn_backward_sums")
+BN_BACKWARD_FINISH = _by_recompute("bn_backward_finish")
 LINEAR_RELU_DROPOUT = _by_recompute("linear_relu_dropout_forward")
 
 

@@ -134,6 +134,8 @@ _RULES = {
     "linear_bn_relu_backward": lambda args: (2 if len(args) < 13 or args[12] else 1, 2, 1, 1, 1),
     "bn_batch_stats": lambda args: (1, 1, 1),
     "bn_relu_dropout": lambda args: 2,
+    "bn_backward_sums": lambda args: (1, 1),
+    "bn_backward_finish": lambda args: (2 if len(args) < 14 or args[13] else 1, 2, 1, 1, 1),
     "linear_relu_dropout_forward": lambda args: 2,
     "dropout_mask": lambda args: 1,
 }

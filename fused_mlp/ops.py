@@ -32,6 +32,12 @@ SCHEMAS = {
     "bn_batch_stats": "bn_batch_stats(Tensor pre_bn, float eps) -> (Tensor mean, Tensor invstd, Tensor batch_var)",
     "bn_relu_dropout": "bn_relu_dropout(Tensor pre_bn, Tensor mean, Tensor invstd, Tensor? bn_weight, "
     "Tensor? bn_bias, float dropout_p, Tensor seed_offset) -> Tensor",
+    "bn_backward_sums": "bn_backward_sums(Tensor grad_out, Tensor pre_bn, Tensor mean, Tensor invstd, "
+    "Tensor? bn_weight, Tensor? bn_bias, float dropout_p, Tensor seed_offset) -> (Tensor sum_dy, Tensor sum_dy_zhat)",
+    "bn_backward_finish": "bn_backward_finish(Tensor grad_out, Tensor input, Tensor weight, Tensor pre_bn, "
+    "Tensor mean, Tensor invstd, Tensor? bn_weight, Tensor? bn_bias, Tensor sum_dy, Tensor sum_dy_zhat, int count, "
+    "float dropout_p, Tensor seed_offset, bool need_grad_input=True) -> (Tensor grad_input, Tensor grad_weight, "
+    "Tensor grad_bias, Tensor grad_bn_weight, Tensor grad_bn_bias)",
     "bn_update_running_stats_": "bn_update_running_stats_(Tensor(a!) running_mean, Tensor(b!) running_var, "
     "Tensor batch_mean, Tensor batch_var, float factor) -> ()",
     "linear_relu_dropout_forward": "linear_relu_dropout_forward(Tensor input, Tensor weight, Tensor? bias, "
@@ -129,6 +135,16 @@ def bn_batch_stats(pre_bn, eps):
 def bn_relu_dropout(pre_bn, mean, invstd, bn_weight, bn_bias, dropout_p, seed_offset):
     """relu(bn_weight * (pre_bn - mean) * invstd + bn_bias) * dropout: the forward's epilogue stage."""
     return _fused.bn_relu_dropout(pre_bn, mean, invstd, bn_weight, bn_bias, dropout_p, seed_offset)
+
+
+def bn_backward_sums(grad_out, pre_bn, mean, invstd, bn_weight, bn_bias, dropout_p, seed_offset):
+    """-> (sum_dy, sum_dy_zhat) over pre_bn's rows: the backward's first stage (batch statistics)."""
+    return _fused.bn_backward_sums(grad_out, pre_bn, mean, invstd, bn_weight, bn_bias, dropout_p, seed_offset)
+
+
+def bn_backward_finish(*args):
+    """-> linear_bn_relu_backward's gradients from sums over `count` rows: the second stage."""
+    return _fused.bn_backward_finish(*args)
 
 
 def bn_update_running_stats_(running_mean, running_var, batch_mean, batch_var, factor):
@@ -246,6 +262,47 @@ def _bn_batch_stats_fake(pre_bn, eps):
 def _bn_relu_dropout_fake(pre_bn, mean, invstd, bn_weight, bn_bias, dropout_p, seed_offset):
     torch._check(pre_bn.dim() == 2, lambda: "bn_relu_dropout: pre_bn must be 2-D")
     return torch.empty_like(pre_bn, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("fused_mlp::bn_backward_sums")
+def _bn_backward_sums_fake(grad_out, pre_bn, mean, invstd, bn_weight, bn_bias, dropout_p, seed_offset):
+    torch._check(pre_bn.dim() == 2, lambda: "bn_backward_sums: pre_bn must be 2-D")
+    stat = pre_bn.new_empty((pre_bn.shape[1],), dtype=reference._acc_dtype(pre_bn.dtype))
+    return stat, torch.empty_like(stat)
+
+
+@torch.library.register_fake("fused_mlp::bn_backward_finish")
+def _bn_backward_finish_fake(
+    grad_out,
+    input,
+    weight,
+    pre_bn,
+    mean,
+    invstd,
+    bn_weight,
+    bn_bias,
+    sum_dy,
+    sum_dy_zhat,
+    count,
+    dropout_p,
+    seed_offset,
+    need_grad_input=True,
+):
+    return _linear_bn_relu_backward_fake(
+        grad_out,
+        input,
+        weight,
+        None,
+        bn_weight,
+        bn_bias,
+        pre_bn,
+        mean,
+        invstd,
+        True,
+        dropout_p,
+        seed_offset,
+        need_grad_input,
+    )
 
 
 @torch.library.register_fake("fused_mlp::bn_update_running_stats_")

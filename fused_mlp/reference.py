@@ -355,26 +355,39 @@ def linear_bn_relu_backward(
     seed_offset,
     need_grad_input=True,
 ):
+    if use_batch_stats:  # the two stages, with this call's rows as the count
+        sums = bn_backward_sums(grad_out, saved, mean, invstd, bn_weight, bn_bias, dropout_p, seed_offset)
+        return bn_backward_finish(
+            grad_out,
+            input,
+            weight,
+            saved,
+            mean,
+            invstd,
+            bn_weight,
+            bn_bias,
+            *sums,
+            input.shape[-2],
+            dropout_p,
+            seed_offset,
+            need_grad_input,
+        )
+    # Running statistics: dropout and ReLU read off the saved output, BatchNorm a fixed affine.
     acc = _acc_dtype(input.dtype)
     g = grad_out.to(acc)
-    n = input.shape[-2]
-    a, b = _bn_affine(bn_weight, bn_bias, mean, invstd)
+    a, _ = _bn_affine(bn_weight, bn_bias, mean, invstd)
     mean, invstd = mean.unsqueeze(-2), invstd.unsqueeze(-2)
-    if use_batch_stats:
-        z = saved.to(acc)
-        mult = _dropout_multiplier(z, dropout_p, seed_offset, acc)
-        dy = torch.where(z * a + b > 0, g if mult is None else g * mult, torch.zeros_like(g))
-        zhat = (z - mean) * invstd
-        sum_dy, sum_dy_zhat = dy.sum(dim=-2), (dy * zhat).sum(dim=-2)
-        dz = a * (dy - sum_dy.unsqueeze(-2) / n - zhat * sum_dy_zhat.unsqueeze(-2) / n)
-        grad_bias = torch.zeros_like(sum_dy)
-    else:
-        scale = 1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0
-        dy = torch.where(saved > 0, g * scale, torch.zeros_like(g))
-        z = _linear(input, weight, bias).to(acc)
-        sum_dy, sum_dy_zhat = dy.sum(dim=-2), (dy * (z - mean) * invstd).sum(dim=-2)
-        dz = dy * a
-        grad_bias = dz.sum(dim=-2)
+    scale = 1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0
+    dy = torch.where(saved > 0, g * scale, torch.zeros_like(g))
+    z = _linear(input, weight, bias).to(acc)
+    sum_dy, sum_dy_zhat = dy.sum(dim=-2), (dy * (z - mean) * invstd).sum(dim=-2)
+    dz = dy * a
+    return _layer_grads(dz, dz.sum(dim=-2), input, weight, bn_weight, bn_bias, sum_dy, sum_dy_zhat, need_grad_input)
+
+
+def _layer_grads(dz, grad_bias, input, weight, bn_weight, bn_bias, sum_dy, sum_dy_zhat, need_grad_input):
+    """The layer's five gradients from dz (the gradient at pre_bn) and the per-feature sums."""
+    acc = dz.dtype
     grad_input = dz @ weight.to(acc) if need_grad_input else input.new_empty(input.shape[:-2] + (0,))
     grad_weight = dz.transpose(-1, -2) @ input.to(acc)
     param_dtype = lambda t: acc if t is None else t.dtype  # noqa: E731
@@ -385,6 +398,47 @@ def linear_bn_relu_backward(
         sum_dy_zhat.to(param_dtype(bn_weight)),
         sum_dy.to(param_dtype(bn_bias)),
     )
+
+
+def _batch_stats_dy(grad_out, pre_bn, mean, invstd, bn_weight, bn_bias, dropout_p, seed_offset):
+    """dy (grad_out through dropout and ReLU) and zhat, in the accumulation dtype."""
+    acc = _acc_dtype(pre_bn.dtype)
+    g, z = grad_out.to(acc), pre_bn.to(acc)
+    a, b = _bn_affine(bn_weight, bn_bias, mean, invstd)
+    mult = _dropout_multiplier(z, dropout_p, seed_offset, acc)
+    dy = torch.where(z * a + b > 0, g if mult is None else g * mult, torch.zeros_like(g))
+    return dy, (z - mean.unsqueeze(-2)) * invstd.unsqueeze(-2), a
+
+
+def bn_backward_sums(grad_out, pre_bn, mean, invstd, bn_weight, bn_bias, dropout_p, seed_offset):
+    """(sum(dy), sum(dy * zhat)) per feature over the rows: the backward's first stage."""
+    dy, zhat, _ = _batch_stats_dy(grad_out, pre_bn, mean, invstd, bn_weight, bn_bias, dropout_p, seed_offset)
+    return dy.sum(dim=-2), (dy * zhat).sum(dim=-2)
+
+
+def bn_backward_finish(
+    grad_out,
+    input,
+    weight,
+    pre_bn,
+    mean,
+    invstd,
+    bn_weight,
+    bn_bias,
+    sum_dy,
+    sum_dy_zhat,
+    count,
+    dropout_p,
+    seed_offset,
+    need_grad_input=True,
+):
+    """The backward's second stage: the layer's gradients from sums over `count` rows."""
+    dy, zhat, a = _batch_stats_dy(grad_out, pre_bn, mean, invstd, bn_weight, bn_bias, dropout_p, seed_offset)
+    dz = a * (dy - sum_dy.unsqueeze(-2) / count - zhat * sum_dy_zhat.unsqueeze(-2) / count)
+    # The bias gradient is exactly zero: BatchNorm with batch statistics cancels any constant added
+    # before it.
+    grad_bias = torch.zeros(sum_dy.shape, dtype=dz.dtype, device=dz.device)
+    return _layer_grads(dz, grad_bias, input, weight, bn_weight, bn_bias, sum_dy, sum_dy_zhat, need_grad_input)
 
 
 def linear_relu_dropout_forward(input, weight, bias, dropout_p, seed_offset):

@@ -69,6 +69,8 @@ COMPUTE_OPS = (
     "bn_batch_stats",
     "bn_relu_dropout",
     "linear_relu_dropout_forward",
+    "bn_backward_sums",
+    "bn_backward_finish",
 )
 
 

@@ -114,6 +114,59 @@ def test_layer_ops_match_reference(backend, dtype, use_batch_stats, dropout, sha
         torch.testing.assert_close(a.double(), r, **(tol or dict(rtol=1e-4, atol=1e-5 * n**0.5)))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("affine,dropout", [(True, 0.3), (False, 0.0)])
+def test_backward_stage_ops_compose_to_the_backward_and_split_across_processes(backend, dtype, affine, dropout):
+    """bn_backward_sums then bn_backward_finish over the whole batch is linear_bn_relu_backward; and
+    two halves of the batch (two processes of a synchronized BatchNorm, normalized with the whole
+    batch's statistics), each summing its own rows, with the sums added in between (the
+    all-reduce) and the whole batch as the count, give each half's rows of the input gradient and,
+    added, the weight gradient."""
+    args = layer_args((46, 7, 33), dtype, True, dropout, affine)
+    x, w, b, gamma, beta = args[:5]
+    seed_offset = args[10]
+    _, pre_bn, mean, invstd, _ = reference.linear_bn_relu_forward(*args)
+    grad = torch.randn(pre_bn.shape, generator=torch.Generator().manual_seed(9)).to(dtype)
+    # Where BN's output is within rounding of zero, the ReLU masks may differ: no gradient there.
+    a, b_shift = reference._bn_affine(gamma, beta, mean, invstd)
+    y = pre_bn.to(a.dtype) * a + b_shift
+    grad = torch.where(y.abs() <= 1e-4 * (1 + (pre_bn.to(a.dtype) * a).abs()), 0, grad)
+    want = reference.linear_bn_relu_backward(
+        grad, x, w, b, gamma, beta, pre_bn, mean, invstd, True, dropout, seed_offset
+    )
+    sums = on_cpu(
+        backend.bn_backward_sums(*backend.to((grad, pre_bn, mean, invstd, gamma, beta, dropout, seed_offset)))
+    )
+    finish = (grad, x, w, pre_bn, mean, invstd, gamma, beta, *sums, 46, dropout, seed_offset)
+    got = on_cpu(backend.bn_backward_finish(*backend.to(finish)))
+    rtol, atol = LAYER_TOL[dtype]
+    for name, a, r in zip(("input", "weight", "bias", "bn_weight", "bn_bias"), got, want):
+        torch.testing.assert_close(a, r, rtol=rtol, atol=atol * 10, msg=name)
+
+    # Two processes, rows [0, 23) and [23, 46), each with only its own rows. (Without dropout: a
+    # process's masks come from its own (seed, offset), not from a slice of one process's.)
+    want = reference.linear_bn_relu_backward(grad, x, w, b, gamma, beta, pre_bn, mean, invstd, True, 0.0, seed_offset)
+    halves = [slice(0, 23), slice(23, 46)]
+    part_sums = [
+        on_cpu(backend.bn_backward_sums(*backend.to((grad[h], pre_bn[h], mean, invstd, gamma, beta, 0.0, seed_offset))))
+        for h in halves
+    ]
+    reduced = [a + b for a, b in zip(*part_sums)]  # the all-reduce
+    grad_input, grad_weight = [], torch.zeros_like(want[1])
+    for h in halves:
+        finish = (grad[h], x[h], w, pre_bn[h], mean, invstd, gamma, beta, *reduced, 46, 0.0, seed_offset)
+        gi, gw, _, g_gamma, g_beta = on_cpu(backend.bn_backward_finish(*backend.to(finish)))
+        grad_input.append(gi)
+        grad_weight += gw
+        torch.testing.assert_close(g_beta, want[4], rtol=rtol, atol=atol * 10)
+    torch.testing.assert_close(torch.cat(grad_input), want[0], rtol=rtol, atol=atol * 10)
+    torch.testing.assert_close(grad_weight, want[1], rtol=rtol, atol=atol * 10)
+    with pytest.raises(RuntimeError, match="count must be"):
+        backend.bn_backward_finish(*backend.to(finish[:10] + (10,) + finish[11:]))
+    with pytest.raises(RuntimeError, match="sum_dy must have shape"):
+        backend.bn_backward_finish(*backend.to(finish[:8] + (reduced[0][:3],) + finish[9:]))
+
+
 @pytest.mark.parametrize("dtype", list(LAYER_TOL))
 @pytest.mark.parametrize("affine,dropout", [(True, 0.3), (False, 0.0)])
 def test_stage_ops_are_the_forward_after_its_gemm(backend, dtype, affine, dropout):

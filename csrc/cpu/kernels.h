@@ -47,6 +47,15 @@ struct LinearBnReluKernels {
                                             const at::Tensor& seed_offset);
   void (*update_running_stats)(at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& batch_mean,
                                const at::Tensor& batch_var, double factor);
+  std::tuple<at::Tensor, at::Tensor> (*backward_sums)(const at::Tensor& grad_out, const at::Tensor& pre_bn,
+                                                      const at::Tensor& mean, const at::Tensor& invstd,
+                                                      const OptionalTensor& bn_weight, const OptionalTensor& bn_bias,
+                                                      double dropout_p, const at::Tensor& seed_offset);
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> (*backward_finish)(
+      const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& pre_bn,
+      const at::Tensor& mean, const at::Tensor& invstd, const OptionalTensor& bn_weight, const OptionalTensor& bn_bias,
+      const at::Tensor& sum_dy, const at::Tensor& sum_dy_zhat, int64_t count, double dropout_p,
+      const at::Tensor& seed_offset, bool need_grad_input);
 };
 
 struct DropoutKernels {

@@ -492,6 +492,38 @@ void grad_through_relu_dropout(const scalar_t* g, const scalar_t* saved, int64_t
   }
 }
 
+// Pass 2 with batch statistics: dz = A * (dy - sum(dy) / count - zhat * sum(dy * zhat) / count) =
+// A * dy + z * D + E per feature, from sums over `count` rows (this call's N, or every process's
+// rows once the sums are all-reduced).
+template <typename scalar_t>
+void batch_stats_input_grad(const at::opmath_type<scalar_t>* dy, const scalar_t* z, int64_t N, int64_t C,
+                            const at::opmath_type<scalar_t>* A, const at::opmath_type<scalar_t>* mu,
+                            const at::opmath_type<scalar_t>* is, const at::opmath_type<scalar_t>* sdy,
+                            const at::opmath_type<scalar_t>* sdz, int64_t count, scalar_t* dz) {
+  using IO = VecIO<scalar_t>;
+  using acc_t = typename IO::acc_t;
+  using Vec = typename IO::Vec;
+  constexpr int64_t W = IO::kWidth;
+  std::vector<acc_t> D(C), E(C);
+  for (const auto f : c10::irange(C)) {
+    const acc_t c1 = sdy[f] / static_cast<acc_t>(count), c2 = sdz[f] / static_cast<acc_t>(count);
+    D[f] = -A[f] * is[f] * c2;
+    E[f] = -A[f] * c1 - mu[f] * D[f];
+  }
+  at::parallel_for(
+      0, N, std::max<int64_t>(1, kGrainElements / std::max<int64_t>(C, 1)), [&](int64_t begin, int64_t end) {
+        for (int64_t n = begin; n < end; ++n) {
+          for (int64_t f = 0; f < C; f += W) {
+            const int64_t len = std::min(W, C - f), idx = n * C + f;
+            const Vec v = at::vec::fmadd(
+                load_acc(dy + idx, len), load_acc(A + f, len),
+                at::vec::fmadd(load_n(z + idx, len), load_acc(D.data() + f, len), load_acc(E.data() + f, len)));
+            IO::store(dz + idx, v, len);
+          }
+        }
+      });
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn_relu_backward_cpu(
     const at::Tensor& grad_out_, const at::Tensor& input_, const at::Tensor& weight_,
     const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& bn_weight,
@@ -535,26 +567,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn
     const acc_t* is = invstd.const_data_ptr<acc_t>();
 
     if (use_batch_stats) {
-      // dz = A * (dy - mean_n(dy) - zhat * mean_n(dy * zhat)) = A * dy + z * D + E per feature.
-      std::vector<acc_t> D(C), E(C);
-      for (const auto f : c10::irange(C)) {
-        const acc_t c1 = sdy[f] / static_cast<acc_t>(N), c2 = sdz[f] / static_cast<acc_t>(N);
-        D[f] = -A[f] * is[f] * c2;
-        E[f] = -A[f] * c1 - mu[f] * D[f];
-      }
-      const scalar_t* z = saved.const_data_ptr<scalar_t>();
-      scalar_t* dzp = dz.mutable_data_ptr<scalar_t>();
-      at::parallel_for(0, N, std::max<int64_t>(1, kGrainElements / C), [&](int64_t begin, int64_t end) {
-        for (int64_t n = begin; n < end; ++n) {
-          for (int64_t f = 0; f < C; f += W) {
-            const int64_t len = std::min(W, C - f), idx = n * C + f;
-            const Vec v = at::vec::fmadd(
-                load_acc(dy + idx, len), load_acc(A.data() + f, len),
-                at::vec::fmadd(load_n(z + idx, len), load_acc(D.data() + f, len), load_acc(E.data() + f, len)));
-            IO::store(dzp + idx, v, len);
-          }
-        }
-      });
+      batch_stats_input_grad<scalar_t>(dy, saved.const_data_ptr<scalar_t>(), N, C, A.data(), mu, is, sdy, sdz, N,
+                                       dz.mutable_data_ptr<scalar_t>());
       grad_input = need_grad_input ? at::mm(dz, weight) : at::empty({0}, input.options());
       grad_weight = need_grad_weight ? at::mm(dz.t(), input) : at::empty({0}, input.options());
       // Exactly zero: BatchNorm with batch statistics cancels any constant added before it.
@@ -605,6 +619,69 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn
           sum_dy.to(param_type(bn_bias, acc))};
 }
 
+// The backward with batch statistics as two stages, for a caller that reduces the sums across
+// processes in between (synchronized BatchNorm); each recomputes dy from grad_out and pre_bn.
+std::tuple<at::Tensor, at::Tensor> bn_backward_sums_cpu(const at::Tensor& grad_out_, const at::Tensor& pre_bn_,
+                                                        const at::Tensor& mean_, const at::Tensor& invstd_,
+                                                        const c10::optional<at::Tensor>& bn_weight,
+                                                        const c10::optional<at::Tensor>& bn_bias, double dropout_p,
+                                                        const at::Tensor& seed_offset) {
+  constexpr const char* op = "fused_mlp::bn_backward_sums";
+  check_backward_stage(grad_out_, pre_bn_, mean_, invstd_, bn_weight, bn_bias, dropout_p, seed_offset, op);
+  const int64_t N = pre_bn_.size(0), C = pre_bn_.size(1);
+  const auto acc = at::toOpMathType(pre_bn_.scalar_type());
+  const at::Tensor g = grad_out_.contiguous(), z = pre_bn_.contiguous(), mean = mean_.contiguous(),
+                   invstd = invstd_.contiguous();
+  const at::Tensor gamma = as_acc(bn_weight, acc), beta = as_acc(bn_bias, acc);
+  at::Tensor sum_dy = at::empty({C}, z.options().dtype(acc)), sum_dy_zhat = at::empty({C}, z.options().dtype(acc));
+  const Dropout dropout(dropout_p, seed_offset.contiguous());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "bn_backward_sums", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    std::vector<acc_t> A(C), B(C), dy(N * C);
+    bn_affine<acc_t>(C, ptr_or_null<acc_t>(gamma), ptr_or_null<acc_t>(beta), mean.const_data_ptr<acc_t>(),
+                     invstd.const_data_ptr<acc_t>(), A.data(), B.data());
+    grad_through_relu_dropout<scalar_t>(g.const_data_ptr<scalar_t>(), z.const_data_ptr<scalar_t>(), N, C, true,
+                                        A.data(), B.data(), mean.const_data_ptr<acc_t>(),
+                                        invstd.const_data_ptr<acc_t>(), dropout, dy.data(),
+                                        sum_dy.mutable_data_ptr<acc_t>(), sum_dy_zhat.mutable_data_ptr<acc_t>());
+  });
+  return {sum_dy, sum_dy_zhat};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_backward_finish_cpu(
+    const at::Tensor& grad_out_, const at::Tensor& input_, const at::Tensor& weight_, const at::Tensor& pre_bn_,
+    const at::Tensor& mean_, const at::Tensor& invstd_, const c10::optional<at::Tensor>& bn_weight,
+    const c10::optional<at::Tensor>& bn_bias, const at::Tensor& sum_dy_, const at::Tensor& sum_dy_zhat_, int64_t count,
+    double dropout_p, const at::Tensor& seed_offset, bool need_grad_input) {
+  constexpr const char* op = "fused_mlp::bn_backward_finish";
+  check_backward_finish(grad_out_, input_, weight_, pre_bn_, mean_, invstd_, bn_weight, bn_bias, sum_dy_, sum_dy_zhat_,
+                        count, dropout_p, seed_offset, op);
+  const int64_t N = input_.size(0), C = weight_.size(0);
+  const auto acc = at::toOpMathType(input_.scalar_type());
+  const at::Tensor g = grad_out_.contiguous(), input = input_.contiguous(), weight = weight_.contiguous();
+  const at::Tensor z = pre_bn_.contiguous(), mean = mean_.contiguous(), invstd = invstd_.contiguous();
+  const at::Tensor sum_dy = sum_dy_.contiguous(), sum_dy_zhat = sum_dy_zhat_.contiguous();
+  const at::Tensor gamma = as_acc(bn_weight, acc), beta = as_acc(bn_bias, acc);
+  const Dropout dropout(dropout_p, seed_offset.contiguous());
+  at::Tensor dz = at::empty({N, C}, input.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bn_backward_finish", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    std::vector<acc_t> A(C), B(C), dy(N * C), local_dy(C), local_dyz(C);
+    const acc_t* mu = mean.const_data_ptr<acc_t>();
+    const acc_t* is = invstd.const_data_ptr<acc_t>();
+    bn_affine<acc_t>(C, ptr_or_null<acc_t>(gamma), ptr_or_null<acc_t>(beta), mu, is, A.data(), B.data());
+    grad_through_relu_dropout<scalar_t>(g.const_data_ptr<scalar_t>(), z.const_data_ptr<scalar_t>(), N, C, true,
+                                        A.data(), B.data(), mu, is, dropout, dy.data(), local_dy.data(),
+                                        local_dyz.data());
+    batch_stats_input_grad<scalar_t>(dy.data(), z.const_data_ptr<scalar_t>(), N, C, A.data(), mu, is,
+                                     sum_dy.const_data_ptr<acc_t>(), sum_dy_zhat.const_data_ptr<acc_t>(), count,
+                                     dz.mutable_data_ptr<scalar_t>());
+  });
+  at::Tensor grad_input = need_grad_input ? at::mm(dz, weight) : at::empty({0}, input.options());
+  return {grad_input, at::mm(dz.t(), input), at::zeros({C}, input.options()),
+          sum_dy_zhat.to(param_type(bn_weight, acc)), sum_dy.to(param_type(bn_bias, acc))};
+}
+
 // Inference with BN already folded into (weight, bias): relu(x W^T + b) * dropout.
 at::Tensor linear_relu_dropout_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
                                            const c10::optional<at::Tensor>& bias, double dropout_p,
@@ -653,8 +730,8 @@ FUSED_MLP_ISA_END
 
 const LinearBnReluKernels& FUSED_MLP_THIS_CPU_VARIANT(linear_bn_relu_kernels)() {
   static constexpr LinearBnReluKernels kernels{
-      &linear_bn_relu_forward_cpu, &linear_bn_relu_backward_cpu,     &bn_batch_stats_cpu,
-      &bn_relu_dropout_cpu,        &linear_relu_dropout_forward_cpu, &bn_update_running_stats_cpu};
+      &linear_bn_relu_forward_cpu,      &linear_bn_relu_backward_cpu, &bn_batch_stats_cpu,   &bn_relu_dropout_cpu,
+      &linear_relu_dropout_forward_cpu, &bn_update_running_stats_cpu, &bn_backward_sums_cpu, &bn_backward_finish_cpu};
   return kernels;
 }
 

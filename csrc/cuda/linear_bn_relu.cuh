@@ -263,6 +263,7 @@ struct BnBackwardArgs {
   const scalar_t* grad;   // (N, C) the gradient of the layer's output
   const scalar_t* saved;  // (N, C) z with batch statistics, the output with running statistics
   int64_t N, C, rows_per_chunk, chunks;
+  int64_t count;  // the rows the sums are over: N, or every process's rows once they are all-reduced
   bool use_batch_stats;
   bool packed;          // grad, saved and dz can be read and written in aligned packs of four
   const acc_t* affine;  // (2C,) A, then B
@@ -548,7 +549,7 @@ __global__ void __launch_bounds__(kFeatureThreads) bn_backward_finalize(BnBackwa
   acc_t* __restrict__ sum_dy = a.sum_dy;
   acc_t* __restrict__ sum_dy_zhat = a.sum_dy_zhat;
   acc_t* __restrict__ coef = a.coef;
-  const int64_t N = a.N, C = a.C;
+  const int64_t count = a.count, C = a.C;
   for (int64_t f = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; f < C;
        f += static_cast<int64_t>(blockDim.x) * gridDim.x) {
     acc_t s_dy = 0, s_dyz = 0;
@@ -560,9 +561,9 @@ __global__ void __launch_bounds__(kFeatureThreads) bn_backward_finalize(BnBackwa
     sum_dy_zhat[f] = s_dyz;
     if (a.use_batch_stats) {
       const acc_t A = affine[f];
-      const acc_t D = -A * invstd[f] * (s_dyz / static_cast<acc_t>(N));
+      const acc_t D = -A * invstd[f] * (s_dyz / static_cast<acc_t>(count));
       coef[f] = D;
-      coef[C + f] = -A * (s_dy / static_cast<acc_t>(N)) - mean[f] * D;
+      coef[C + f] = -A * (s_dy / static_cast<acc_t>(count)) - mean[f] * D;
     }
   }
 }

@@ -51,6 +51,28 @@ at::Tensor bn_relu_dropout_cuda(const at::Tensor& pre_bn, const at::Tensor& mean
                                 invstd, bn_weight, bn_bias, dropout_p, seed_offset, "fused_mlp::bn_relu_dropout");
 }
 
+std::tuple<at::Tensor, at::Tensor> bn_backward_sums_cuda(const at::Tensor& grad_out, const at::Tensor& pre_bn,
+                                                         const at::Tensor& mean, const at::Tensor& invstd,
+                                                         const c10::optional<at::Tensor>& bn_weight,
+                                                         const c10::optional<at::Tensor>& bn_bias, double dropout_p,
+                                                         const at::Tensor& seed_offset) {
+  const c10::cuda::CUDAGuard guard(pre_bn.device());
+  return bn_backward_sums_device(current_stream_launch(pre_bn), device_limits(pre_bn.device().index()), grad_out,
+                                 pre_bn, mean, invstd, bn_weight, bn_bias, dropout_p, seed_offset,
+                                 "fused_mlp::bn_backward_sums");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_backward_finish_cuda(
+    const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& pre_bn,
+    const at::Tensor& mean, const at::Tensor& invstd, const c10::optional<at::Tensor>& bn_weight,
+    const c10::optional<at::Tensor>& bn_bias, const at::Tensor& sum_dy, const at::Tensor& sum_dy_zhat, int64_t count,
+    double dropout_p, const at::Tensor& seed_offset, bool need_grad_input) {
+  const c10::cuda::CUDAGuard guard(input.device());
+  return bn_backward_finish_device(current_stream_launch(input), device_limits(input.device().index()), grad_out, input,
+                                   weight, pre_bn, mean, invstd, bn_weight, bn_bias, sum_dy, sum_dy_zhat, count,
+                                   dropout_p, seed_offset, need_grad_input, "fused_mlp::bn_backward_finish");
+}
+
 at::Tensor linear_relu_dropout_forward_cuda(const at::Tensor& input, const at::Tensor& weight,
                                             const c10::optional<at::Tensor>& bias, double dropout_p,
                                             const at::Tensor& seed_offset) {
@@ -98,6 +120,8 @@ TORCH_LIBRARY_IMPL(fused_mlp, CUDA, m) {
   m.impl("linear_bn_relu_backward", &linear_bn_relu_backward_cuda);
   m.impl("bn_batch_stats", &bn_batch_stats_cuda);
   m.impl("bn_relu_dropout", &bn_relu_dropout_cuda);
+  m.impl("bn_backward_sums", &bn_backward_sums_cuda);
+  m.impl("bn_backward_finish", &bn_backward_finish_cuda);
   m.impl("linear_relu_dropout_forward", &linear_relu_dropout_forward_cuda);
   m.impl("bn_update_running_stats_", &fused_mlp::bn_update_running_stats);
   m.impl("philox_seed_offset", &philox_seed_offset_cuda);

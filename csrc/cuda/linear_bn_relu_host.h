@@ -331,6 +331,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn
                                           .C = C,
                                           .rows_per_chunk = plan.rows_per_chunk,
                                           .chunks = plan.chunks,
+                                          .count = N,
                                           .use_batch_stats = use_batch_stats,
                                           .packed = all_packed<scalar_t>({gp, sp, dzp}),
                                           .affine = af,
@@ -393,6 +394,151 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn
     }
   });
   return {grad_input, grad_weight, grad_bias, sum_dy_zhat.to(param_type(bn_weight, acc)),
+          sum_dy.to(param_type(bn_bias, acc))};
+}
+
+// The backward with batch statistics as two stages, for a caller that reduces the sums across
+// processes in between (synchronized BatchNorm): the per-feature sums of dy and dy * zhat over
+// this process's rows, then, from sums over `count` rows in all, the input and parameter
+// gradients. Both recompute dy from grad_out and pre_bn, as the one-call backward does.
+namespace layer_detail {
+
+template <typename scalar_t>
+struct BnBackwardStage {
+  using acc_t = at::opmath_type<scalar_t>;
+  at::Tensor g, z, mean, invstd, affine;
+  BnBackwardArgs<scalar_t> args{};
+};
+
+// The affine [A; B] and the arguments every backward kernel shares, for (N, C) grad_out and pre_bn.
+template <typename scalar_t, typename Launch>
+BnBackwardStage<scalar_t> bn_backward_stage(const Launch& launch, const LaunchLimits& limits,
+                                            const at::Tensor& grad_out, const at::Tensor& pre_bn,
+                                            const at::Tensor& mean, const at::Tensor& invstd,
+                                            const c10::optional<at::Tensor>& bn_weight,
+                                            const c10::optional<at::Tensor>& bn_bias, const DeviceDropout& dropout) {
+  using acc_t = at::opmath_type<scalar_t>;
+  BnBackwardStage<scalar_t> st;
+  const auto acc = at::toOpMathType(pre_bn.scalar_type());
+  st.g = grad_out.contiguous();
+  st.z = pre_bn.contiguous();
+  st.mean = mean.contiguous();
+  st.invstd = invstd.contiguous();
+  const int64_t N = st.z.size(0), C = st.z.size(1);
+  st.affine = at::empty({2 * C}, st.z.options().dtype(acc));
+  launch.poison(st.affine);
+  const at::Tensor gamma = as_acc(bn_weight, acc), beta = as_acc(bn_bias, acc);
+  if (C > 0) {
+    const BnAffineArgs<scalar_t> affine_args{.C = C,
+                                             .gamma = ptr_or_null<acc_t>(gamma),
+                                             .beta = ptr_or_null<acc_t>(beta),
+                                             .mean = st.mean.template const_data_ptr<acc_t>(),
+                                             .invstd = st.invstd.template const_data_ptr<acc_t>(),
+                                             .bias = nullptr,
+                                             .affine = st.affine.template mutable_data_ptr<acc_t>(),
+                                             .folded_bias = nullptr};
+    launch(bn_feature_config(C, limits), bn_affine<scalar_t>, affine_args);
+  }
+  st.args.grad = st.g.template const_data_ptr<scalar_t>();
+  st.args.saved = st.z.template const_data_ptr<scalar_t>();
+  st.args.N = N;
+  st.args.C = C;
+  st.args.count = N;
+  st.args.use_batch_stats = true;
+  st.args.affine = st.affine.template const_data_ptr<acc_t>();
+  st.args.mean = st.mean.template const_data_ptr<acc_t>();
+  st.args.invstd = st.invstd.template const_data_ptr<acc_t>();
+  st.args.dropout = dropout.args;
+  return st;
+}
+
+}  // namespace layer_detail
+
+template <typename Launch>
+std::tuple<at::Tensor, at::Tensor> bn_backward_sums_device(const Launch& launch, const LaunchLimits& limits,
+                                                           const at::Tensor& grad_out, const at::Tensor& pre_bn,
+                                                           const at::Tensor& mean, const at::Tensor& invstd,
+                                                           const c10::optional<at::Tensor>& bn_weight,
+                                                           const c10::optional<at::Tensor>& bn_bias, double dropout_p,
+                                                           const at::Tensor& seed_offset, const char* op) {
+  using namespace layer_detail;
+  check_backward_stage(grad_out, pre_bn, mean, invstd, bn_weight, bn_bias, dropout_p, seed_offset, op);
+  const int64_t N = pre_bn.size(0), C = pre_bn.size(1);
+  const auto stat_options = pre_bn.options().dtype(at::toOpMathType(pre_bn.scalar_type()));
+  at::Tensor sum_dy = at::zeros({C}, stat_options), sum_dy_zhat = at::zeros({C}, stat_options);
+  at::Tensor coef = at::empty({2 * C}, stat_options);
+  const DeviceDropout dropout = device_dropout(dropout_p, seed_offset, pre_bn);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pre_bn.scalar_type(), "bn_backward_sums_device", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    BnBackwardStage<scalar_t> st =
+        bn_backward_stage<scalar_t>(launch, limits, grad_out, pre_bn, mean, invstd, bn_weight, bn_bias, dropout);
+    if (N == 0 || C == 0) return;
+    const ColumnReduction plan =
+        plan_column_reduction<scalar_t>(launch, limits, N, C, {st.args.grad, st.args.saved}, stat_options);
+    BnBackwardArgs<scalar_t> args = st.args;
+    args.rows_per_chunk = plan.rows_per_chunk;
+    args.chunks = plan.chunks;
+    args.packed = all_packed<scalar_t>({st.args.grad, st.args.saved});
+    args.part_dy = plan.part_a.template mutable_data_ptr<acc_t>();
+    args.part_dy_zhat = plan.part_b.template mutable_data_ptr<acc_t>();
+    args.sum_dy = sum_dy.mutable_data_ptr<acc_t>();
+    args.sum_dy_zhat = sum_dy_zhat.mutable_data_ptr<acc_t>();
+    args.coef = coef.mutable_data_ptr<acc_t>();
+    if (plan.features_per_thread == kGroup) {
+      launch(plan.config, bn_backward_partial<scalar_t, kGroup>, args);
+    } else {
+      launch(plan.config, bn_backward_partial<scalar_t, 1>, args);
+    }
+    launch(bn_feature_config(C, limits), bn_backward_finalize<scalar_t>, args);
+  });
+  return {sum_dy, sum_dy_zhat};
+}
+
+template <typename Launch>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_backward_finish_device(
+    const Launch& launch, const LaunchLimits& limits, const at::Tensor& grad_out, const at::Tensor& input_,
+    const at::Tensor& weight_, const at::Tensor& pre_bn, const at::Tensor& mean, const at::Tensor& invstd,
+    const c10::optional<at::Tensor>& bn_weight, const c10::optional<at::Tensor>& bn_bias, const at::Tensor& sum_dy_,
+    const at::Tensor& sum_dy_zhat_, int64_t count, double dropout_p, const at::Tensor& seed_offset,
+    bool need_grad_input, const char* op) {
+  using namespace layer_detail;
+  check_backward_finish(grad_out, input_, weight_, pre_bn, mean, invstd, bn_weight, bn_bias, sum_dy_, sum_dy_zhat_,
+                        count, dropout_p, seed_offset, op);
+  const int64_t N = input_.size(0), C = weight_.size(0);
+  const auto acc = at::toOpMathType(input_.scalar_type());
+  const at::Tensor input = input_.contiguous(), weight = weight_.contiguous();
+  const at::Tensor sum_dy = sum_dy_.contiguous(), sum_dy_zhat = sum_dy_zhat_.contiguous();
+  const DeviceDropout dropout = device_dropout(dropout_p, seed_offset, input);
+  at::Tensor dz = at::empty({N, C}, input.options());
+  at::Tensor coef = at::empty({2 * C}, input.options().dtype(acc));
+  at::Tensor sums_copy = at::empty({2 * C}, input.options().dtype(acc));
+  for (at::Tensor* t : {&dz, &coef, &sums_copy}) launch.poison(*t);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bn_backward_finish_device", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    BnBackwardStage<scalar_t> st =
+        bn_backward_stage<scalar_t>(launch, limits, grad_out, pre_bn, mean, invstd, bn_weight, bn_bias, dropout);
+    if (N == 0 || C == 0) {
+      dz.zero_();
+      return;
+    }
+    // The finalize kernel over one "chunk", the given sums: the coefficients from `count` rows.
+    BnBackwardArgs<scalar_t> args = st.args;
+    args.count = count;
+    args.rows_per_chunk = N;
+    args.chunks = 1;
+    args.packed = all_packed<scalar_t>({st.args.grad, st.args.saved, dz.const_data_ptr<scalar_t>()});
+    args.part_dy = const_cast<acc_t*>(sum_dy.const_data_ptr<acc_t>());  // read only, with chunks = 1
+    args.part_dy_zhat = const_cast<acc_t*>(sum_dy_zhat.const_data_ptr<acc_t>());
+    args.sum_dy = sums_copy.mutable_data_ptr<acc_t>();
+    args.sum_dy_zhat = sums_copy.mutable_data_ptr<acc_t>() + C;
+    args.coef = coef.mutable_data_ptr<acc_t>();
+    args.dz = dz.mutable_data_ptr<scalar_t>();
+    launch(bn_feature_config(C, limits), bn_backward_finalize<scalar_t>, args);
+    launch(bn_elementwise_config((N * C + kGroup - 1) / kGroup, limits), bn_backward_input<scalar_t>, args);
+  });
+  at::Tensor grad_input = need_grad_input ? at::mm(dz, weight) : at::empty({0}, input.options());
+  at::Tensor grad_weight = at::mm(dz.t(), input);
+  return {grad_input, grad_weight, at::zeros({C}, input.options()), sum_dy_zhat.to(param_type(bn_weight, acc)),
           sum_dy.to(param_type(bn_bias, acc))};
 }
 

@@ -112,6 +112,7 @@ void run_case(const Case& k) {
                                  .C = C,
                                  .rows_per_chunk = rows_per_chunk,
                                  .chunks = chunks,
+                                 .count = N,
                                  .use_batch_stats = true,
                                  .packed = true,
                                  .affine = affine.data(),

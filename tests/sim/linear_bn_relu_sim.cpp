@@ -45,6 +45,24 @@ at::Tensor bn_relu_dropout(const at::Tensor& pre_bn, const at::Tensor& mean, con
                                      dropout_p, seed_offset, "simulated bn_relu_dropout");
 }
 
+std::tuple<at::Tensor, at::Tensor> bn_backward_sums(const at::Tensor& grad_out, const at::Tensor& pre_bn,
+                                                    const at::Tensor& mean, const at::Tensor& invstd,
+                                                    const Optional& bn_weight, const Optional& bn_bias,
+                                                    double dropout_p, const at::Tensor& seed_offset) {
+  return dev::bn_backward_sums_device(SimLaunch{}, sim_launch::launch_limits(), grad_out, pre_bn, mean, invstd,
+                                      bn_weight, bn_bias, dropout_p, seed_offset, "simulated bn_backward_sums");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_backward_finish(
+    const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& pre_bn,
+    const at::Tensor& mean, const at::Tensor& invstd, const Optional& bn_weight, const Optional& bn_bias,
+    const at::Tensor& sum_dy, const at::Tensor& sum_dy_zhat, int64_t count, double dropout_p,
+    const at::Tensor& seed_offset, bool need_grad_input) {
+  return dev::bn_backward_finish_device(SimLaunch{}, sim_launch::launch_limits(), grad_out, input, weight, pre_bn, mean,
+                                        invstd, bn_weight, bn_bias, sum_dy, sum_dy_zhat, count, dropout_p, seed_offset,
+                                        need_grad_input, "simulated bn_backward_finish");
+}
+
 at::Tensor linear_relu_dropout_forward(const at::Tensor& input, const at::Tensor& weight, const Optional& bias,
                                        double dropout_p, const at::Tensor& seed_offset) {
   return dev::linear_relu_dropout_forward_device(SimLaunch{}, sim_launch::launch_limits(), input, weight, bias,
@@ -95,6 +113,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("seed_offset"), pybind11::arg("need_grad_input") = true);
   m.def("bn_batch_stats", &bn_batch_stats);
   m.def("bn_relu_dropout", &bn_relu_dropout);
+  m.def("bn_backward_sums", &bn_backward_sums);
+  m.def("bn_backward_finish", &bn_backward_finish, pybind11::arg("grad_out"), pybind11::arg("input"),
+        pybind11::arg("weight"), pybind11::arg("pre_bn"), pybind11::arg("mean"), pybind11::arg("invstd"),
+        pybind11::arg("bn_weight"), pybind11::arg("bn_bias"), pybind11::arg("sum_dy"), pybind11::arg("sum_dy_zhat"),
+        pybind11::arg("count"), pybind11::arg("dropout_p"), pybind11::arg("seed_offset"),
+        pybind11::arg("need_grad_input") = true);
   m.def("linear_relu_dropout_forward", &linear_relu_dropout_forward);
   m.def("write_seed_offset", &write_seed_offset);
   m.def("reduce_config", &reduce_config);
