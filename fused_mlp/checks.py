@@ -74,7 +74,11 @@ def cross_entropy_args(input, target, weight, ignore_index, reduction, label_smo
             )
 
 
-def linear_bn_relu_args(input, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, dropout):
+def linear_bn_relu_args(
+    input, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, dropout, synchronized=False
+):
+    """synchronized: the batch statistics merge several processes' rows, so one process may hold a
+    single row (or none); the global count is checked when the processes exchange it."""
     name = "linear_bn_relu"
     if not isinstance(input, torch.Tensor) or not input.is_floating_point():
         raise TypeError(f"{name}: input must be a floating-point tensor")
@@ -115,7 +119,7 @@ def linear_bn_relu_args(input, weight, bias, bn_weight, bn_bias, running_mean, r
     if not training and running_mean is None:
         raise ValueError(f"{name}: running_mean and running_var are required when training=False")
     dropout_probability(dropout, name)
-    if training and input.shape[0] <= 1:
+    if training and not synchronized and input.shape[0] <= 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.shape}")
 
 

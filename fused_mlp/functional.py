@@ -9,6 +9,7 @@ from . import autograd, checks, ops
 
 __all__ = [
     "cross_entropy",
+    "dropout_seed_offset",
     "fold_batch_norm",
     "folded_linear_relu_dropout",
     "linear_bn_relu",
@@ -70,7 +71,7 @@ def cross_entropy(input, target, weight=None, *, ignore_index=-100, reduction="m
 _NO_DROPOUT_SEED = torch.zeros(2, dtype=torch.int64)
 
 
-def _dropout_seed_offset(dropout, generator, like):
+def dropout_seed_offset(dropout, generator, like):
     """The (seed, offset) of one dropout mask for the tensor `like`, drawn from `generator`
     (default: the default generator of like's device), so torch.manual_seed reproduces it; nothing
     is drawn without dropout. For CUDA tensors the device writes them from the CUDA generator's
@@ -128,7 +129,7 @@ def linear_bn_relu_checked(
         dtype = torch.get_autocast_dtype(input.device.type)
         input, weight = input.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
-    seed_offset = _dropout_seed_offset(dropout, generator, input)
+    seed_offset = dropout_seed_offset(dropout, generator, input)
     out, _, mean, _, batch_var = autograd.LINEAR_BN_RELU(
         input,
         weight,
@@ -181,7 +182,7 @@ def folded_linear_relu_dropout(input, weight, bias, *, dropout=0.0, generator=No
         input, weight = input.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
     return autograd.LINEAR_RELU_DROPOUT(
-        input, weight, bias, float(dropout), _dropout_seed_offset(dropout, generator, input)
+        input, weight, bias, float(dropout), dropout_seed_offset(dropout, generator, input)
     )
 
 
@@ -218,7 +219,7 @@ def mlp_checked(
         input = input.to(dtype)
         weights = [w.to(dtype) for w in weights]
         biases = [None if b is None else b.to(dtype) for b in biases]
-    seed_offset = _dropout_seed_offset(dropout, generator, input)
+    seed_offset = dropout_seed_offset(dropout, generator, input)
     layers = len(weights) - 1
     config = autograd.MLPConfig(layers, batch_norm, use_batch_stats, float(eps), float(dropout), len(bn_weights))
     tensors = (*weights, *biases, *bn_weights, *bn_biases, *running_means, *running_vars, seed_offset)

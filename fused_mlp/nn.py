@@ -2,9 +2,16 @@
 
 import torch
 
-from . import autograd, checks, functional, ops
+from . import autograd, checks, distributed, functional, ops
 
-__all__ = ["CrossEntropyLoss", "FusedMLP", "LinearBNReLU", "LinearReLU"]
+__all__ = [
+    "CrossEntropyLoss",
+    "FusedMLP",
+    "LinearBNReLU",
+    "LinearReLU",
+    "SyncBatchNorm1d",
+    "convert_sync_batchnorm",
+]
 
 
 class CrossEntropyLoss(torch.nn.Module):
@@ -51,6 +58,11 @@ class LinearBNReLU(torch.nn.Module):
     ``nn.BatchNorm1d``; running statistics, folded into the GEMM, in eval), dropout follows this
     module's ``training``. Forward hooks registered on ``linear`` or ``bn`` do not fire: the fused
     forward never calls those submodules.
+
+    With ``bn`` a SyncBatchNorm1d (``convert_sync_batchnorm``), or a ``torch.nn.SyncBatchNorm`` on
+    CUDA, the training forward normalizes with the statistics of every process's batch in its
+    process group (fused_mlp.distributed), once torch.distributed is initialized with more than one
+    process.
     """
 
     def __init__(
@@ -125,9 +137,25 @@ class LinearBNReLU(torch.nn.Module):
         if bn_training and not track:
             running_mean = running_var = None
         dropout = self.dropout if self.training else 0.0
+        group = _sync_group(bn, input, "LinearBNReLU") if bn_training else None
         checks.linear_bn_relu_args(
-            input, weight, bias, bn_weight, bn_bias, running_mean, running_var, use_batch_stats, dropout
+            input,
+            weight,
+            bias,
+            bn_weight,
+            bn_bias,
+            running_mean,
+            running_var,
+            use_batch_stats,
+            dropout,
+            group is not None,
         )
+        if group is not None:
+            out, mean, batch_var = distributed.linear_bn_relu_synchronized(
+                input, weight, bias, bn_weight, bn_bias, bn.eps, dropout, group
+            )
+            _update_running_stats(bn, mean, batch_var)
+            return out
         if (
             not use_batch_stats
             and not _needs_grad(input, weight, bias, bn_weight, bn_bias)
@@ -207,8 +235,9 @@ class FusedMLP(torch.nn.Module):
     ``nn.BatchNorm1d``, momentum=None included), dropout this module's.
 
     The network runs as one op when its BatchNorm layers agree on mode, eps and which parameters and
-    statistics they have, and no torch.func transform is active; otherwise layer by layer through
-    the per-layer fused ops, with the same results (dropout masks aside).
+    statistics they have, no torch.func transform is active and no statistics are synchronized
+    across processes (``convert_sync_batchnorm``); otherwise layer by layer through the per-layer
+    fused ops, with the same results (dropout masks aside).
     """
 
     def __init__(
@@ -284,7 +313,8 @@ class FusedMLP(torch.nn.Module):
             return functional.mlp_checked(input, weights, biases, [], [], [], [], False, False, 0.0, dropout)[0]
         bns = [layer._modules["bn"] for layer in layers]
         mode = _batch_norm_mode(bns)
-        if mode is None:
+        if mode is None or (mode[0] and _synchronized(bns, input, type(self).__name__)):
+            # Synchronized statistics run per layer: the collectives sit between its stage ops.
             return self._layer_by_layer(input, dropout)
         bn_training, track, eps = mode
         gammas, betas = [_tensor(bn, "weight") for bn in bns], [_tensor(bn, "bias") for bn in bns]
@@ -363,12 +393,12 @@ _MISSING = object()
 
 def _batch_norm_mode(bns):
     """(training, track_running_stats, eps) when every BatchNorm layer shares them and agrees on
-    which affine parameters and running statistics it has; None when they differ (or one is not a
-    stock nn.BatchNorm1d, e.g. converted to nn.SyncBatchNorm)."""
+    which affine parameters and running statistics it has; None when they differ (or one is not an
+    nn.BatchNorm1d or SyncBatchNorm1d, e.g. a torch.nn.SyncBatchNorm)."""
     first = bns[0]
     shape = None
     for bn in bns:
-        if type(bn) is not torch.nn.BatchNorm1d:
+        if type(bn) not in _NETWORK_BATCH_NORMS:
             return None
         params, buffers = bn._parameters, bn._buffers
         other = (bn.training, bn.track_running_stats, bn.eps, params.get("weight") is None)
@@ -380,3 +410,101 @@ def _batch_norm_mode(bns):
     if first.training and not first.track_running_stats and not shape[5]:
         return None  # normalizes with batch statistics but keeps the buffers unchanged: per layer
     return shape[:3]
+
+
+class SyncBatchNorm1d(torch.nn.BatchNorm1d):
+    """``nn.BatchNorm1d`` whose training forward normalizes with the statistics of every process's
+    batch in ``process_group`` (default: the whole world), on CPU (gloo) and CUDA (NCCL) alike.
+
+    Unlike ``torch.nn.SyncBatchNorm`` it is a BatchNorm1d, so DistributedDataParallel accepts it in
+    a CPU model, its state_dict keys are BatchNorm1d's, and the fused layers run it through their
+    stage ops. Used alone, in a stock model, it is synchronized BatchNorm for CPU users too.
+    Statistics are local (exactly ``nn.BatchNorm1d``) in eval mode, with one process, or when
+    torch.distributed is not initialized. The running statistics take the global mean and the
+    unbiased variance over the global batch, identical on every process. Processes may hold
+    different numbers of rows, none included, as long as the global batch has more than one.
+    """
+
+    def __init__(
+        self,
+        num_features,
+        eps=1e-5,
+        momentum=0.1,
+        affine=True,
+        track_running_stats=True,
+        process_group=None,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        self.process_group = process_group
+
+    def forward(self, input):
+        group = distributed.active_group(self.process_group) if self.training else None
+        if group is None:
+            return super().forward(input)
+        self._check_input_dim(input)
+        out, mean, batch_var = distributed.batch_norm_synchronized(input, self.weight, self.bias, self.eps, group)
+        _update_running_stats(self, mean, batch_var)
+        return out
+
+
+_NETWORK_BATCH_NORMS = (torch.nn.BatchNorm1d, SyncBatchNorm1d)
+
+
+def convert_sync_batchnorm(module, process_group=None):
+    """Returns ``module`` with every ``nn.BatchNorm1d`` in it (the fused layers' ``bn`` included)
+    replaced by a SyncBatchNorm1d over ``process_group`` that shares its parameters, buffers and
+    mode; ``module`` itself when it is such a BatchNorm1d. The fused_mlp counterpart of
+    ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``, for CPU and CUDA."""
+    converted = module
+    if isinstance(module, torch.nn.BatchNorm1d) and not isinstance(module, SyncBatchNorm1d):
+        converted = SyncBatchNorm1d(
+            module.num_features,
+            module.eps,
+            module.momentum,
+            module.affine,
+            module.track_running_stats,
+            process_group,
+            device="meta",
+        )
+        converted._parameters.update(module._parameters)
+        converted._buffers.update(module._buffers)
+        converted.train(module.training)
+    for name, child in module.named_children():
+        converted.add_module(name, convert_sync_batchnorm(child, process_group))
+    return converted
+
+
+def _synchronized(bns, input, owner):
+    return any(_sync_group(bn, input, owner) is not None for bn in bns)
+
+
+def _sync_group(bn, input, owner):
+    """The process group whose batch statistics ``bn``'s training forward merges, or None."""
+    if isinstance(bn, SyncBatchNorm1d):
+        return distributed.active_group(bn.process_group)
+    if not isinstance(bn, torch.nn.SyncBatchNorm):
+        return None
+    group = distributed.active_group(bn.process_group)
+    if group is not None and input.device.type != "cuda":
+        raise ValueError(
+            f"{owner}: its bn is a torch.nn.SyncBatchNorm, which synchronizes only on GPUs, and the input is on "
+            f"{input.device.type}; convert the model with fused_mlp.nn.convert_sync_batchnorm(model) instead: "
+            "its SyncBatchNorm1d synchronizes on the CPU (gloo) too"
+        )
+    return group
+
+
+def _update_running_stats(bn, mean, batch_var):
+    """nn.BatchNorm1d's update after a training forward, from the batch's mean and unbiased
+    variance: the counter, then the running statistics with momentum (1 / count for None)."""
+    if not bn.track_running_stats or bn.running_mean is None:
+        return
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:
+            factor = 1.0 / float(bn.num_batches_tracked)
+    with torch.no_grad():
+        ops.bn_update_running_stats_(bn.running_mean, bn.running_var, mean, batch_var, float(factor))
