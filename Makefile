@@ -13,7 +13,7 @@ SOURCES := setup.py pyproject.toml $(CXX_SOURCES)
 # What clang-format checks: the extension's sources and the simulation's tests.
 FORMATTED := $(CXX_SOURCES) $(shell find tests/sim -name '*.cpp' -o -name '*.h')
 
-.PHONY: install test train bench bench-ops lint format clean
+.PHONY: install test train train-ddp bench bench-ops lint format clean
 
 install: $(STAMPS)/build
 
@@ -50,6 +50,10 @@ test: install
 
 train: install
 	$(PY) examples/train_fashion.py $(ARGS)
+
+# The same training in 2 processes on the CPU (DistributedDataParallel over gloo), BatchNorm over the global batch.
+train-ddp: install
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=2 examples/train_fashion.py --sync-bn $(ARGS)
 
 $(STAMPS)/bench-deps: requirements-bench.txt | $(PY)
 	$(PY) -m pip install --quiet -r requirements-bench.txt

@@ -130,6 +130,7 @@ def worker(rank, world, init_file, args):
     }
     if rank == 0:
         print(json.dumps(result))
+    dist.barrier()  # no rank tears the group down while another still finishes its last collective
     dist.destroy_process_group()
 
 

@@ -87,21 +87,47 @@ def load_splits(name="fashion", data_dir=None, seed=0, download=True, validation
 class Batches:
     """Mini-batches of (x, y) by indexing in-memory tensors; shuffled anew each epoch by a
     generator of its own, whose state is part of a checkpoint. A shuffled (training) epoch drops a
-    last batch of a single sample, which BatchNorm cannot normalize in training mode."""
+    last batch of a single sample, which BatchNorm cannot normalize in training mode.
 
-    def __init__(self, x, y, batch_size, shuffle=False, seed=0, device="cpu"):
+    In a run of `world_size` processes (torchrun), each one's Batches holds the share of `rank`,
+    with `batch_size` its own rows per step:
+
+    - shuffled, every rank draws the same permutation (its generator is seeded alike on all of
+      them) and deals it out like cards, rank r taking positions r, r + world_size, ... The last
+      n % world_size positions of the permutation sit this epoch out (a different few each epoch):
+      dropping them rather than padding with repeats gives every rank the same rows, hence the
+      same number of steps, as it must, since a rank with a step more would wait for the others'
+      gradients until the timeout. Dealt this way, step k's rows over all ranks are exactly the
+      k-th batch of a single process at batch_size * world_size.
+    - unshuffled (evaluation), a contiguous piece each (their sizes differ by at most one row),
+      so that the ranks' results put end to end in rank order follow the set's order.
+    """
+
+    def __init__(self, x, y, batch_size, shuffle=False, seed=0, device="cpu", rank=0, world_size=1):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"Batches: rank must be in [0, world_size={world_size}), got {rank}")
+        if not shuffle:
+            start, stop = rank * len(y) // world_size, (rank + 1) * len(y) // world_size
+            x, y = x[start:stop], y[start:stop]
         self.x, self.y = x.to(device), y.to(device)
         self.batch_size = batch_size
         self.shuffle = shuffle
+        self.rank, self.world_size = rank, world_size
         self.generator = torch.Generator().manual_seed(seed)
 
+    def _rows(self):
+        """How many rows this rank sees per epoch."""
+        return len(self.y) // self.world_size if self.shuffle else len(self.y)
+
     def __len__(self):
-        return (len(self.y) + self.batch_size - 1) // self.batch_size
+        return (self._rows() + self.batch_size - 1) // self.batch_size
 
     def __iter__(self):
         n = len(self.y)
         order = torch.randperm(n, generator=self.generator) if self.shuffle else None
-        for start in range(0, n, self.batch_size):
+        if order is not None and self.world_size > 1:
+            order = order[: n - n % self.world_size][self.rank :: self.world_size]
+        for start in range(0, self._rows(), self.batch_size):
             if order is None:
                 yield self.x[start : start + self.batch_size], self.y[start : start + self.batch_size]
             else:
@@ -111,7 +137,8 @@ class Batches:
                 yield self.x[idx], self.y[idx]
 
     def num_samples(self):
-        n = len(self.y)
+        """The rows this rank trains on (or evaluates) per epoch."""
+        n = self._rows()
         return n - 1 if self.shuffle and n % self.batch_size == 1 else n
 
 

@@ -129,6 +129,10 @@ class LinearBNReLU(torch.nn.Module):
     def forward(self, input):
         # Every parameter and buffer read once (module attribute lookups are not free).
         lin, bn = self.linear, self.bn
+        if bn.training and type(bn) is not torch.nn.BatchNorm1d:
+            group = _sync_group(bn, input, "LinearBNReLU")
+            if group is not None:
+                return self._synchronized_forward(input, group)
         weight, bias, bn_weight, bn_bias = lin.weight, lin.bias, bn.weight, bn.bias
         bn_training, track = bn.training, bn.track_running_stats
         running_mean, running_var = bn.running_mean, bn.running_var
@@ -137,25 +141,9 @@ class LinearBNReLU(torch.nn.Module):
         if bn_training and not track:
             running_mean = running_var = None
         dropout = self.dropout if self.training else 0.0
-        group = _sync_group(bn, input, "LinearBNReLU") if bn_training else None
         checks.linear_bn_relu_args(
-            input,
-            weight,
-            bias,
-            bn_weight,
-            bn_bias,
-            running_mean,
-            running_var,
-            use_batch_stats,
-            dropout,
-            group is not None,
+            input, weight, bias, bn_weight, bn_bias, running_mean, running_var, use_batch_stats, dropout
         )
-        if group is not None:
-            out, mean, batch_var = distributed.linear_bn_relu_synchronized(
-                input, weight, bias, bn_weight, bn_bias, bn.eps, dropout, group
-            )
-            _update_running_stats(bn, mean, batch_var)
-            return out
         if (
             not use_batch_stats
             and not _needs_grad(input, weight, bias, bn_weight, bn_bias)
@@ -187,6 +175,24 @@ class LinearBNReLU(torch.nn.Module):
             bn.eps,
             dropout,
         )
+
+    # Eager, in one piece, under torch.compile too: compiled, the code around the collectives would
+    # be compiled anew for every layer width it meets, past the recompile limit.
+    @torch.compiler.disable
+    def _synchronized_forward(self, input, group):
+        """The training forward with batch statistics merged across ``group``'s processes."""
+        lin, bn = self.linear, self.bn
+        weight, bias, bn_weight, bn_bias = lin.weight, lin.bias, bn.weight, bn.bias
+        running_mean, running_var = (bn.running_mean, bn.running_var) if bn.track_running_stats else (None, None)
+        dropout = self.dropout if self.training else 0.0
+        checks.linear_bn_relu_args(
+            input, weight, bias, bn_weight, bn_bias, running_mean, running_var, True, dropout, synchronized=True
+        )
+        out, mean, batch_var = distributed.linear_bn_relu_synchronized(
+            input, weight, bias, bn_weight, bn_bias, bn.eps, dropout, group
+        )
+        _update_running_stats(bn, mean, batch_var)
+        return out
 
     def extra_repr(self):
         return f"dropout={self.dropout}"
@@ -313,8 +319,10 @@ class FusedMLP(torch.nn.Module):
             return functional.mlp_checked(input, weights, biases, [], [], [], [], False, False, 0.0, dropout)[0]
         bns = [layer._modules["bn"] for layer in layers]
         mode = _batch_norm_mode(bns)
-        if mode is None or (mode[0] and _synchronized(bns, input, type(self).__name__)):
+        if mode is not None and mode[0] and _synchronized(bns, input, type(self).__name__):
             # Synchronized statistics run per layer: the collectives sit between its stage ops.
+            return self._synchronized_layers(input, dropout)
+        if mode is None:
             return self._layer_by_layer(input, dropout)
         bn_training, track, eps = mode
         gammas, betas = [_tensor(bn, "weight") for bn in bns], [_tensor(bn, "bias") for bn in bns]
@@ -354,6 +362,10 @@ class FusedMLP(torch.nn.Module):
             layer.dropout = self.drop.p  # the network's dropout is the one that counts
             x = layer(x)
         return torch.nn.functional.linear(x, self.out.weight, self.out.bias)
+
+    @torch.compiler.disable  # one graph break for the network, not one per layer width
+    def _synchronized_layers(self, input, dropout):
+        return self._layer_by_layer(input, dropout)
 
     def _folded(self, weights, biases, gammas, betas, running_means, running_vars, eps):
         """Every hidden layer's (W', b') with BatchNorm folded in, cached until any tensor they
@@ -443,6 +455,12 @@ class SyncBatchNorm1d(torch.nn.BatchNorm1d):
         group = distributed.active_group(self.process_group) if self.training else None
         if group is None:
             return super().forward(input)
+        return self._synchronized_forward(input, group)
+
+    # Run eagerly, in one piece: compiled, the code around the collectives would be compiled
+    # anew for every layer width it meets, past torch.compile's recompile limit.
+    @torch.compiler.disable
+    def _synchronized_forward(self, input, group):
         self._check_input_dim(input)
         out, mean, batch_var = distributed.batch_norm_synchronized(input, self.weight, self.bias, self.eps, group)
         _update_running_stats(self, mean, batch_var)

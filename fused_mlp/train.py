@@ -1,13 +1,19 @@
-"""Training and validation as the class notes teach them, with checkpoints, metrics and plots."""
+"""Training and validation as the class notes teach them, with checkpoints, metrics and plots;
+in one process, or in each process of a torchrun launch (DistributedDataParallel)."""
 
+import hashlib
 import json
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 __all__ = [
+    "World",
+    "rank_seed",
     "train_one_epoch",
     "validate",
     "fit",
@@ -16,6 +22,57 @@ __all__ = [
     "make_optimizer",
     "make_scheduler",
 ]
+
+
+@dataclass(frozen=True)
+class World:
+    """Where this process stands in a torchrun launch: its rank, its local rank (which GPU of its
+    machine it drives), the number of processes, and how many of them run on its machine.
+    World() is a run in a single process."""
+
+    rank: int = 0
+    local_rank: int = 0
+    size: int = 1
+    local_size: int = 1
+
+    @classmethod
+    def from_env(cls, environ=None):
+        """Read from what torchrun sets for each worker (RANK, LOCAL_RANK, WORLD_SIZE,
+        LOCAL_WORLD_SIZE); a single process when WORLD_SIZE is unset or 1."""
+        environ = os.environ if environ is None else environ
+        size = int(environ.get("WORLD_SIZE", "1"))
+        if size <= 1:
+            return cls()
+        rank = int(environ["RANK"])
+        local_rank = int(environ.get("LOCAL_RANK", rank))
+        return cls(rank, local_rank, size, int(environ.get("LOCAL_WORLD_SIZE", size)))
+
+    @property
+    def is_main(self):
+        """Rank 0: the one process that prints and writes the run's files."""
+        return self.rank == 0
+
+
+SINGLE = World()
+
+
+def rank_seed(seed, rank, epoch=0):
+    """A seed for the default generator of `rank`, which dropout draws its masks' seeds from:
+    different on every rank, so that the masks differ across the global batch, and unrelated to
+    any plain --seed (seed + rank would give rank 1 of --seed 0 the masks of --seed 1). `epoch`
+    tells apart the re-seeds of a run resumed on another number of processes."""
+    digest = hashlib.blake2b(f"fused_mlp rank seed {seed} {rank} {epoch}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def _global_sums(world, device, *sums):
+    """The sums (device tensors or numbers) added over every rank, as Python numbers. One process
+    reads each tensor once; several reduce them in one float64 all-reduce (exact for the counts)."""
+    if world.size == 1:
+        return tuple(s.item() if isinstance(s, torch.Tensor) else s for s in sums)
+    packed = torch.stack([torch.as_tensor(s, device=device).to(torch.float64) for s in sums])
+    dist.all_reduce(packed)
+    return tuple(packed.tolist())
 
 
 def make_optimizer(model, name="adam", lr=1e-3, momentum=0.9):
@@ -52,13 +109,14 @@ SYNC_EVERY = 50
 PROGRESS_INTERVAL = 0.1
 
 
-def train_one_epoch(model, forward, batches, optimizer, device, progress=None, sync_every=SYNC_EVERY):
-    """One pass over the training batches. `forward` is the model or its compiled twin.
-    Returns (average loss, samples per second).
+def train_one_epoch(model, forward, batches, optimizer, device, progress=None, sync_every=SYNC_EVERY, world=SINGLE):
+    """One pass over the training batches. `forward` is the model, its compiled twin, or either
+    wrapped in DistributedDataParallel. Returns (average loss, samples per second), over every
+    rank's rows when `world` has several.
 
     The loss is summed on the device and read on the host once every `sync_every` steps (for the
     progress bar, when there is one) and once at the end, so the host never waits on the device at
-    each step."""
+    each step. The bar counts the images of every rank, and shows this rank's running loss."""
     model.train()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     seen = 0
@@ -73,21 +131,22 @@ def train_one_epoch(model, forward, batches, optimizer, device, progress=None, s
         loss_sum += loss.detach() * len(y)
         seen += len(y)
         if progress is not None:
-            progress.update(len(y))  # redrawn at most every PROGRESS_INTERVAL seconds
+            progress.update(len(y) * world.size)  # redrawn at most every PROGRESS_INTERVAL seconds
             if step % sync_every == 0:
                 progress.set_postfix(
                     loss=f"{loss_sum.item() / seen:.4f}",
-                    samples_per_s=f"{seen / (time.perf_counter() - start):.0f}",
+                    samples_per_s=f"{seen * world.size / (time.perf_counter() - start):.0f}",
                     refresh=False,
                 )
-    total_loss = loss_sum.item()
+    total_loss, seen = _global_sums(world, device, loss_sum, seen)
     return total_loss / max(seen, 1), seen / (time.perf_counter() - start)
 
 
 @torch.no_grad()
-def validate(model, forward, batches, device, return_predictions=False):
+def validate(model, forward, batches, device, return_predictions=False, world=SINGLE):
     """Average loss and accuracy (a fraction) over the batches, in eval mode; the sums stay on the
-    device until the end."""
+    device until the end. With several ranks, each evaluates its piece of the set and the figures
+    are those of the whole set; the predictions are every rank's, in the set's order."""
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
@@ -102,10 +161,29 @@ def validate(model, forward, batches, device, return_predictions=False):
         seen += len(y)
         if return_predictions:
             predictions.append(pred)
-    result = (loss_sum.item() / max(seen, 1), correct.item() / max(seen, 1))
+    loss_sum, correct, seen = _global_sums(world, device, loss_sum, correct, seen)
+    result = (loss_sum / max(seen, 1), correct / max(seen, 1))
     if return_predictions:
-        return result + (torch.cat(predictions).cpu() if predictions else torch.empty(0, dtype=torch.long),)
+        mine = torch.cat(predictions).cpu() if predictions else torch.empty(0, dtype=torch.long)
+        return result + (_gathered(mine, world),)
     return result
+
+
+def _gathered(tensor, world):
+    """Every rank's tensor, concatenated in rank order (a collective: every rank calls it)."""
+    if world.size == 1:
+        return tensor
+    pieces = [None] * world.size
+    dist.all_gather_object(pieces, tensor)
+    return torch.cat(pieces)
+
+
+def _broadcast_buffers(model):
+    """Rank 0's buffers (BatchNorm's running statistics) on every rank. DDP does the same at each
+    training step's forward, so this is what rank 0 saves; without it, each rank would evaluate its
+    piece with the statistics of its own last batch, and the figures would be of no one model."""
+    for buffer in model.buffers():
+        dist.broadcast(buffer, src=0)
 
 
 # --- checkpoints --------------------------------------------------------------------------------
@@ -128,7 +206,32 @@ def _atomic_write(path, write):
         raise
 
 
-def save_checkpoint(path, model, optimizer, scheduler, epoch, args, train_batches, history, best):
+def rng_state():
+    """This process's generators that training draws from: torch's CPU one and the CUDA ones
+    (dropout takes its seeds from the default generator of its device)."""
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def gather_rng_states(world):
+    """Every rank's rng_state(), in rank order (a collective: every rank calls it)."""
+    if world.size == 1:
+        return [rng_state()]
+    states = [None] * world.size
+    dist.all_gather_object(states, rng_state())
+    return states
+
+
+def save_checkpoint(path, model, optimizer, scheduler, epoch, args, train_batches, history, best, rng_states=None):
+    """Writes the checkpoint atomically. rng_states is gather_rng_states()'s list when the run has
+    several ranks (rank 0 writes it for all); the data order's generator is the same on every rank
+    and saved once."""
+    rng_states = rng_states or [rng_state()]
+    rng = dict(rng_states[0], shuffle=train_batches.generator.get_state())
+    if len(rng_states) > 1:
+        rng["ranks"] = rng_states
     state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -137,11 +240,8 @@ def save_checkpoint(path, model, optimizer, scheduler, epoch, args, train_batche
         "args": args,
         "history": history,
         "best": best,
-        "rng": {
-            "torch": torch.get_rng_state(),
-            "shuffle": train_batches.generator.get_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        },
+        "world_size": len(rng_states),
+        "rng": rng,
     }
     _atomic_write(path, lambda f: torch.save(state, f))
 
@@ -150,47 +250,86 @@ def write_json(path, data):
     _atomic_write(path, lambda f: f.write(json.dumps(data, indent=2).encode()))
 
 
-def load_checkpoint(path, model, optimizer, scheduler, train_batches):
-    """Restores everything save_checkpoint saved; returns the checkpoint dict."""
+def load_checkpoint(path, model, optimizer, scheduler, train_batches, world=SINGLE):
+    """Restores everything save_checkpoint saved; returns the checkpoint dict.
+
+    Each rank takes back its own generators when the checkpoint was written by as many ranks as
+    this run has, and the run continues exactly. With another number, the data order still
+    continues, but each rank's share of it is new, and each rank's generator is re-seeded with
+    rank_seed(seed, rank, epoch): the run continues from the epoch boundary, not as it would have."""
     state = torch.load(path, map_location="cpu", weights_only=False)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None and state["scheduler"] is not None:
         scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"]["torch"])
     train_batches.generator.set_state(state["rng"]["shuffle"])
-    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    ranks = state["rng"].get("ranks") or [state["rng"]]
+    if len(ranks) == world.size:
+        torch.set_rng_state(ranks[world.rank]["torch"])
+        if ranks[world.rank]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ranks[world.rank]["cuda"])
+    else:
+        torch.manual_seed(rank_seed(state["args"]["seed"], world.rank, state["epoch"]))
     return state
+
+
+def _data_parallel(module, device):
+    """The module under DistributedDataParallel: gradients averaged over the ranks in backward,
+    rank 0's parameters and buffers broadcast at construction and its buffers at each forward."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 # --- the run ------------------------------------------------------------------------------------
 
 
-def fit(model, forward, splits, args, out_dir, device, resume=None, log=print, progress_bar=True):
+def fit(model, forward, splits, args, out_dir, device, resume=None, log=print, progress_bar=True, world=SINGLE):
     """Trains for args["epochs"] epochs, validating after each, and writes into out_dir:
     checkpoint_last.pt and checkpoint_best.pt (by validation accuracy), metrics.json, and the
     plots. log gets one line per epoch; with progress_bar, a bar on stderr follows the epoch
     while stderr is a terminal. Returns the metrics dict, with the final test accuracy and loss of
-    the last epoch's model."""
+    the last epoch's model.
+
+    In a torchrun launch (`world` of several ranks, the process group joined), every rank calls
+    fit: args["batch_size"] is the global batch, each rank trains on its share of each epoch
+    through DistributedDataParallel, and the figures are over every rank's rows. Rank 0 alone
+    logs, draws the bar and writes the files; the others return the same metrics."""
     from .data import Batches
 
-    train_batches = Batches(
-        splits.train_x, splits.train_y, args["batch_size"], shuffle=True, seed=args["seed"], device=device
-    )
-    val_batches = Batches(splits.val_x, splits.val_y, 1024, device=device)
-    test_batches = Batches(splits.test_x, splits.test_y, 1024, device=device)
+    if args["batch_size"] % world.size:
+        raise ValueError(f"fit: batch_size {args['batch_size']} does not divide among {world.size} ranks")
+    if not world.is_main:
+        log, progress_bar = (lambda *a: None), False
+    shard = dict(device=device, rank=world.rank, world_size=world.size)
+    per_rank = args["batch_size"] // world.size
+    train_batches = Batches(splits.train_x, splits.train_y, per_rank, shuffle=True, seed=args["seed"], **shard)
+    val_batches = Batches(splits.val_x, splits.val_y, 1024, **shard)
+    test_batches = Batches(splits.test_x, splits.test_y, 1024, **shard)
+    # Training steps go through DDP; evaluation calls `forward` itself, which has no collective in
+    # it, so the ranks' pieces of the set need not have the same number of batches.
+    train_forward = _data_parallel(forward, device) if world.size > 1 else forward
     optimizer = make_optimizer(model, args["optimizer"], args["lr"], args.get("momentum", 0.9))
     scheduler = make_scheduler(optimizer, args["schedule"], args["epochs"])
     history, best, first_epoch = [], {"val_accuracy": -1.0, "epoch": 0}, 1
     if resume:
-        state = load_checkpoint(resume, model, optimizer, scheduler, train_batches)
+        state = load_checkpoint(resume, model, optimizer, scheduler, train_batches, world)
         history, best, first_epoch = state["history"], state["best"], state["epoch"] + 1
         log(f"resumed from {resume} after epoch {state['epoch']}")
+        saved_world = state.get("world_size", 1)
+        if saved_world != world.size:
+            log(
+                f"warning: {resume} was written by {saved_world} process(es), this run has {world.size}: "
+                f"training continues from the end of epoch {state['epoch']}, but with other data shards "
+                "and dropout masks than the original run would have drawn"
+            )
+    elif world.size > 1:
+        torch.manual_seed(rank_seed(args["seed"], world.rank))
 
     last_path = os.path.join(out_dir, "checkpoint_last.pt")
     best_path = os.path.join(out_dir, "checkpoint_best.pt")
     metrics = {"args": args, "history": history}
+    batch_note = f"  global batch {args['batch_size']} on {world.size} processes" if world.size > 1 else ""
     for epoch in range(first_epoch, args["epochs"] + 1):
         bar = None
         if progress_bar:
@@ -199,7 +338,7 @@ def fit(model, forward, splits, args, out_dir, device, resume=None, log=print, p
             # disable=None: no bar when stderr, where it is drawn, is not a terminal. A redirected
             # or CI log then holds the epoch lines alone instead of every redrawn frame.
             bar = tqdm(
-                total=train_batches.num_samples(),
+                total=train_batches.num_samples() * world.size,
                 desc=f"epoch {epoch}/{args['epochs']}",
                 unit="img",
                 leave=False,
@@ -208,10 +347,12 @@ def fit(model, forward, splits, args, out_dir, device, resume=None, log=print, p
                 mininterval=PROGRESS_INTERVAL,
             )
         start = time.perf_counter()
-        train_loss, speed = train_one_epoch(model, forward, train_batches, optimizer, device, bar)
+        train_loss, speed = train_one_epoch(model, train_forward, train_batches, optimizer, device, bar, world=world)
         if bar is not None:
             bar.close()
-        val_loss, val_acc = validate(model, forward, val_batches, device)
+        if world.size > 1:
+            _broadcast_buffers(model)
+        val_loss, val_acc = validate(model, forward, val_batches, device, world=world)
         if scheduler is not None:
             scheduler.step()
         seconds = time.perf_counter() - start
@@ -226,21 +367,28 @@ def fit(model, forward, splits, args, out_dir, device, resume=None, log=print, p
                 "lr": optimizer.param_groups[0]["lr"],
             }
         )
+        rng_states = gather_rng_states(world)
+        checkpoint = (model, optimizer, scheduler, epoch, args, train_batches, history)
         if val_acc > best["val_accuracy"]:
             best = {"val_accuracy": val_acc, "epoch": epoch}
-            save_checkpoint(best_path, model, optimizer, scheduler, epoch, args, train_batches, history, best)
-        save_checkpoint(last_path, model, optimizer, scheduler, epoch, args, train_batches, history, best)
-        write_json(os.path.join(out_dir, "metrics.json"), metrics)
+            if world.is_main:
+                save_checkpoint(best_path, *checkpoint, best, rng_states)
+        if world.is_main:
+            save_checkpoint(last_path, *checkpoint, best, rng_states)
+            write_json(os.path.join(out_dir, "metrics.json"), metrics)
         log(
             f"epoch {epoch:3d}  train loss {train_loss:.4f}  val loss {val_loss:.4f}  "
-            f"val acc {val_acc * 100:.2f}%  {speed:,.0f} samples/s  {seconds:.1f} s"
+            f"val acc {val_acc * 100:.2f}%  {speed:,.0f} samples/s  {seconds:.1f} s{batch_note}"
         )
 
-    test_loss, test_acc, predictions = validate(model, forward, test_batches, device, return_predictions=True)
+    test_loss, test_acc, predictions = validate(
+        model, forward, test_batches, device, return_predictions=True, world=world
+    )
     metrics.update(best=best, test_loss=test_loss, test_accuracy=test_acc)
-    write_json(os.path.join(out_dir, "metrics.json"), metrics)
-    plot_curves(history, os.path.join(out_dir, "curves.png"))
-    plot_confusion(splits.test_y, predictions, splits.classes, os.path.join(out_dir, "confusion.png"))
+    if world.is_main:
+        write_json(os.path.join(out_dir, "metrics.json"), metrics)
+        plot_curves(history, os.path.join(out_dir, "curves.png"))
+        plot_confusion(splits.test_y, predictions, splits.classes, os.path.join(out_dir, "confusion.png"))
     return metrics
 
 

@@ -163,6 +163,7 @@ def main(scenario, rank, world, init_file, out_dir, timeout=60):
         timeout=timedelta(seconds=float(timeout)),
     )
     SCENARIOS[scenario](int(rank), int(world), out_dir)
+    dist.barrier()  # no rank tears the group down while another still finishes its last collective
     dist.destroy_process_group()
 
 
