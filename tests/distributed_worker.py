@@ -6,7 +6,6 @@ gloo on the CPU, init_method=file://, one thread per process. The cases are defi
 imported by the test, which computes the single-process reference on the concatenated batch.
 """
 
-import copy
 import os
 import sys
 from datetime import timedelta
@@ -74,30 +73,39 @@ def rank_rows(rows, rank):
     return slice(start, start + rows[rank])
 
 
-def run_parity(rank, world, out_dir):
+def run_parity(rank, world, out_dir, device="cpu", convert=convert_sync_batchnorm, kinds=None):
     results = {}
     for name, (kind, rows, momentum) in CASES.items():
-        model = convert_sync_batchnorm(build(kind, momentum))
-        ddp = DistributedDataParallel(model)
+        if kinds is not None and kind not in kinds:
+            continue
+        model = convert(build(kind, momentum)).to(device)
+        ddp = DistributedDataParallel(model, device_ids=[rank] if device != "cpu" else None)
         optimizer = torch.optim.SGD(ddp.parameters(), lr=LR)
         mine = rank_rows(rows, rank)
         steps = []
         for step in range(STEPS):
             x, weights = batch(kind, step, rows)
-            x = x[mine].clone().requires_grad_()
+            x, weights = x[mine].to(device).requires_grad_(), weights[mine].to(device)
             out = ddp(x)
             # The rank's loss is its rows' share of the global mean, times the world size: DDP's
             # average of the ranks' gradients is then the gradient of the global batch's mean.
-            loss = (out * weights[mine]).sum() * world / sum(rows)
+            loss = (out * weights).sum() * world / sum(rows)
             optimizer.zero_grad()
             loss.backward()
-            grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-            steps.append({"out": out.detach(), "input_grad": x.grad, "grads": grads})
+            grads = {n: p.grad.cpu() for n, p in model.named_parameters()}
+            steps.append({"out": out.detach().cpu(), "input_grad": x.grad.cpu(), "grads": grads})
             optimizer.step()
         model.eval()
         x, _ = batch(kind, STEPS, rows)
-        results[name] = {"steps": steps, "state": copy.deepcopy(model.state_dict()), "eval": model(x).detach()}
+        state = {k: v.cpu() for k, v in model.state_dict().items()}
+        results[name] = {"steps": steps, "state": state, "eval": model(x.to(device)).detach().cpu()}
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def run_parity_cuda(rank, world, out_dir):
+    """On GPUs, the usual recipe: stock torch.nn.SyncBatchNorm inside the fused layers, honoured."""
+    convert = torch.nn.SyncBatchNorm.convert_sync_batchnorm
+    run_parity(rank, world, out_dir, device=f"cuda:{rank}", convert=convert, kinds=("layer", "network"))
 
 
 def run_header_mismatch(rank, world, out_dir):
@@ -146,6 +154,7 @@ def run_rank_exits(rank, world, out_dir):
 
 SCENARIOS = {
     "parity": run_parity,
+    "parity-cuda": run_parity_cuda,
     "header-mismatch": run_header_mismatch,
     "stock-sync-batchnorm-on-cpu": run_stock_sync_batchnorm_on_cpu,
     "unsupported": run_unsupported,
@@ -155,8 +164,11 @@ SCENARIOS = {
 
 def main(scenario, rank, world, init_file, out_dir, timeout=60):
     torch.set_num_threads(1)
+    cuda = scenario.endswith("-cuda")
+    if cuda:
+        torch.cuda.set_device(int(rank))
     dist.init_process_group(
-        "gloo",
+        "nccl" if cuda else "gloo",
         init_method=f"file://{init_file}",
         rank=int(rank),
         world_size=int(world),

@@ -47,12 +47,15 @@ def run_pair(scenario, tmp_path, timeout=60):
     return results
 
 
-@pytest.fixture(scope="module")
-def parity(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("parity")
-    for rank, (code, err, _) in enumerate(run_pair("parity", tmp)):
+def run_results(scenario, tmp):
+    for rank, (code, err, _) in enumerate(run_pair(scenario, tmp)):
         assert code == 0, f"rank {rank}:\n{err}"
     return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+@pytest.fixture(scope="module")
+def parity(tmp_path_factory):
+    return run_results("parity", tmp_path_factory.mktemp("parity"))
 
 
 def reference_run(kind, rows, momentum):
@@ -76,6 +79,18 @@ def reference_run(kind, rows, momentum):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_synchronized_statistics_equal_batch_norm_over_the_concatenated_batch(parity, case):
+    assert_matches_concatenated_batch(parity, case)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < WORLD, reason="needs 2 CUDA GPUs")
+def test_a_stock_sync_batchnorm_in_the_fused_layers_is_honoured_on_cuda(tmp_path):
+    results = run_results("parity-cuda", tmp_path)
+    for case, (kind, _, _) in CASES.items():
+        if kind in ("layer", "network"):
+            assert_matches_concatenated_batch(results, case)
+
+
+def assert_matches_concatenated_batch(parity, case):
     kind, rows, momentum = CASES[case]
     want_steps, want_state, want_eval = reference_run(kind, rows, momentum)
     tol = dict(rtol=1e-9, atol=1e-11)
