@@ -15,7 +15,7 @@ averages them as it does every other gradient.
 import torch
 import torch.distributed as dist
 
-from . import autograd, functional, ops
+from . import autograd, functional, ops, reference
 
 __all__ = [
     "SynchronizationError",
@@ -92,7 +92,7 @@ def _local_moments(rows, eps):
     if n >= 2:
         mean, _, unbiased_var = ops.bn_batch_stats(rows, eps)
         return mean, unbiased_var * (n - 1)
-    acc = torch.float64 if rows.dtype == torch.float64 else torch.float32
+    acc = reference._acc_dtype(rows.dtype)
     mean = rows[0].to(acc) if n == 1 else rows.new_zeros(rows.shape[1], dtype=acc)
     return mean, torch.zeros_like(mean)
 
@@ -232,10 +232,7 @@ def linear_bn_relu_synchronized(input, weight, bias, bn_weight, bn_bias, eps, dr
     the caller's running-statistics update. Under torch.autocast the Linear runs in the autocast
     dtype, BatchNorm in its parameters' dtype, as in the single-process op."""
     _run_outside_transforms()
-    if torch.is_autocast_enabled(input.device.type):
-        dtype = torch.get_autocast_dtype(input.device.type)
-        input, weight = input.to(dtype), weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
+    input, (weight,), (bias,) = functional.autocast_linears(input, (weight,), (bias,))
     seed_offset = functional.dropout_seed_offset(dropout, generator, input)
     with torch.autocast(input.device.type, enabled=False):
         args = (input, weight, bias, bn_weight, bn_bias, float(eps), float(dropout), seed_offset, group)

@@ -9,6 +9,7 @@ from . import autograd, checks, ops
 
 __all__ = [
     "cross_entropy",
+    "autocast_linears",
     "dropout_seed_offset",
     "fold_batch_norm",
     "folded_linear_relu_dropout",
@@ -66,6 +67,16 @@ def cross_entropy(input, target, weight=None, *, ignore_index=-100, reduction="m
 
 
 # --- Linear -> BatchNorm1d -> ReLU -> Dropout --------------------------------------------------------
+
+
+def autocast_linears(input, weights, biases):
+    """(input, weights, biases) in the autocast dtype of input's device when autocast is on there,
+    as the stock Linear's GEMM runs; unchanged otherwise. BatchNorm's tensors keep their dtype."""
+    if not torch.is_autocast_enabled(input.device.type):
+        return input, weights, biases
+    dtype = torch.get_autocast_dtype(input.device.type)
+    return input.to(dtype), [w.to(dtype) for w in weights], [None if b is None else b.to(dtype) for b in biases]
+
 
 # (seed, offset) when no dropout is applied; never written.
 _NO_DROPOUT_SEED = torch.zeros(2, dtype=torch.int64)
@@ -125,10 +136,7 @@ def linear_bn_relu_checked(
     checks them before it touches its state)."""
     if training and running_mean is not None and autograd.transforms_active():
         raise RuntimeError(RUNNING_STATS_UNDER_TRANSFORM)
-    if torch.is_autocast_enabled(input.device.type):
-        dtype = torch.get_autocast_dtype(input.device.type)
-        input, weight = input.to(dtype), weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
+    input, (weight,), (bias,) = autocast_linears(input, (weight,), (bias,))
     seed_offset = dropout_seed_offset(dropout, generator, input)
     out, _, mean, _, batch_var = autograd.LINEAR_BN_RELU(
         input,
@@ -177,10 +185,7 @@ def fold_batch_norm(weight, bias, bn_weight, bn_bias, running_mean, running_var,
 def folded_linear_relu_dropout(input, weight, bias, *, dropout=0.0, generator=None):
     """Inference of the layer with BatchNorm already folded into weight and bias
     (fold_batch_norm): one GEMM, then ReLU and dropout in place on its output."""
-    if torch.is_autocast_enabled(input.device.type):
-        dtype = torch.get_autocast_dtype(input.device.type)
-        input, weight = input.to(dtype), weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
+    input, (weight,), (bias,) = autocast_linears(input, (weight,), (bias,))
     return autograd.LINEAR_RELU_DROPOUT(
         input, weight, bias, float(dropout), dropout_seed_offset(dropout, generator, input)
     )
@@ -214,11 +219,7 @@ def mlp_checked(
     variance, for the caller's running-statistics update (ops.mlp_update_running_stats_).
     Under torch.autocast the Linears run in the autocast dtype, BatchNorm in its parameters' dtype.
     """
-    if torch.is_autocast_enabled(input.device.type):
-        dtype = torch.get_autocast_dtype(input.device.type)
-        input = input.to(dtype)
-        weights = [w.to(dtype) for w in weights]
-        biases = [None if b is None else b.to(dtype) for b in biases]
+    input, weights, biases = autocast_linears(input, weights, biases)
     seed_offset = dropout_seed_offset(dropout, generator, input)
     layers = len(weights) - 1
     config = autograd.MLPConfig(layers, batch_norm, use_batch_stats, float(eps), float(dropout), len(bn_weights))
@@ -237,10 +238,6 @@ def mlp_checked(
 def mlp_inference(input, weights, biases):
     """The network on weights with BatchNorm folded in (fold_batch_norm per layer): one GEMM per
     layer, with the hidden layers' ReLU in its epilogue or in place on its output. No autograd."""
-    if torch.is_autocast_enabled(input.device.type):
-        dtype = torch.get_autocast_dtype(input.device.type)
-        input = input.to(dtype)
-        weights = [w.to(dtype) for w in weights]
-        biases = [None if b is None else b.to(dtype) for b in biases]
+    input, weights, biases = autocast_linears(input, weights, biases)
     with torch._C._AutoDispatchBelowAutograd():
         return ops.mlp_inference(input, weights, biases)
