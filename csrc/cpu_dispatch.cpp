@@ -160,6 +160,10 @@ struct CpuLayers {
                              const at::Tensor& seed_offset) const {
     return kernels.bn_relu_dropout(pre_bn, mean, invstd, bn_weight, bn_bias, dropout_p, seed_offset);
   }
+  at::Tensor relu_dropout_backward(const at::Tensor& grad_out, const at::Tensor& output, double dropout_p,
+                                   const at::Tensor& seed_offset) const {
+    return kernels.relu_dropout_backward(grad_out, output, dropout_p, seed_offset);
+  }
   void update_running_stats(at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& batch_mean,
                             const at::Tensor& batch_var, double factor) const {
     kernels.update_running_stats(running_mean, running_var, batch_mean, batch_var, factor);

@@ -1,7 +1,7 @@
 // The whole MLP as one op per pass: every hidden layer (Linear -> BatchNorm1d -> ReLU -> Dropout,
 // or Linear -> ReLU -> Dropout without BatchNorm) and the output Linear, in a loop written once for
-// any backend. A backend supplies its layer kernels as a `Layers` object with five members, the
-// kernels of the per-layer ops (each also an op of its own):
+// any backend. A backend supplies its layer kernels as a `Layers` object with six members, the
+// kernels of the per-layer ops (each but relu_dropout_backward also an op of its own):
 //
 //   forward(input, weight, bias, bn_weight, bn_bias, running_mean, running_var, use_batch_stats, eps,
 //           dropout_p, seed_offset)                      -> (out, pre_bn, mean, invstd, batch_var)
@@ -11,6 +11,8 @@
 //                                                            grad_bn_weight, grad_bn_bias)
 //   linear_relu_dropout(input, weight, bias, dropout_p, seed_offset) -> relu(input weight^T + bias) * mask
 //   bn_relu_dropout(pre_bn, mean, invstd, bn_weight, bn_bias, dropout_p, seed_offset) -> the epilogue
+//   relu_dropout_backward(grad_out, output, dropout_p, seed_offset) -> the gradient at relu's input,
+//                                                        from linear_relu_dropout's output
 //   update_running_stats(running_mean, running_var, batch_mean, batch_var, factor)
 //
 // csrc/cpu_dispatch.cpp passes the CPU kernels, csrc/cuda/mlp_cuda.cu the CUDA host sequences with
@@ -25,7 +27,6 @@
 #include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
-#include <ATen/ops/threshold_backward.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
 #include <c10/util/irange.h>
@@ -237,10 +238,7 @@ std::tuple<at::Tensor, TensorVector, TensorVector, TensorVector, TensorVector> m
       }
       g = below[i] ? gx : none;
     } else {
-      // relu(z) * mask / (1 - p) is positive exactly where the unit passed both: the gradient flows
-      // there, scaled as the forward scaled it.
-      at::Tensor gz = at::threshold_backward(g, hidden[i], 0);
-      if (dropout_p > 0.0) gz.mul_(1.0 / (1.0 - dropout_p));
+      at::Tensor gz = layers.relu_dropout_backward(g, hidden[i], dropout_p, so);
       if (need_layer_grads.get(i)) {
         grad_weights[i] = at::mm(gz.t(), x);
         if (bias.has_value()) grad_biases[i] = gz.sum(0);

@@ -30,7 +30,7 @@ import torch.distributed as dist
 import fused_mlp.nn
 from fused_mlp import data
 from fused_mlp.models import MLP
-from fused_mlp.train import World, fit
+from fused_mlp.train import UnsafeCheckpointError, World, fit, read_checkpoint
 
 EXIT_USAGE = 2
 DEFAULT_DIST_TIMEOUT = 120.0
@@ -185,7 +185,12 @@ def check_resume(path, model, run_args):
     if not os.path.isfile(path):
         fail(f"--resume {path}: no such file")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = read_checkpoint(path)
+    except UnsafeCheckpointError as err:
+        fail(f"--resume {err}")
+    except Exception as err:
+        fail(f"--resume {path} is not a checkpoint this program can read ({str(err).splitlines()[0]})")
+    try:
         saved = state["args"]
         model.load_state_dict(state["model"])  # raises on a different architecture
     except Exception as err:

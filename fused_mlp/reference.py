@@ -122,8 +122,11 @@ def cross_entropy_backward(grad_loss, input, target, weight, logsumexp, reductio
         divisor = float(rows)
     else:
         valid, t, w_t, w = _class_terms(target, weight, classes, ignore_index, acc)
-        a = (1.0 - eps) * w_t + (eps / classes) * w.sum()
-        grad = prob * a[:, None] - (eps / classes) * w[None, :]
+        if eps > 0:
+            a = (1.0 - eps) * w_t + (eps / classes) * w.sum()
+            grad = prob * a[:, None] - (eps / classes) * w[None, :]
+        else:  # no other class's weight enters a row (0 * a NaN or inf weight would be NaN)
+            grad = prob * w_t[:, None]
         grad = grad.scatter_add(1, t[:, None], -((1.0 - eps) * w_t)[:, None])
         divisor = _counted_weight(valid, w_t)
     if reduction == REDUCTION_NONE:
@@ -377,12 +380,19 @@ def linear_bn_relu_backward(
     g = grad_out.to(acc)
     a, _ = _bn_affine(bn_weight, bn_bias, mean, invstd)
     mean, invstd = mean.unsqueeze(-2), invstd.unsqueeze(-2)
-    scale = 1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0
-    dy = torch.where(saved > 0, g * scale, torch.zeros_like(g))
+    dy = _grad_through_output(g, saved, dropout_p, seed_offset)
     z = _linear(input, weight, bias).to(acc)
     sum_dy, sum_dy_zhat = dy.sum(dim=-2), (dy * (z - mean) * invstd).sum(dim=-2)
     dz = dy * a
     return _layer_grads(dz, dz.sum(dim=-2), input, weight, bn_weight, bn_bias, sum_dy, sum_dy_zhat, need_grad_input)
+
+
+def _grad_through_output(g, output, dropout_p, seed_offset):
+    """g (in the accumulation dtype) through dropout and ReLU, read off the saved output
+    relu(y) * mult: zero where the output is <= 0 (relu's output was, or the unit was dropped), and
+    g * mult elsewhere, NaN included, as torch.relu's backward lets a gradient through at NaN."""
+    mult = _dropout_multiplier(output, dropout_p, seed_offset, g.dtype)
+    return torch.where(output <= 0, torch.zeros_like(g), g if mult is None else g * mult)
 
 
 def _layer_grads(dz, grad_bias, input, weight, bn_weight, bn_bias, sum_dy, sum_dy_zhat, need_grad_input):
@@ -406,7 +416,8 @@ def _batch_stats_dy(grad_out, pre_bn, mean, invstd, bn_weight, bn_bias, dropout_
     g, z = grad_out.to(acc), pre_bn.to(acc)
     a, b = _bn_affine(bn_weight, bn_bias, mean, invstd)
     mult = _dropout_multiplier(z, dropout_p, seed_offset, acc)
-    dy = torch.where(z * a + b > 0, g if mult is None else g * mult, torch.zeros_like(g))
+    # Zero where relu's input is <= 0; NaN lets the gradient through, as in torch.relu's backward.
+    dy = torch.where(z * a + b <= 0, torch.zeros_like(g), g if mult is None else g * mult)
     return dy, (z - mean.unsqueeze(-2)) * invstd.unsqueeze(-2), a
 
 
@@ -435,9 +446,10 @@ def bn_backward_finish(
     """The backward's second stage: the layer's gradients from sums over `count` rows."""
     dy, zhat, a = _batch_stats_dy(grad_out, pre_bn, mean, invstd, bn_weight, bn_bias, dropout_p, seed_offset)
     dz = a * (dy - sum_dy.unsqueeze(-2) / count - zhat * sum_dy_zhat.unsqueeze(-2) / count)
-    # The bias gradient is exactly zero: BatchNorm with batch statistics cancels any constant added
-    # before it.
-    grad_bias = torch.zeros(sum_dy.shape, dtype=dz.dtype, device=dz.device)
+    # The bias gradient, sum_n dz, is zero: BatchNorm with batch statistics cancels any constant
+    # added before it. It is NaN where a NaN or inf reached the feature's sums or its affine, as the
+    # sum of stock's dz would be.
+    grad_bias = (sum_dy + sum_dy_zhat) * a.squeeze(-2) * 0
     return _layer_grads(dz, grad_bias, input, weight, bn_weight, bn_bias, sum_dy, sum_dy_zhat, need_grad_input)
 
 
@@ -600,8 +612,7 @@ def mlp_backward(
                 if _entry(bn_biases, i) is not None:
                     grad_bn_biases[i] = gbeta
         else:
-            scale = 1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0
-            gz = torch.where(hidden[i] > 0, g * scale, torch.zeros_like(g))
+            gz = _grad_through_output(g, hidden[i], dropout_p, so)
             if need_layer_grads[i]:
                 grad_weights[i] = gz.transpose(-1, -2) @ x
                 if biases[i] is not None:

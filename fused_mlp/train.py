@@ -4,6 +4,7 @@ in one process, or in each process of a torchrun launch (DistributedDataParallel
 import hashlib
 import json
 import os
+import pickle
 import tempfile
 import time
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ __all__ = [
     "fit",
     "save_checkpoint",
     "load_checkpoint",
+    "read_checkpoint",
+    "UnsafeCheckpointError",
     "make_optimizer",
     "make_scheduler",
 ]
@@ -250,6 +253,26 @@ def write_json(path, data):
     _atomic_write(path, lambda f: f.write(json.dumps(data, indent=2).encode()))
 
 
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint holds something other than tensors and plain data: loading it would run code."""
+
+
+def read_checkpoint(path):
+    """The checkpoint dict at path, read with torch.load(weights_only=True): tensors, numbers,
+    strings and containers of them, which is all that save_checkpoint writes. A file that holds any
+    other object (which unpickling would construct by running code the file names) is refused
+    before anything in it runs."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        lines = [line for line in str(err).splitlines() if line.strip()]
+        reason = next((line for line in lines if "GLOBAL" in line.upper()), lines[0] if lines else "")
+        raise UnsafeCheckpointError(
+            f"{path} holds objects other than tensors and plain data, which loading would construct by "
+            f"running code the file names; refused ({reason.strip()})"
+        ) from None
+
+
 def load_checkpoint(path, model, optimizer, scheduler, train_batches, world=SINGLE):
     """Restores everything save_checkpoint saved; returns the checkpoint dict.
 
@@ -257,7 +280,7 @@ def load_checkpoint(path, model, optimizer, scheduler, train_batches, world=SING
     this run has, and the run continues exactly. With another number, the data order still
     continues, but each rank's share of it is new, and each rank's generator is re-seeded with
     rank_seed(seed, rank, epoch): the run continues from the epoch boundary, not as it would have."""
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = read_checkpoint(path)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None and state["scheduler"] is not None:

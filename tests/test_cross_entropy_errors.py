@@ -119,3 +119,26 @@ def test_bad_input_leaves_everything_untouched(x, target):
         cross_entropy(x, target, weight)
     target[3] = before[1][3]
     assert torch.equal(x, before[0]) and torch.equal(target, before[1]) and torch.equal(weight, before[2])
+
+
+@pytest.mark.cpu_parity
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")], ids=["nan", "+inf", "-inf"])
+@pytest.mark.parametrize("where", ["input", "weight"])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_non_finite_values_give_what_stock_gives(target, value, where, reduction):
+    """NaN or inf in the logits or the class weights is no error, in stock or here: the same loss and
+    gradient, NaN for NaN."""
+    x, weight = torch.randn(4, 5), torch.rand(5) + 0.5
+    if where == "input":
+        x[2, 1] = value
+    else:
+        weight[1] = value
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    got = cross_entropy(xa, target, weight, reduction=reduction)
+    want = torch.nn.functional.cross_entropy(xb, target, weight, reduction=reduction)
+    if not (where == "input" and value < 0):  # a -inf logit of a class that is no target costs nothing
+        assert not torch.isfinite(want).all()
+    torch.testing.assert_close(got, want, equal_nan=True)
+    got.sum().backward()
+    want.sum().backward()
+    torch.testing.assert_close(xa.grad, xb.grad, equal_nan=True)

@@ -1,5 +1,8 @@
 """Bad input to the fused layer: a clear error naming the argument, and the layer's state intact."""
 
+import copy
+import math
+
 import pytest
 import torch
 from conftest import needs_extension
@@ -117,3 +120,43 @@ def test_stage_ops_check_their_own_arguments():
         epilogue(z, mean, invstd, None, None, 1.5, so)
     # One row is enough to normalize with given statistics.
     assert epilogue(z[:1], mean, invstd, None, None, 0.0, so).shape == (1, 4)
+
+
+# --- odd values: accepted as stock accepts them ----------------------------------------------------
+
+
+@pytest.mark.cpu_parity
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")], ids=["nan", "+inf", "-inf"])
+@pytest.mark.parametrize("where", ["input", "weight", "bn_weight", "running_var"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_non_finite_values_give_what_stock_gives(value, where, training):
+    """NaN or inf in the input or a parameter is no error, in stock or here: the outputs, the input
+    gradient and the running statistics match stock's, NaN for NaN."""
+    torch.manual_seed(0)
+    layer = LinearBNReLU(8, 4, dropout=0.0).train(training)
+    stock = torch.nn.Sequential(copy.deepcopy(layer.linear), copy.deepcopy(layer.bn), torch.nn.ReLU()).train(training)
+    x = torch.randn(6, 8)
+    targets = {
+        "input": (x,),
+        "weight": (layer.linear.weight, stock[0].weight),
+        "bn_weight": (layer.bn.weight, stock[1].weight),
+        "running_var": (layer.bn.running_var, stock[1].running_var),
+    }
+    with torch.no_grad():
+        for t in targets[where]:
+            t[1] = value
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out, want = layer(xa), stock(xb)
+    if where != "running_var":  # which only eval reads, and where +inf gives invstd 0
+        assert not torch.isfinite(want).all()
+    torch.testing.assert_close(out, want, equal_nan=True, rtol=1e-5, atol=1e-6)
+    out.sum().backward()
+    want.sum().backward()
+    if where == "bn_weight" and training and math.isinf(value):
+        # An infinite gamma multiplies the rounding residue of sum_n dz (zero in exact arithmetic):
+        # the same elements are non-finite, their signs follow each one's rounding.
+        assert torch.equal(torch.isfinite(xa.grad), torch.isfinite(xb.grad))
+    else:
+        torch.testing.assert_close(xa.grad, xb.grad, equal_nan=True, rtol=1e-5, atol=1e-6)
+    for a, b in zip(layer.buffers(), stock.buffers()):
+        torch.testing.assert_close(a, b, equal_nan=True, rtol=1e-5, atol=1e-6)

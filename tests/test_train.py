@@ -69,7 +69,7 @@ def test_smoke_one_epoch_on_a_subset(impl, data_dir, tmp_path):
     assert metrics["test_accuracy"] > 0.55
     assert len(metrics["history"]) == 1 and metrics["args"]["impl"] == impl
     for name in ("checkpoint_last.pt", "checkpoint_best.pt"):
-        state = torch.load(out / name, weights_only=False)
+        state = torch.load(out / name, weights_only=True)
         MLP(impl=impl).load_state_dict(state["model"])
     for name in ("curves.png", "confusion.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -86,7 +86,7 @@ def test_side_notes_net_trains_fused_without_batch_norm(data_dir, tmp_path):
     # Measured here: 0.75 after this epoch; chance is 0.10.
     assert metrics["test_accuracy"] > 0.6, metrics["test_accuracy"]
     model = MLP(hidden=(128, 64), batch_norm=False, dropout=0.0, impl="fused")
-    model.load_state_dict(torch.load(out / "checkpoint_last.pt", weights_only=False)["model"])
+    model.load_state_dict(torch.load(out / "checkpoint_last.pt", weights_only=True)["model"])
     assert model.out.weight.grad is None and not hasattr(model.hidden[0], "bn")
 
 
@@ -141,7 +141,7 @@ def test_resume_equals_an_uninterrupted_run(splits, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         fit_fresh(small, tmp_path / "interrupted", log=interrupt_after_first_epoch)
     checkpoint = tmp_path / "interrupted" / "checkpoint_last.pt"
-    assert torch.load(checkpoint, weights_only=False)["epoch"] == 1
+    assert torch.load(checkpoint, weights_only=True)["epoch"] == 1
 
     resumed, m_resumed = fit_fresh(small, tmp_path / "interrupted", resume=str(checkpoint))
     assert [h["epoch"] for h in m_resumed["history"]] == [1, 2]
@@ -194,6 +194,42 @@ def test_mismatched_resume_is_refused_and_nothing_overwritten(data_dir, tmp_path
     again = run_script("--epochs", "1", "--out", str(out), data_dir=data_dir)
     assert again.returncode == 2 and "already holds a run" in again.stderr
     assert {p.name: p.read_bytes() for p in out.iterdir()} == files
+
+
+class _Payload:
+    """Unpickling this runs a shell command: the code a booby-trapped checkpoint carries."""
+
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+def test_a_checkpoint_that_carries_code_is_refused_before_it_runs(data_dir, tmp_path):
+    out = tmp_path / "run"
+    assert run_script("--epochs", "2", "--limit-train", "1000", "--out", str(out), data_dir=data_dir).returncode == 0
+    state = torch.load(out / "checkpoint_last.pt", weights_only=True)  # what the project writes loads so
+    marker = tmp_path / "payload-ran"
+    state["args"]["note"] = _Payload(f"touch {marker}")
+    trapped = tmp_path / "trapped.pt"
+    torch.save(state, trapped)
+
+    result = run_script("--epochs", "2", "--resume", str(trapped), "--out", str(out), data_dir=data_dir)
+    assert result.returncode == 2, result.stderr
+    assert "holds objects other than tensors and plain data" in result.stderr
+    assert "posix.system" in result.stderr  # the refused global, named
+    with pytest.raises(train.UnsafeCheckpointError, match="refused"):
+        train.read_checkpoint(str(trapped))
+    assert not marker.exists()
+
+    junk = tmp_path / "junk.pt"
+    junk.write_text("not a checkpoint")
+    result = run_script("--epochs", "2", "--resume", str(junk), "--out", str(out), data_dir=data_dir)
+    assert result.returncode == 2 and "is not a checkpoint this program can read" in result.stderr
+
+    torch.load(trapped, weights_only=False)  # the trap is armed: an unchecked load runs the payload
+    assert marker.exists()
 
 
 def test_a_redirected_log_gets_one_line_per_epoch_and_no_bar(data_dir, tmp_path):

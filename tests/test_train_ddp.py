@@ -58,7 +58,7 @@ def epoch_lines(lines):
 
 
 def load(path):
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def interrupt_after_first_epoch(command, data_dir):

@@ -1,7 +1,6 @@
 // Mean and sum of squared deviations (M2) of a set of values, and the merge of two sets
 // (Chan, Golub and LeVeque): the per-feature statistics of BatchNorm, exact in one pass over each
-// part of the batch, merged in a fixed order. V may be a scalar or a vector type; the counts are
-// scalars (every lane of a vector covers the same rows), and welford_merge needs both positive.
+// part of the batch, merged in a fixed order. welford_merge needs both counts positive.
 #pragma once
 
 #include "common/host_device.h"
@@ -16,12 +15,23 @@ struct WelfordState {
   S count;
 };
 
+// Whether x is finite (inf - inf and NaN - NaN are NaN, which equals nothing).
+template <typename V>
+FUSED_MLP_HD bool welford_finite(V x) {
+  return (x - x) == (x - x);
+}
+
+// With an inf or NaN in either part, its mean is not finite: the merged mean is then what a plain
+// sum gives (inf with finite values stays inf, +inf with -inf or NaN is NaN), as stock BatchNorm's
+// mean on the CPU; the update through delta would turn every inf into NaN. M2 is NaN in that part.
+// V is a scalar.
 template <typename V, typename S>
 FUSED_MLP_HD WelfordState<V, S> welford_merge(const WelfordState<V, S>& a, const WelfordState<V, S>& b) {
   const S count = a.count + b.count;
   const S b_share = b.count / count;
   const V delta = b.mean - a.mean;
-  return {a.mean + delta * V(b_share), a.m2 + b.m2 + delta * delta * V(a.count * b_share), count};
+  const V mean = welford_finite(a.mean) && welford_finite(b.mean) ? a.mean + delta * V(b_share) : a.mean + b.mean;
+  return {mean, a.m2 + b.m2 + delta * delta * V(a.count * b_share), count};
 }
 
 // The same merge where either part may be empty (count 0): a thread that saw no rows.

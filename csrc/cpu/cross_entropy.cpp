@@ -308,13 +308,29 @@ void forward_rows(const scalar_t* x, const int64_t* target, const scalar_t* prob
   // it matters; the saved lse is m + log_sum in double: at |logits| ~ 1e4 a float lse would be off
   // by up to 5e-4, and every softmax value rebuilt from it by as much, relatively. Rows of -inf
   // only, or with +inf or NaN, give NaN, as log_softmax does.
+  // sum_c coef_c (lse - x_c) = coef_sum * (lse - m) - sum_c coef_c (x_c - m). Where a coefficient is
+  // NaN or inf (a class weight or a target probability) and the logits are finite, that difference
+  // can be inf - inf where stock's sum of its per-class terms is inf: such a row is summed class by
+  // class.
+  auto coef_term = [&](int64_t row, const RowPartial<acc_t>& p, acc_t log_sum) -> acc_t {
+    if (!std::isfinite(p.max) || (std::isfinite(p.coef_sum) && std::isfinite(p.coef_dot))) {
+      return p.coef_sum * log_sum - p.coef_dot;
+    }
+    acc_t s = 0;
+    for (const auto c : c10::irange(C)) {
+      const scalar_t* pt = prob_target ? prob_target + row * C : nullptr;
+      const acc_t w = weight ? static_cast<acc_t>(weight[c]) : acc_t(1);
+      const acc_t coef = pt ? w * (static_cast<acc_t>(pt[c]) * keep + spread) : w;
+      s += coef * ((p.max - static_cast<acc_t>(x[row * C + c])) + log_sum);
+    }
+    return s;
+  };
   auto finish_row = [&](int64_t row, const RowPartial<acc_t>& p, acc_t log_sum) {
     if (!std::isfinite(p.max)) log_sum = std::numeric_limits<acc_t>::quiet_NaN();
     lse_out[row] = static_cast<double>(p.max) + static_cast<double>(log_sum);
     acc_t loss;
     if (pb.prob_target) {
-      // sum_c coef_c (lse - x_c) = coef_sum * (lse - m) - sum_c coef_c (x_c - m)
-      loss = p.coef_sum * log_sum - p.coef_dot;
+      loss = coef_term(row, p, log_sum);
     } else {
       const int64_t t = target[row];
       if (t == pb.ignore_index) {
@@ -323,7 +339,7 @@ void forward_rows(const scalar_t* x, const int64_t* target, const scalar_t* prob
         const acc_t w = weight ? static_cast<acc_t>(weight[t]) : acc_t(1);
         loss = w * ((p.max - static_cast<acc_t>(x[row * C + t])) + log_sum);
         if constexpr (kCoef != Coef::kNone) {
-          loss = keep * loss + spread * (p.coef_sum * log_sum - p.coef_dot);
+          loss = keep * loss + spread * coef_term(row, p, log_sum);
         }
       }
     }
@@ -493,9 +509,10 @@ void backward_rows(const scalar_t* grad_loss, int64_t grad_stride, const scalar_
   const acc_t keep = acc_t(1) - eps;
   const acc_t spread = eps / static_cast<acc_t>(C);
 
-  // sum_c w_c, needed for the smoothing term of class-index targets.
+  // sum_c w_c, needed for the smoothing term of class-index targets. Without smoothing no other
+  // class's weight enters a row's gradient: a NaN or inf weight stays in the rows of its class.
   acc_t weight_total = static_cast<acc_t>(C);
-  if (weight) {
+  if (weight && kCoef == Coef::kWeight) {
     double s = 0;
     for (const auto c : c10::irange(C)) s += static_cast<double>(weight[c]);
     weight_total = static_cast<acc_t>(s);

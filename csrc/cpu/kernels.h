@@ -56,6 +56,9 @@ struct LinearBnReluKernels {
       const at::Tensor& mean, const at::Tensor& invstd, const OptionalTensor& bn_weight, const OptionalTensor& bn_bias,
       const at::Tensor& sum_dy, const at::Tensor& sum_dy_zhat, int64_t count, double dropout_p,
       const at::Tensor& seed_offset, bool need_grad_input);
+  // The ReLU and dropout backward of a layer without BatchNorm, from its saved output.
+  at::Tensor (*relu_dropout_backward)(const at::Tensor& grad_out, const at::Tensor& output, double dropout_p,
+                                      const at::Tensor& seed_offset);
 };
 
 struct DropoutKernels {

@@ -27,12 +27,8 @@
 #include <ATen/ops/zeros.h>
 #include <c10/util/irange.h>
 
-#include <chrono>
 #include <cmath>
 #include <cstdlib>
-#include <limits>
-#include <map>
-#include <mutex>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -94,6 +90,38 @@ template <typename acc_t>
 inline at::vec::Vectorized<acc_t> load_acc(const acc_t* p, int64_t n) {
   using Vec = at::vec::Vectorized<acc_t>;
   return n == Vec::size() ? Vec::loadu(p) : Vec::loadu(p, n);
+}
+
+// ReLU as torch.relu computes it: negative values become +0; NaN, +inf and -0 pass unchanged.
+// (at::vec::maximum(y, 0) turns -0 into +0; a plain max with the operands the other way round
+// turns NaN into 0.)
+template <typename Vec>
+inline Vec relu(const Vec& y) {
+  return Vec::blendv(y, Vec(0), y < Vec(0));
+}
+
+// Whether any lane of v is NaN.
+template <typename Vec>
+inline bool any_nan(const Vec& v) {
+  return v.isnan().zero_mask() != (1 << Vec::size()) - 1;
+}
+
+// The gradient through dropout and ReLU of `len` elements starting at flat index idx, read off the
+// saved output out = relu(y) * m (m: the dropout multiplier, 0 or kept_scale; 1 without dropout).
+// As torch.relu's backward (threshold_backward), the gradient stops where relu's output is <= 0 and
+// passes elsewhere, at NaN included; out <= 0 exactly where relu(y) <= 0 or the unit was dropped. A
+// NaN output hides whether the unit was dropped, so there the multiplier is regenerated.
+template <typename Vec>
+inline Vec grad_through_output(const Vec& g, const Vec& out, const Vec& kept_scale, const Dropout& dropout, int64_t idx,
+                               int64_t len) {
+  using acc_t = typename Vec::value_type;
+  Vec dy = Vec::blendv(g * kept_scale, Vec(0), out <= Vec(0));
+  if (dropout.active && any_nan(out)) {
+    acc_t mult[Vec::size()];
+    dropout.multipliers(static_cast<uint64_t>(idx), len, mult);
+    dy = Vec::blendv(dy, g * Vec::loadu(mult, len), out.isnan());
+  }
+  return dy;
 }
 
 // The (feature block, row block) units of an (N, C) reduction.
@@ -172,7 +200,6 @@ void affine_relu_dropout(const scalar_t* z, scalar_t* out, int64_t N, int64_t C,
   constexpr int64_t W = IO::kWidth;
   at::parallel_for(0, N, std::max<int64_t>(1, kGrainElements / C), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> mult(dropout.active ? C : 0);
-    const Vec zero(acc_t(0));
     for (int64_t n = begin; n < end; ++n) {
       if (dropout.active) dropout.multipliers(static_cast<uint64_t>(n * C), C, mult.data());
       const scalar_t* zr = z + n * C;
@@ -181,7 +208,8 @@ void affine_relu_dropout(const scalar_t* z, scalar_t* out, int64_t N, int64_t C,
         const int64_t len = std::min(W, C - f);
         Vec y = load_n(zr + f, len);
         if (A) y = at::vec::fmadd(y, load_acc(A + f, len), load_acc(B + f, len));
-        y = at::vec::maximum(y, zero);
+        y = relu(y);
+        // A product, as nn.Dropout's: a dropped NaN or inf becomes NaN.
         if (dropout.active) y = y * load_acc(mult.data() + f, len);
         IO::store(orow + f, y, len);
       }
@@ -189,10 +217,10 @@ void affine_relu_dropout(const scalar_t* z, scalar_t* out, int64_t N, int64_t C,
   });
 }
 
-// relu(x W^T + b) through oneDNN's matmul with a ReLU post-op (torch's mkldnn::_linear_pointwise,
-// what inductor itself fuses Linear + ReLU into on the CPU): bias and ReLU are applied while the
-// GEMM's output tile is in registers. Undefined when the op is missing or refuses the call.
-at::Tensor onednn_linear_relu(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias) {
+// x W^T + b through oneDNN's matmul with the bias added in its epilogue (torch's
+// mkldnn::_linear_pointwise with no post-op). Undefined when the op is missing or refuses the call.
+// oneDNN's ReLU post-op is not used: it maps NaN to 0, where torch.relu keeps NaN.
+at::Tensor onednn_linear(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias) {
   static const auto handle = c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
   const auto dtype = input.scalar_type();
   if (!handle.has_value() || (dtype != at::kFloat && dtype != at::kBFloat16)) return at::Tensor();
@@ -202,91 +230,48 @@ at::Tensor onednn_linear_relu(const at::Tensor& input, const at::Tensor& weight,
     torch::jit::Stack stack{input,
                             weight,
                             bias.defined() ? c10::IValue(bias) : c10::IValue(),
-                            c10::IValue(std::string("relu")),
+                            c10::IValue(std::string("none")),
                             c10::IValue(scalars),
                             c10::IValue()};
     handle->callBoxed(stack);
     return stack.at(0).toTensor();
   } catch (const c10::Error&) {
-    return at::Tensor();  // fall back to addmm + relu_
+    return at::Tensor();  // fall back to ATen's GEMM
   }
 }
 
-// relu(x W^T + b) has two forms: ATen's GEMM (at::addmm: MKL or oneDNN, as ATen picks) and then
-// ReLU in place, or oneDNN's matmul with ReLU as a post-op, which saves that pass over the output
-// but sets up a oneDNN primitive on every call. Which is faster depends on the CPU, on the GEMM
-// kernels each library has for it, on the shape and on the thread count, so no size threshold
-// holds everywhere: the first call of each (shape, dtype, bias, threads) times both and keeps the
-// faster for the rest of the process. FUSED_MLP_LINEAR_RELU=aten or =onednn skips the timing and
-// always takes one form. The two forms differ only in the GEMM's rounding.
+// The GEMM under relu(x W^T + b), fixed for the process by FUSED_MLP_LINEAR_RELU and never chosen by
+// timing, so the same program gives the same bits on every run:
+//   aten (the default): at::addmm, the GEMM nn.Linear runs (MKL or oneDNN, as ATen picks);
+//   onednn: oneDNN's matmul for float and bfloat16. On some CPUs it is the faster of the two; it
+//           rounds differently, so results differ from the default's in the last bits.
+// Either way the ReLU is torch.relu's, which keeps NaN.
 enum class LinearReluForm { kAten, kOneDnn };
 
-// FUSED_MLP_LINEAR_RELU, read once: the form it fixes, or none (auto).
-std::optional<LinearReluForm> forced_linear_relu_form() {
-  const char* env = std::getenv("FUSED_MLP_LINEAR_RELU");
-  const std::string value = env ? env : "";
-  if (value == "aten") return LinearReluForm::kAten;
-  if (value == "onednn") return LinearReluForm::kOneDnn;
-  TORCH_CHECK(value.empty() || value == "auto", "FUSED_MLP_LINEAR_RELU must be auto, aten or onednn, got '", value,
-              "'");
-  return std::nullopt;
+LinearReluForm linear_relu_form() {
+  static const LinearReluForm form = [] {
+    const char* env = std::getenv("FUSED_MLP_LINEAR_RELU");
+    const std::string value = env ? env : "";
+    if (value.empty() || value == "aten") return LinearReluForm::kAten;
+    TORCH_CHECK(value == "onednn", "FUSED_MLP_LINEAR_RELU must be aten or onednn, got '", value, "'");
+    return LinearReluForm::kOneDnn;
+  }();
+  return form;
 }
 
-at::Tensor aten_linear_relu(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias) {
-  at::Tensor out = bias.defined() ? at::addmm(bias, input, weight.t()) : at::mm(input, weight.t());
-  return at::relu_(out);
+// x W^T + b in the form FUSED_MLP_LINEAR_RELU names.
+at::Tensor linear_for_relu(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias) {
+  at::Tensor out = linear_relu_form() == LinearReluForm::kOneDnn ? onednn_linear(input, weight, bias) : at::Tensor();
+  if (out.defined()) return out;
+  return bias.defined() ? at::addmm(bias, input, weight.t()) : at::mm(input, weight.t());
 }
 
-// relu(x W^T + b), in the form that is faster here for this call's GEMM.
-at::Tensor linear_relu(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias) {
-  const auto dtype = input.scalar_type();
-  if (dtype != at::kFloat && dtype != at::kBFloat16) return aten_linear_relu(input, weight, bias);
-  static const std::optional<LinearReluForm> forced = forced_linear_relu_form();
-  const auto run = [&](LinearReluForm form) {
-    at::Tensor out = form == LinearReluForm::kOneDnn ? onednn_linear_relu(input, weight, bias) : at::Tensor();
-    return out.defined() ? out : aten_linear_relu(input, weight, bias);  // oneDNN may refuse a call
-  };
-  if (forced) return run(*forced);
-  using Key = std::tuple<int64_t, int64_t, int64_t, at::ScalarType, bool, int>;
-  static std::mutex mutex;
-  static std::map<Key, LinearReluForm> chosen;
-  const Key key{input.size(0), input.size(1), weight.size(0), dtype, bias.defined(), at::get_num_threads()};
-  std::optional<LinearReluForm> known;
-  {
-    const std::lock_guard<std::mutex> lock(mutex);
-    const auto it = chosen.find(key);
-    if (it != chosen.end()) known = it->second;
-  }
-  if (known) return run(*known);
-  // Two untimed calls of each form (the first oneDNN call builds its kernels, and the first calls
-  // of either warm the caches and the allocator), then the best of five timed calls of each,
-  // alternating, so a disturbance hits both alike. Once per key and process: a few milliseconds.
-  using Clock = std::chrono::steady_clock;
-  double best[2] = {std::numeric_limits<double>::infinity(), std::numeric_limits<double>::infinity()};
-  at::Tensor out[2];
-  constexpr int kWarmup = 2, kTrials = 5;
-  for (int trial = 0; trial < kWarmup + kTrials; ++trial) {
-    for (const int form : {0, 1}) {
-      const auto start = Clock::now();
-      out[form] = form == 1 ? onednn_linear_relu(input, weight, bias) : aten_linear_relu(input, weight, bias);
-      if (!out[form].defined()) break;  // oneDNN refused this call: ATen's form it is
-      if (trial >= kWarmup) {
-        best[form] = std::min(best[form], std::chrono::duration<double>(Clock::now() - start).count());
-      }
-    }
-  }
-  const int faster = best[1] < best[0] ? 1 : 0;
-  const std::lock_guard<std::mutex> lock(mutex);
-  chosen.emplace(key, faster == 1 ? LinearReluForm::kOneDnn : LinearReluForm::kAten);
-  return out[faster];
-}
-
-// relu(x W^T + b) * dropout: one GEMM with its ReLU; with dropout, one GEMM and then ReLU and
-// dropout in one pass in place on its output.
+// relu(x W^T + b) * dropout: one GEMM, then torch.relu in place on its output, or with dropout
+// ReLU and dropout in one pass in place.
 at::Tensor linear_relu_dropout(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
                                const Dropout& dropout) {
-  if (!dropout.active) return linear_relu(input, weight, bias);
-  at::Tensor out = bias.defined() ? at::addmm(bias, input, weight.t()) : at::mm(input, weight.t());
+  at::Tensor out = linear_for_relu(input, weight, bias);
+  if (!dropout.active) return at::relu_(out);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "linear_relu_dropout", [&] {
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
     affine_relu_dropout<scalar_t>(o, o, out.size(0), out.size(1), nullptr, nullptr, dropout);  // ReLU too
@@ -463,12 +448,14 @@ void grad_through_relu_dropout(const scalar_t* g, const scalar_t* saved, int64_t
           const Vec sv = load_n(saved + idx, len);
           Vec dy;
           if (use_batch_stats) {
+            // relu's input exactly as the forward computed it; the gradient stops where y <= 0 and
+            // passes elsewhere, NaN included, as torch.relu's backward does.
             const Vec y = at::vec::fmadd(sv, load_acc(A + f0 + f, len), load_acc(B + f0 + f, len));
-            dy = Vec::blendv(zero, regenerate ? gv * load_acc(row_mult + f, len) : gv, y > zero);
+            dy = Vec::blendv(regenerate ? gv * load_acc(row_mult + f, len) : gv, zero, y <= zero);
             const Vec zhat = (sv - load_acc(mean + f0 + f, len)) * load_acc(invstd + f0 + f, len);
             s_dyz[v] = at::vec::fmadd(dy, zhat, s_dyz[v]);
           } else {
-            dy = Vec::blendv(zero, gv * kept_scale, sv > zero);
+            dy = grad_through_output(gv, sv, kept_scale, dropout, idx, len);
           }
           s_dy[v] = s_dy[v] + dy;
           dy.store(dy_out + idx, len);
@@ -492,9 +479,10 @@ void grad_through_relu_dropout(const scalar_t* g, const scalar_t* saved, int64_t
   }
 }
 
-// Pass 2 with batch statistics: dz = A * (dy - sum(dy) / count - zhat * sum(dy * zhat) / count) =
-// A * dy + z * D + E per feature, from sums over `count` rows (this call's N, or every process's
-// rows once the sums are all-reduced).
+// Pass 2 with batch statistics: dz = A * (dy - c1 - zhat * c2), zhat = (z - mean) * invstd, with
+// c1 = sum(dy) / count and c2 = sum(dy * zhat) / count from sums over `count` rows (this call's N,
+// or every process's rows once the sums are all-reduced). Term by term as stock BatchNorm's
+// backward, so a NaN or inf in the gradient or in z spreads to the same elements as there.
 template <typename scalar_t>
 void batch_stats_input_grad(const at::opmath_type<scalar_t>* dy, const scalar_t* z, int64_t N, int64_t C,
                             const at::opmath_type<scalar_t>* A, const at::opmath_type<scalar_t>* mu,
@@ -504,24 +492,36 @@ void batch_stats_input_grad(const at::opmath_type<scalar_t>* dy, const scalar_t*
   using acc_t = typename IO::acc_t;
   using Vec = typename IO::Vec;
   constexpr int64_t W = IO::kWidth;
-  std::vector<acc_t> D(C), E(C);
+  std::vector<acc_t> c1(C), c2(C);
   for (const auto f : c10::irange(C)) {
-    const acc_t c1 = sdy[f] / static_cast<acc_t>(count), c2 = sdz[f] / static_cast<acc_t>(count);
-    D[f] = -A[f] * is[f] * c2;
-    E[f] = -A[f] * c1 - mu[f] * D[f];
+    c1[f] = sdy[f] / static_cast<acc_t>(count);
+    c2[f] = sdz[f] / static_cast<acc_t>(count);
   }
-  at::parallel_for(
-      0, N, std::max<int64_t>(1, kGrainElements / std::max<int64_t>(C, 1)), [&](int64_t begin, int64_t end) {
-        for (int64_t n = begin; n < end; ++n) {
-          for (int64_t f = 0; f < C; f += W) {
-            const int64_t len = std::min(W, C - f), idx = n * C + f;
-            const Vec v = at::vec::fmadd(
-                load_acc(dy + idx, len), load_acc(A + f, len),
-                at::vec::fmadd(load_n(z + idx, len), load_acc(D.data() + f, len), load_acc(E.data() + f, len)));
-            IO::store(dz + idx, v, len);
-          }
-        }
-      });
+  at::parallel_for(0, N, std::max<int64_t>(1, kGrainElements / std::max<int64_t>(C, 1)),
+                   [&](int64_t begin, int64_t end) {
+                     for (int64_t n = begin; n < end; ++n) {
+                       for (int64_t f = 0; f < C; f += W) {
+                         const int64_t len = std::min(W, C - f), idx = n * C + f;
+                         const Vec zhat = (load_n(z + idx, len) - load_acc(mu + f, len)) * load_acc(is + f, len);
+                         const Vec centered = load_acc(dy + idx, len) - load_acc(c1.data() + f, len);
+                         const Vec v = (centered - zhat * load_acc(c2.data() + f, len)) * load_acc(A + f, len);
+                         IO::store(dz + idx, v, len);
+                       }
+                     }
+                   });
+}
+
+// The Linear bias's gradient with batch statistics, sum_n dz: zero, since BatchNorm cancels any
+// constant added before it, but NaN where a NaN or inf reached the feature's sums or its affine,
+// as the sum of stock's dz would be.
+template <typename scalar_t>
+at::Tensor batch_stats_bias_grad(const at::Tensor& like, int64_t C, const at::opmath_type<scalar_t>* A,
+                                 const at::opmath_type<scalar_t>* sdy, const at::opmath_type<scalar_t>* sdz) {
+  using acc_t = at::opmath_type<scalar_t>;
+  at::Tensor grad_bias = at::empty({C}, like.options());
+  scalar_t* gb = grad_bias.mutable_data_ptr<scalar_t>();
+  for (const auto f : c10::irange(C)) gb[f] = static_cast<scalar_t>((sdy[f] + sdz[f]) * A[f] * acc_t(0));
+  return grad_bias;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn_relu_backward_cpu(
@@ -571,8 +571,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn
                                        dz.mutable_data_ptr<scalar_t>());
       grad_input = need_grad_input ? at::mm(dz, weight) : at::empty({0}, input.options());
       grad_weight = need_grad_weight ? at::mm(dz.t(), input) : at::empty({0}, input.options());
-      // Exactly zero: BatchNorm with batch statistics cancels any constant added before it.
-      grad_bias = at::zeros({C}, input.options());
+      grad_bias = batch_stats_bias_grad<scalar_t>(input, C, A.data(), sdy, sdz);
       return;
     }
     // Running statistics: y = x W'^T + b' with W' = W * A, b' = (b - mean) * A + beta.
@@ -663,7 +662,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_backwa
   const at::Tensor sum_dy = sum_dy_.contiguous(), sum_dy_zhat = sum_dy_zhat_.contiguous();
   const at::Tensor gamma = as_acc(bn_weight, acc), beta = as_acc(bn_bias, acc);
   const Dropout dropout(dropout_p, seed_offset.contiguous());
-  at::Tensor dz = at::empty({N, C}, input.options());
+  at::Tensor dz = at::empty({N, C}, input.options()), grad_bias;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bn_backward_finish", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     std::vector<acc_t> A(C), B(C), dy(N * C), local_dy(C), local_dyz(C);
@@ -676,10 +675,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_backwa
     batch_stats_input_grad<scalar_t>(dy.data(), z.const_data_ptr<scalar_t>(), N, C, A.data(), mu, is,
                                      sum_dy.const_data_ptr<acc_t>(), sum_dy_zhat.const_data_ptr<acc_t>(), count,
                                      dz.mutable_data_ptr<scalar_t>());
+    grad_bias = batch_stats_bias_grad<scalar_t>(input, C, A.data(), sum_dy.const_data_ptr<acc_t>(),
+                                                sum_dy_zhat.const_data_ptr<acc_t>());
   });
   at::Tensor grad_input = need_grad_input ? at::mm(dz, weight) : at::empty({0}, input.options());
-  return {grad_input, at::mm(dz.t(), input), at::zeros({C}, input.options()),
-          sum_dy_zhat.to(param_type(bn_weight, acc)), sum_dy.to(param_type(bn_bias, acc))};
+  return {grad_input, at::mm(dz.t(), input), grad_bias, sum_dy_zhat.to(param_type(bn_weight, acc)),
+          sum_dy.to(param_type(bn_bias, acc))};
+}
+
+// The gradient of relu(z) * dropout with respect to z, read off the saved output (a layer without
+// BatchNorm); the flat index of an element is its dropout index.
+at::Tensor relu_dropout_backward_cpu(const at::Tensor& grad_out_, const at::Tensor& output_, double dropout_p,
+                                     const at::Tensor& seed_offset) {
+  const at::Tensor g = grad_out_.contiguous(), out = output_.contiguous();
+  at::Tensor gz = at::empty_like(out, at::MemoryFormat::Contiguous);
+  const Dropout dropout(dropout_p, seed_offset.contiguous());
+  const int64_t numel = out.numel();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "relu_dropout_backward", [&] {
+    using IO = VecIO<scalar_t>;
+    using acc_t = typename IO::acc_t;
+    using Vec = typename IO::Vec;
+    constexpr int64_t W = IO::kWidth;
+    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    const scalar_t* op = out.const_data_ptr<scalar_t>();
+    scalar_t* dp = gz.mutable_data_ptr<scalar_t>();
+    const Vec kept_scale(static_cast<acc_t>(dropout.active ? dropout.scale : 1.0));
+    at::parallel_for(0, (numel + W - 1) / W, kGrainElements / W, [&](int64_t begin, int64_t end) {
+      for (int64_t v = begin; v < end; ++v) {
+        const int64_t idx = v * W, len = std::min(W, numel - idx);
+        IO::store(dp + idx,
+                  grad_through_output(load_n(gp + idx, len), load_n(op + idx, len), kept_scale, dropout, idx, len),
+                  len);
+      }
+    });
+  });
+  return gz;
 }
 
 // Inference with BN already folded into (weight, bias): relu(x W^T + b) * dropout.
@@ -730,8 +760,9 @@ FUSED_MLP_ISA_END
 
 const LinearBnReluKernels& FUSED_MLP_THIS_CPU_VARIANT(linear_bn_relu_kernels)() {
   static constexpr LinearBnReluKernels kernels{
-      &linear_bn_relu_forward_cpu,      &linear_bn_relu_backward_cpu, &bn_batch_stats_cpu,   &bn_relu_dropout_cpu,
-      &linear_relu_dropout_forward_cpu, &bn_update_running_stats_cpu, &bn_backward_sums_cpu, &bn_backward_finish_cpu};
+      &linear_bn_relu_forward_cpu, &linear_bn_relu_backward_cpu,     &bn_batch_stats_cpu,
+      &bn_relu_dropout_cpu,        &linear_relu_dropout_forward_cpu, &bn_update_running_stats_cpu,
+      &bn_backward_sums_cpu,       &bn_backward_finish_cpu,          &relu_dropout_backward_cpu};
   return kernels;
 }
 

@@ -106,6 +106,22 @@ __device__ __forceinline__ acc_t class_coef(const ForwardArgs<scalar_t>& a, int6
   return w;
 }
 
+// sum_c coef_c (lse - x_c), the smoothing / probability-target sum of a row, from its reduced
+// statistics: coef_sum * log_sum - coef_dot. Where a coefficient is NaN or inf (a class weight or
+// a target probability) and the logits are finite, that difference can be inf - inf where stock's
+// sum of its per-class terms is inf: such a row is summed class by class, by this one thread.
+template <typename scalar_t, typename acc_t>
+__device__ acc_t coef_term(const ForwardArgs<scalar_t>& a, int64_t row, acc_t m, acc_t log_sum, acc_t coef_sum,
+                           acc_t coef_dot, acc_t keep, acc_t spread) {
+  if (!is_finite(m) || (is_finite(coef_sum) && is_finite(coef_dot))) return coef_sum * log_sum - coef_dot;
+  acc_t s = 0;
+  for (int64_t c = 0; c < a.classes; ++c) {
+    const acc_t x = static_cast<acc_t>(a.input[row * a.classes + c]);
+    s += class_coef<scalar_t, acc_t>(a, row, c, keep, spread) * ((m - x) + log_sum);
+  }
+  return s;
+}
+
 // Finishes one row from its reduced statistics (every thread may call it; one writes).
 template <typename scalar_t, typename acc_t>
 __device__ void finish_row(const ForwardArgs<scalar_t>& a, int64_t row, acc_t m, acc_t sumexp, acc_t coef_sum,
@@ -114,7 +130,7 @@ __device__ void finish_row(const ForwardArgs<scalar_t>& a, int64_t row, acc_t m,
   const acc_t log_sum = finite ? acc_log(sumexp) : acc_t(NAN);
   acc_t loss;
   if (a.prob_target) {
-    loss = coef_sum * log_sum - coef_dot;
+    loss = coef_term<scalar_t, acc_t>(a, row, m, log_sum, coef_sum, coef_dot, keep, spread);
   } else {
     const int64_t t = a.target[row];
     if (t == a.ignore_index) {
@@ -123,7 +139,8 @@ __device__ void finish_row(const ForwardArgs<scalar_t>& a, int64_t row, acc_t m,
       FUSED_MLP_DEVICE_ASSERT(t >= 0 && t < a.classes);
       const acc_t w = a.weight ? static_cast<acc_t>(a.weight[t]) : acc_t(1);
       loss = w * ((m - static_cast<acc_t>(a.input[row * a.classes + t])) + log_sum);
-      if (smoothing) loss = keep * loss + spread * (coef_sum * log_sum - coef_dot);
+      if (smoothing)
+        loss = keep * loss + spread * coef_term<scalar_t, acc_t>(a, row, m, log_sum, coef_sum, coef_dot, keep, spread);
     }
   }
   a.row_loss[row] = loss;
@@ -373,6 +390,9 @@ __global__ void __launch_bounds__(kElementwiseThreads) cross_entropy_backward_el
   constexpr int N = kVec<scalar_t>;
   const acc_t keep = acc_t(1) - static_cast<acc_t>(a.label_smoothing);
   const acc_t spread = static_cast<acc_t>(a.label_smoothing) / static_cast<acc_t>(a.classes);
+  // Without smoothing no other class's weight enters a row's gradient (0 * a NaN or inf weight
+  // would be NaN): a non-finite weight stays in the rows of its class.
+  const bool smoothing = a.label_smoothing > 0;
   // One element's gradient, given its row's terms.
   struct Row {
     int state;  // 0: compute; 1: zero (ignored target); 2: NaN (non-finite logits)
@@ -401,7 +421,7 @@ __global__ void __launch_bounds__(kElementwiseThreads) cross_entropy_backward_el
     } else {
       FUSED_MLP_DEVICE_ASSERT(r.t >= 0 && r.t < a.classes);
       r.w_t = a.weight ? static_cast<acc_t>(a.weight[r.t]) : acc_t(1);
-      r.mass = keep * r.w_t + spread * static_cast<acc_t>(a.scalars[1]);
+      r.mass = smoothing ? keep * r.w_t + spread * static_cast<acc_t>(a.scalars[1]) : r.w_t;
     }
     return r;
   };
@@ -413,7 +433,7 @@ __global__ void __launch_bounds__(kElementwiseThreads) cross_entropy_backward_el
     if (a.prob_target) {
       coef = w_c * (static_cast<acc_t>(a.prob_target[i]) * keep + spread);
     } else {
-      coef = spread * w_c + (c == r.t ? keep * r.w_t : acc_t(0));
+      coef = (smoothing ? spread * w_c : acc_t(0)) + (c == r.t ? keep * r.w_t : acc_t(0));
     }
     return static_cast<scalar_t>(r.scale * (p * r.mass - coef));
   };

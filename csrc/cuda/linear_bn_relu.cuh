@@ -92,10 +92,11 @@ FUSED_MLP_HD int64_t min_i64(int64_t a, int64_t b) {
   return a < b ? a : b;
 }
 
-// relu that keeps NaN, as torch.relu does.
+// ReLU as torch.relu computes it: negative values become +0; NaN, +inf and -0 pass unchanged
+// (fmaxf(x, 0) would turn NaN into 0, and -0 into +0).
 template <typename T>
-FUSED_MLP_HD T relu_nan(T x) {
-  return (x > T(0) || is_nan(x)) ? x : T(0);
+FUSED_MLP_HD T relu(T x) {
+  return x < T(0) ? T(0) : x;
 }
 
 // --- dropout ------------------------------------------------------------------------------------
@@ -274,8 +275,9 @@ struct BnBackwardArgs {
   acc_t* part_dy_zhat;
   acc_t* sum_dy;  // (C,)
   acc_t* sum_dy_zhat;
-  acc_t* coef;   // (2C,) D, then E of dz = A * dy + z * D + E (batch statistics)
-  scalar_t* dz;  // (N, C)
+  acc_t* coef;          // (2C,) c1 = sum_dy / count, then c2 = sum_dy_zhat / count (batch statistics)
+  scalar_t* dz;         // (N, C)
+  scalar_t* grad_bias;  // (C,) the Linear bias's gradient with batch statistics, or null: not wanted
 };
 
 // The gradients of the unfolded parameters from dL/dW' of the folded weight W' = W * A.
@@ -323,7 +325,8 @@ __global__ void __launch_bounds__(kColumnReduceThreads) bn_stats_partial(BatchSt
 #pragma unroll
     for (int j = 0; j < kF; ++j) {
       const acc_t d = v[j] - mean[j];
-      mean[j] += d / count;
+      // Once inf or NaN is in, the mean is what a plain sum gives (see welford_merge).
+      mean[j] = is_finite(mean[j]) ? mean[j] + d / count : mean[j] + v[j];
       m2[j] += d * (v[j] - mean[j]);
     }
   }
@@ -402,7 +405,7 @@ __global__ void __launch_bounds__(kElementwiseThreads) affine_relu_dropout(Affin
 #pragma unroll
     for (int j = 0; j < kGroup; ++j) {
       const acc_t scaled = A ? v[j] * A[f[j]] : v[j];
-      v[j] = relu_nan(B ? scaled + B[f[j]] : scaled) * m[j];
+      v[j] = relu(B ? scaled + B[f[j]] : scaled) * m[j];  // a dropped NaN or inf: NaN
     }
     store_group(a.out, i0, n, a.packed, v);
   }
@@ -448,14 +451,23 @@ __global__ void __launch_bounds__(kElementwiseThreads)
 
 // --- backward -----------------------------------------------------------------------------------
 
-// The incoming gradient through dropout and ReLU, for one element: with batch statistics `saved`
-// is z, the ReLU input is z * A + B and the dropout multiplier m is regenerated; with running
-// statistics `saved` is the output, nonzero exactly where the unit was active and kept.
+// The incoming gradient through dropout and ReLU, for one element. As torch.relu's backward
+// (threshold_backward), it stops where relu's output is <= 0 and passes elsewhere, NaN included.
+//
+// With batch statistics, from z: relu's input is z * A + B, and m the regenerated multiplier.
 template <typename acc_t>
-__device__ __forceinline__ acc_t grad_through_relu_dropout(bool use_batch_stats, acc_t g, acc_t saved, acc_t a, acc_t b,
-                                                           acc_t m, acc_t kept_scale) {
-  if (use_batch_stats) return saved * a + b > acc_t(0) ? g * m : acc_t(0);
-  return saved > acc_t(0) ? g * kept_scale : acc_t(0);
+__device__ __forceinline__ acc_t grad_through_relu_dropout(acc_t g, acc_t z, acc_t a, acc_t b, acc_t m) {
+  return z * a + b <= acc_t(0) ? acc_t(0) : g * m;
+}
+
+// From the saved output out = relu(y) * m (element i): out <= 0 exactly where relu(y) <= 0 or the
+// unit was dropped. A NaN output hides whether it was dropped: there m is regenerated.
+template <typename acc_t>
+__device__ __forceinline__ acc_t grad_through_output(acc_t g, acc_t out, const DropoutKey& key, int64_t i,
+                                                     acc_t kept_scale) {
+  if (out <= acc_t(0)) return acc_t(0);
+  if (key.active && is_nan(out)) return g * element_multiplier(key, i, kept_scale);
+  return g * kept_scale;
 }
 
 // Pass 1: per chunk of rows and per feature, sum(dy) and (batch statistics) sum(dy * zhat), zhat =
@@ -508,7 +520,8 @@ __global__ void __launch_bounds__(kColumnReduceThreads) bn_backward_partial(BnBa
     }
 #pragma unroll
     for (int j = 0; j < kF; ++j) {
-      const acc_t dy = grad_through_relu_dropout(use_batch_stats, gv[j], sv[j], A[j], B[j], m[j], kept_scale);
+      const acc_t dy = use_batch_stats ? grad_through_relu_dropout(gv[j], sv[j], A[j], B[j], m[j])
+                                       : grad_through_output(gv[j], sv[j], key, r * C + f0 + j, kept_scale);
       sum_dy[j] += dy;
       if (use_batch_stats) sum_dyz[j] += dy * ((sv[j] - mu[j]) * is[j]);
     }
@@ -536,19 +549,19 @@ __global__ void __launch_bounds__(kColumnReduceThreads) bn_backward_partial(BnBa
 }
 
 // Per feature: the chunk sums in order into sum_dy and sum_dy_zhat; with batch statistics also
-// the coefficients of dz = A * dy + z * D + E (coef[f] = D, coef[C + f] = E), which is
-// A * (dy - mean_n(dy) - zhat * mean_n(dy * zhat)) rearranged.
+// c1 = sum_dy / count and c2 = sum_dy_zhat / count, the coefficients of
+// dz = A * (dy - c1 - zhat * c2), and the Linear bias's gradient sum_n dz: zero, but NaN where a NaN
+// or inf reached the feature's sums or its affine, as the sum of stock's dz would be.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kFeatureThreads) bn_backward_finalize(BnBackwardArgs<scalar_t> a) {
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t* __restrict__ part_dy = a.part_dy;
   const acc_t* __restrict__ part_dy_zhat = a.part_dy_zhat;
   const acc_t* __restrict__ affine = a.affine;
-  const acc_t* __restrict__ mean = a.mean;
-  const acc_t* __restrict__ invstd = a.invstd;
   acc_t* __restrict__ sum_dy = a.sum_dy;
   acc_t* __restrict__ sum_dy_zhat = a.sum_dy_zhat;
   acc_t* __restrict__ coef = a.coef;
+  scalar_t* __restrict__ grad_bias = a.grad_bias;
   const int64_t count = a.count, C = a.C;
   for (int64_t f = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; f < C;
        f += static_cast<int64_t>(blockDim.x) * gridDim.x) {
@@ -560,16 +573,17 @@ __global__ void __launch_bounds__(kFeatureThreads) bn_backward_finalize(BnBackwa
     sum_dy[f] = s_dy;
     sum_dy_zhat[f] = s_dyz;
     if (a.use_batch_stats) {
-      const acc_t A = affine[f];
-      const acc_t D = -A * invstd[f] * (s_dyz / static_cast<acc_t>(count));
-      coef[f] = D;
-      coef[C + f] = -A * (s_dy / static_cast<acc_t>(count)) - mean[f] * D;
+      coef[f] = s_dy / static_cast<acc_t>(count);
+      coef[C + f] = s_dyz / static_cast<acc_t>(count);
+      if (grad_bias) grad_bias[f] = static_cast<scalar_t>((s_dy + s_dyz) * affine[f] * acc_t(0));
     }
   }
 }
 
-// Pass 2, elementwise over groups of four: dz = A * dy + z * D + E (batch statistics), or dz = dy
-// (running statistics, where the GEMMs take the folded weight).
+// Pass 2, elementwise over groups of four: dz = A * (dy - c1 - zhat * c2) (batch statistics; term
+// by term as stock BatchNorm's backward, so a NaN or inf spreads to the same elements), or dz = dy
+// (running statistics, where the GEMMs take the folded weight; also the whole ReLU and dropout
+// backward of a layer without BatchNorm, where affine, coef and the sums are not read).
 template <typename scalar_t>
 __global__ void __launch_bounds__(kElementwiseThreads) bn_backward_input(BnBackwardArgs<scalar_t> a) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -577,6 +591,8 @@ __global__ void __launch_bounds__(kElementwiseThreads) bn_backward_input(BnBackw
   const scalar_t* __restrict__ saved = a.saved;
   const acc_t* __restrict__ affine = a.affine;
   const acc_t* __restrict__ coef = a.coef;
+  const acc_t* __restrict__ mean = a.mean;
+  const acc_t* __restrict__ invstd = a.invstd;
   scalar_t* __restrict__ dz = a.dz;
   const int64_t numel = a.N * a.C, C = a.C;
   const bool use_batch_stats = a.use_batch_stats;
@@ -603,10 +619,11 @@ __global__ void __launch_bounds__(kElementwiseThreads) bn_backward_input(BnBackw
     for (int j = 0; j < kGroup; ++j) {
       if (use_batch_stats) {
         const acc_t A = affine[f[j]];
-        const acc_t dy = grad_through_relu_dropout(true, gv[j], sv[j], A, affine[C + f[j]], m[j], kept_scale);
-        out[j] = A * dy + sv[j] * coef[f[j]] + coef[C + f[j]];
+        const acc_t dy = grad_through_relu_dropout(gv[j], sv[j], A, affine[C + f[j]], m[j]);
+        const acc_t zhat = (sv[j] - mean[f[j]]) * invstd[f[j]];
+        out[j] = (dy - coef[f[j]] - zhat * coef[C + f[j]]) * A;
       } else {
-        out[j] = grad_through_relu_dropout(false, gv[j], sv[j], acc_t(0), acc_t(0), m[j], kept_scale);
+        out[j] = grad_through_output(gv[j], sv[j], key, i0 + j, kept_scale);
       }
     }
     store_group(dz, i0, n, a.packed, out);

@@ -298,8 +298,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn
   at::Tensor sum_dy = at::empty({C}, stat_options);
   at::Tensor sum_dy_zhat = at::empty({C}, stat_options);
   at::Tensor dz = at::empty({N, C}, input.options());
+  at::Tensor grad_bias = use_batch_stats ? at::empty({C}, input.options()) : at::Tensor();
   for (at::Tensor* t : {&affine, &coef, &sum_dy, &sum_dy_zhat, &dz}) launch.poison(*t);
-  at::Tensor grad_input, grad_weight, grad_bias;
+  if (use_batch_stats) launch.poison(grad_bias);
+  at::Tensor grad_input, grad_weight;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "linear_bn_relu_backward_device", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t* mu = mean.const_data_ptr<acc_t>();
@@ -322,28 +324,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn
       sum_dy.zero_();
       sum_dy_zhat.zero_();
       coef.zero_();
+      if (use_batch_stats) grad_bias.zero_();
     } else {
       const ColumnReduction plan = plan_column_reduction<scalar_t>(launch, limits, N, C, {gp, sp}, stat_options);
       scalar_t* dzp = dz.mutable_data_ptr<scalar_t>();
-      const BnBackwardArgs<scalar_t> args{.grad = gp,
-                                          .saved = sp,
-                                          .N = N,
-                                          .C = C,
-                                          .rows_per_chunk = plan.rows_per_chunk,
-                                          .chunks = plan.chunks,
-                                          .count = N,
-                                          .use_batch_stats = use_batch_stats,
-                                          .packed = all_packed<scalar_t>({gp, sp, dzp}),
-                                          .affine = af,
-                                          .mean = mu,
-                                          .invstd = is,
-                                          .dropout = dropout.args,
-                                          .part_dy = plan.part_a.mutable_data_ptr<acc_t>(),
-                                          .part_dy_zhat = plan.part_b.mutable_data_ptr<acc_t>(),
-                                          .sum_dy = sum_dy.mutable_data_ptr<acc_t>(),
-                                          .sum_dy_zhat = sum_dy_zhat.mutable_data_ptr<acc_t>(),
-                                          .coef = coef.mutable_data_ptr<acc_t>(),
-                                          .dz = dzp};
+      const BnBackwardArgs<scalar_t> args{
+          .grad = gp,
+          .saved = sp,
+          .N = N,
+          .C = C,
+          .rows_per_chunk = plan.rows_per_chunk,
+          .chunks = plan.chunks,
+          .count = N,
+          .use_batch_stats = use_batch_stats,
+          .packed = all_packed<scalar_t>({gp, sp, dzp}),
+          .affine = af,
+          .mean = mu,
+          .invstd = is,
+          .dropout = dropout.args,
+          .part_dy = plan.part_a.mutable_data_ptr<acc_t>(),
+          .part_dy_zhat = plan.part_b.mutable_data_ptr<acc_t>(),
+          .sum_dy = sum_dy.mutable_data_ptr<acc_t>(),
+          .sum_dy_zhat = sum_dy_zhat.mutable_data_ptr<acc_t>(),
+          .coef = coef.mutable_data_ptr<acc_t>(),
+          .dz = dzp,
+          .grad_bias = use_batch_stats ? grad_bias.mutable_data_ptr<scalar_t>() : nullptr};
       if (plan.features_per_thread == kGroup) {
         launch(plan.config, bn_backward_partial<scalar_t, kGroup>, args);
       } else {
@@ -356,9 +361,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn
     if (use_batch_stats) {
       grad_input = need_grad_input ? at::mm(dz, weight) : no_grad_input;
       grad_weight = need_grad_weight ? at::mm(dz.t(), input) : no_grad_input;
-      // Exactly zero: BatchNorm with batch statistics cancels any constant added before it.
-      grad_bias = at::zeros({C}, input.options());
-      return;
+      return;  // grad_bias: written by bn_backward_finalize
     }
     // Running statistics: y = x W'^T + b' with W' = W * A, b' = (b - mean) * A + beta.
     grad_input = no_grad_input;
@@ -512,13 +515,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_backwa
   at::Tensor dz = at::empty({N, C}, input.options());
   at::Tensor coef = at::empty({2 * C}, input.options().dtype(acc));
   at::Tensor sums_copy = at::empty({2 * C}, input.options().dtype(acc));
-  for (at::Tensor* t : {&dz, &coef, &sums_copy}) launch.poison(*t);
+  at::Tensor grad_bias = at::empty({C}, input.options());
+  for (at::Tensor* t : {&dz, &coef, &sums_copy, &grad_bias}) launch.poison(*t);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bn_backward_finish_device", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     BnBackwardStage<scalar_t> st =
         bn_backward_stage<scalar_t>(launch, limits, grad_out, pre_bn, mean, invstd, bn_weight, bn_bias, dropout);
     if (N == 0 || C == 0) {
       dz.zero_();
+      grad_bias.zero_();
       return;
     }
     // The finalize kernel over one "chunk", the given sums: the coefficients from `count` rows.
@@ -533,13 +538,55 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_backwa
     args.sum_dy_zhat = sums_copy.mutable_data_ptr<acc_t>() + C;
     args.coef = coef.mutable_data_ptr<acc_t>();
     args.dz = dz.mutable_data_ptr<scalar_t>();
+    args.grad_bias = grad_bias.mutable_data_ptr<scalar_t>();
     launch(bn_feature_config(C, limits), bn_backward_finalize<scalar_t>, args);
     launch(bn_elementwise_config((N * C + kGroup - 1) / kGroup, limits), bn_backward_input<scalar_t>, args);
   });
   at::Tensor grad_input = need_grad_input ? at::mm(dz, weight) : at::empty({0}, input.options());
   at::Tensor grad_weight = at::mm(dz.t(), input);
-  return {grad_input, grad_weight, at::zeros({C}, input.options()), sum_dy_zhat.to(param_type(bn_weight, acc)),
+  return {grad_input, grad_weight, grad_bias, sum_dy_zhat.to(param_type(bn_weight, acc)),
           sum_dy.to(param_type(bn_bias, acc))};
+}
+
+// The gradient of relu(z) * dropout with respect to z, read off the saved output (a layer without
+// BatchNorm): grad_out where the output is positive or NaN, scaled as the forward scaled it.
+template <typename Launch>
+at::Tensor relu_dropout_backward_device(const Launch& launch, const LaunchLimits& limits, const at::Tensor& grad_out_,
+                                        const at::Tensor& output_, double dropout_p, const at::Tensor& seed_offset) {
+  using namespace layer_detail;
+  const at::Tensor g = grad_out_.contiguous(), out = output_.contiguous();
+  const int64_t N = out.size(0), C = out.size(1);
+  const DeviceDropout dropout = device_dropout(dropout_p, seed_offset, out);
+  at::Tensor gz = at::empty({N, C}, out.options());
+  launch.poison(gz);
+  if (N * C == 0) return gz;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "relu_dropout_backward_device", [&] {
+    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    const scalar_t* sp = out.const_data_ptr<scalar_t>();
+    scalar_t* dzp = gz.mutable_data_ptr<scalar_t>();
+    const BnBackwardArgs<scalar_t> args{.grad = gp,
+                                        .saved = sp,
+                                        .N = N,
+                                        .C = C,
+                                        .rows_per_chunk = 0,
+                                        .chunks = 0,
+                                        .count = N,
+                                        .use_batch_stats = false,
+                                        .packed = all_packed<scalar_t>({gp, sp, dzp}),
+                                        .affine = nullptr,
+                                        .mean = nullptr,
+                                        .invstd = nullptr,
+                                        .dropout = dropout.args,
+                                        .part_dy = nullptr,
+                                        .part_dy_zhat = nullptr,
+                                        .sum_dy = nullptr,
+                                        .sum_dy_zhat = nullptr,
+                                        .coef = nullptr,
+                                        .dz = dzp,
+                                        .grad_bias = nullptr};
+    launch(bn_elementwise_config((N * C + kGroup - 1) / kGroup, limits), bn_backward_input<scalar_t>, args);
+  });
+  return gz;
 }
 
 // Inference with BN already folded into (weight, bias): relu(x W^T + b) * dropout.

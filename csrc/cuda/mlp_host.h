@@ -52,6 +52,11 @@ struct DeviceLayers {
                                   "fused_mlp::mlp_backward (a hidden layer)");
   }
 
+  at::Tensor relu_dropout_backward(const at::Tensor& grad_out, const at::Tensor& output, double dropout_p,
+                                   const at::Tensor& seed_offset) const {
+    return relu_dropout_backward_device(launch, limits, grad_out, output, dropout_p, seed_offset);
+  }
+
   void update_running_stats(at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& batch_mean,
                             const at::Tensor& batch_var, double factor) const {
     bn_update_running_stats(running_mean, running_var, batch_mean, batch_var, factor);
