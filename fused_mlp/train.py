@@ -259,18 +259,27 @@ class UnsafeCheckpointError(ValueError):
 
 def read_checkpoint(path):
     """The checkpoint dict at path, read with torch.load(weights_only=True): tensors, numbers,
-    strings and containers of them, which is all that save_checkpoint writes. A file that holds any
-    other object (which unpickling would construct by running code the file names) is refused
-    before anything in it runs."""
+    strings and containers of them, which is all that save_checkpoint writes. A file that names any
+    other object (which unpickling would construct by running code the file names) is refused with
+    UnsafeCheckpointError before anything in it runs; a file that is no checkpoint at all raises
+    ValueError."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        lines = [line for line in str(err).splitlines() if line.strip()]
-        reason = next((line for line in lines if "GLOBAL" in line.upper()), lines[0] if lines else "")
-        raise UnsafeCheckpointError(
-            f"{path} holds objects other than tensors and plain data, which loading would construct by "
-            f"running code the file names; refused ({reason.strip()})"
-        ) from None
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        code = next((line for line in lines if any(mark in line for mark in _CODE_MARKS)), None)
+        if code is not None:
+            raise UnsafeCheckpointError(
+                f"{path} holds objects other than tensors and plain data, which loading would construct by "
+                f"running code the file names; refused ({code})"
+            ) from None
+        after = [b for a, b in zip(lines, lines[1:]) if "WeightsUnpickler error" in a]
+        raise ValueError(f"{path} is not a checkpoint: {(after or lines or ['unreadable'])[0]}") from None
+
+
+#: What torch's weights-only unpickler says of a file that names a callable or class it does not
+#: allow: the file carries code.
+_CODE_MARKS = ("GLOBAL", "allowlisted", "reduce")
 
 
 def load_checkpoint(path, model, optimizer, scheduler, train_batches, world=SINGLE):
