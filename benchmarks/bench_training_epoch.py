@@ -1,10 +1,12 @@
-"""Whole training epochs of the class-notes MLP on Fashion-MNIST: fused vs baseline vs compile.
+"""Whole training epochs of the class-notes MLP on Fashion-MNIST: TrainStep vs fused vs baseline vs compile.
 
     python -m benchmarks.bench_training_epoch [--epochs 3]
 
-Epochs of the implementations alternate (fused, baseline, compile, fused, ...), so a drifting
-machine affects them alike; the median samples/s of each is reported. Needs the dataset
-($FUSED_MLP_DATA or ./data).
+Epochs of the implementations alternate (trainstep, fused, baseline, compile, trainstep, ...), so a
+drifting machine affects them alike; the median samples/s of each is reported. trainstep is the
+fused model trained by fused_mlp.TrainStep (the whole step as one op, what examples/train_fashion.py
+runs by default), fused the same model on the standard path. Needs the dataset ($FUSED_MLP_DATA or
+./data).
 """
 
 import argparse
@@ -15,7 +17,7 @@ import time
 import torch
 
 from benchmarks.harness import machine_description
-from fused_mlp import data
+from fused_mlp import TrainStep, data
 from fused_mlp.models import MLP
 from fused_mlp.train import make_optimizer, train_one_epoch
 
@@ -29,17 +31,19 @@ def main(argv=None):
     splits = data.load_splits("fashion", seed=0)
     if args.limit:
         splits = dataclasses.replace(splits, train_x=splits.train_x[: args.limit], train_y=splits.train_y[: args.limit])
-    runs = {}
-    for impl in ("fused", "baseline", "compile"):
+    runs, train_steps = {}, {}
+    for impl in ("trainstep", "fused", "baseline", "compile"):
         torch.manual_seed(0)
-        model = MLP(impl="fused" if impl == "fused" else "baseline")
+        model = MLP(impl="baseline" if impl in ("baseline", "compile") else "fused")
         forward = torch.compile(model) if impl == "compile" else model
         batches = data.Batches(splits.train_x, splits.train_y, args.batch_size, shuffle=True, seed=0)
         runs[impl] = (model, forward, batches, make_optimizer(model))
+        if impl == "trainstep":
+            train_steps[impl] = TrainStep(model, runs[impl][3], strict=True)
     speeds = {impl: [] for impl in runs}
     for epoch in range(args.epochs + 1):  # epoch 0 warms up (and compiles)
         for impl, (model, forward, batches, optimizer) in runs.items():
-            _, speed = train_one_epoch(model, forward, batches, optimizer, "cpu")
+            _, speed = train_one_epoch(model, forward, batches, optimizer, "cpu", train_step=train_steps.get(impl))
             if epoch > 0:
                 speeds[impl].append(speed)
     medians = {impl: statistics.median(s) for impl, s in speeds.items()}
@@ -48,12 +52,13 @@ def main(argv=None):
     print("|---|---:|---:|---:|")
     for impl, speed in medians.items():
         print(f"| {impl} | {speed:,.0f} | {len(splits.train_y) / speed:.2f} | {speed / medians['baseline']:.2f}x |")
-    steps = step_medians(runs, rounds=15)
+    steps = step_medians(runs, train_steps, rounds=15)
     print(
         f"\nThe bare step on one batch of {args.batch_size} (zero_grad, forward, loss, backward, optimizer "
-        "step), the same models, median of 15 alternating rounds: "
+        "step; for trainstep its one call), the same models, median of 15 alternating rounds: "
         + ", ".join(f"{impl} {ms:.2f} ms" for impl, ms in steps.items())
-        + f"; baseline / fused {steps['baseline'] / steps['fused']:.2f}x."
+        + f"; baseline / trainstep {steps['baseline'] / steps['trainstep']:.2f}x, "
+        f"baseline / fused {steps['baseline'] / steps['fused']:.2f}x."
     )
     overhead = loop_overhead(runs["fused"][2], 21)
     print(
@@ -63,12 +68,14 @@ def main(argv=None):
     return medians
 
 
-def step_medians(runs, rounds):
+def step_medians(runs, train_steps, rounds):
     """Milliseconds per training step of each impl on one fixed batch, the impls alternating."""
     from benchmarks.harness import interleaved_medians
 
-    def step_of(model, forward, batches, optimizer):
+    def step_of(model, forward, batches, optimizer, train_step=None):
         x, y = next(iter(batches))
+        if train_step is not None:
+            return lambda: train_step(x, y)
 
         def step():
             optimizer.zero_grad(set_to_none=True)
@@ -77,7 +84,7 @@ def step_medians(runs, rounds):
 
         return step
 
-    calls = {impl: step_of(*run) for impl, run in runs.items()}
+    calls = {impl: step_of(*run, train_steps.get(impl)) for impl, run in runs.items()}
     return {impl: t * 1e3 for impl, t in interleaved_medians(calls, rounds=rounds, warmup=3).items()}
 
 

@@ -9,16 +9,21 @@ turn, the order rotating from round to round; every process reports its medians 
 the median over rounds. Cases, all on the CPU:
 
 - train_bn: one training step of the class-notes MLP (784-512-256-128-64-10, BatchNorm, ReLU,
-  Dropout 0.3, cross-entropy, Adam 1e-3): fused_mlp (MLP(impl="fused")), eager (the stock modules),
-  compile (the stock modules under torch.compile), JAX (benchmarks/peer_jax.py) and the floor: the
-  same GEMMs alone plus the Adam step alone. Every PyTorch impl takes the same
-  torch.optim.Adam(fused=True) (fused_mlp.train.make_optimizer).
+  Dropout 0.3, cross-entropy, Adam 1e-3): TrainStep (fused_mlp.TrainStep: the whole step as one
+  op), fused_mlp (MLP(impl="fused") on the standard path: model(x), loss.backward(), opt.step()),
+  eager (the stock modules), compile (the stock modules under torch.compile), JAX
+  (benchmarks/peer_jax.py) and the floor: the same GEMMs alone plus the Adam step alone. Every
+  PyTorch impl takes the same torch.optim.Adam(fused=True) (fused_mlp.train.make_optimizer).
 - infer: eval-mode inference of the same MLP under no_grad: fused_mlp, eager, compile, ONNX
   Runtime (the stock model exported with torch.onnx.export; benchmarks/peer_onnxruntime.py) and the
   network's five GEMMs chained with torch.addmm.
 - train_nobn: one training step of the side notes' 784-128-64-10 ReLU net (no BatchNorm, no
-  dropout, SGD 0.01 with momentum 0.9) at batch 64: fused_mlp, eager, JAX and the floor (its GEMMs
-  plus the SGD step).
+  dropout, SGD 0.01 with momentum 0.9) at batch 64 and 256: TrainStep, fused_mlp, eager, JAX and the
+  floor (its GEMMs plus the SGD step).
+
+Each training table also gives TrainStep's share of the machine's limit: the step's FLOPs (those of
+its GEMMs) over its time, against the rate of one big GEMM (torch.mm at 2048^3, measured in the same
+process).
 
 JAX and ONNX Runtime are optional (`make bench` installs requirements-bench.txt); without them
 their columns say so and the rest is measured.
@@ -36,7 +41,7 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS_DIR = os.path.join(ROOT, "benchmarks", "results")
 BATCHES = (64, 256, 1024)
-NOBN_BATCHES = (64,)
+NOBN_BATCHES = (64, 256)
 QUICK_BATCHES = (32,)
 
 
@@ -45,10 +50,13 @@ QUICK_BATCHES = (32,)
 
 def torch_child(batches, nobn_batches, reps, rounds, compile_):
     """Medians (ms) of every PyTorch implementation, interleaved within this process."""
+    import functools
+
     import torch
 
     from benchmarks.harness import interleaved_medians
     from benchmarks.suite import _gemm_floor
+    from fused_mlp import TrainStep
     from fused_mlp.models import MLP
     from fused_mlp.train import make_optimizer
 
@@ -63,14 +71,14 @@ def torch_child(batches, nobn_batches, reps, rounds, compile_):
         out = {}
         for impl in impls:
             torch.manual_seed(0)
-            out[impl] = MLP(impl="fused" if impl == "fused" else "baseline", **kw)
+            out[impl] = MLP(impl="fused" if impl in ("fused", "trainstep") else "baseline", **kw)
         return out
 
     def gemm_floor(model, batch, train):
         return _gemm_floor(model, batch, torch.device("cpu"), train)
 
     def train_calls(batch, optimizer, **kw):
-        impls = ("fused", "eager", "compile") if compile_ else ("fused", "eager")
+        impls = ("trainstep", "fused", "eager", "compile") if compile_ else ("trainstep", "fused", "eager")
         nets = models(impls, **kw)
         g = torch.Generator().manual_seed(2)
         x, y = torch.randn(batch, 784, generator=g), torch.randint(0, 10, (batch,), generator=g)
@@ -78,6 +86,9 @@ def torch_child(batches, nobn_batches, reps, rounds, compile_):
         for impl, model in nets.items():
             model.train()
             opt = make_optimizer(model, *optimizer)
+            if impl == "trainstep":
+                calls[impl] = functools.partial(TrainStep(model, opt, strict=True), x, y)
+                continue
 
             def loss_of(x, y, model=model):
                 return model.loss(model(x), y)
@@ -121,7 +132,7 @@ def torch_child(batches, nobn_batches, reps, rounds, compile_):
         return calls
 
     torch.set_num_threads(os.cpu_count() or 1)
-    result = {"train_bn": {}, "infer": {}, "train_nobn": {}}
+    result = {"train_bn": {}, "infer": {}, "train_nobn": {}, "gemm_gflops": big_gemm_gflops(torch)}
     cases = [("train_bn", b, lambda b=b: train_calls(b, ("adam", 1e-3))) for b in batches]
     cases += [("infer", b, lambda b=b: infer_calls(b)) for b in batches]
     cases += [
@@ -137,6 +148,33 @@ def torch_child(batches, nobn_batches, reps, rounds, compile_):
         medians = interleaved_medians(calls, rounds=rounds, warmup=2)
         result[case][batch] = {name: t / reps * 1e3 for name, t in medians.items()}
     return result
+
+
+def big_gemm_gflops(torch, n=2048, reps=5):
+    """The machine's GEMM rate: GFLOP/s of torch.mm at n^3 (best of reps, after one warm-up)."""
+    import time
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
+def step_gflop(widths, batch):
+    """The GEMM FLOPs of one training step (in GFLOP): per Linear, the forward and the weight
+    gradient, and the input gradient of every Linear but the first."""
+    flops = 0
+    for i, (a, b) in enumerate(zip(widths, widths[1:])):
+        flops += 2 * batch * a * b * (2 if i == 0 else 3)
+    return flops / 1e9
+
+
+CLASS_NOTES = (784, 512, 256, 128, 64, 10)
+SIDE_NOTES = (784, 128, 64, 10)
 
 
 # --- the driver -------------------------------------------------------------------------------------
@@ -236,6 +274,9 @@ def run(batches, nobn_batches, rounds, reps, inner_rounds, compile_=True, log=pr
             for name in order:
                 got = _run(children[name])
                 for case, per_batch in got.items():
+                    if case == "gemm_gflops":
+                        samples.setdefault(case, []).append(per_batch)
+                        continue
                     for batch, value in per_batch.items():
                         if isinstance(value, dict):
                             for impl, ms in value.items():
@@ -246,7 +287,9 @@ def run(batches, nobn_batches, rounds, reps, inner_rounds, compile_=True, log=pr
     medians = {
         case: {b: {impl: statistics.median(v) for impl, v in impls.items()} for b, impls in per.items()}
         for case, per in samples.items()
+        if case != "gemm_gflops"
     }
+    medians["gemm_gflops"] = statistics.median(samples["gemm_gflops"])
     return medians, peers
 
 
@@ -264,8 +307,9 @@ def format_report(medians, peers, rounds):
         machine_description(),
         "",
         f"Each implementation in its own process, the processes alternating; median over {rounds} rounds "
-        "of each process's medians. Times in ms per call. Ratios are the other's time / fused_mlp's "
-        "(above 1: fused_mlp is faster), except `fused / floor`.",
+        "of each process's medians. Times in ms per call. A ratio `A / B` is A's time over B's (above 1: B "
+        "is faster). TrainStep is the whole training step as one op; fused_mlp is the fused model on the "
+        "standard path (model(x), loss.backward(), optimizer.step()).",
         "",
         "![fused_mlp and its peers](peers_cpu.png)",
         "",
@@ -281,21 +325,29 @@ def format_report(medians, peers, rounds):
     def ms(row, impl):
         return f"{row[impl]:.3f}" if impl in row else "-"
 
+    rate = medians.get("gemm_gflops")
+    if rate:
+        lines += [f"The machine's GEMM rate (torch.mm at 2048^3, 2 threads): {rate:.0f} GFLOP/s.", ""]
+
+    def share(widths, batch, t):
+        return f"{step_gflop(widths, batch) / (t / 1e3) / rate * 100:.0f}%" if rate and t else "-"
+
     train = medians.get("train_bn", {})
     if train:
         lines += [
             "## Training step, class-notes MLP (BatchNorm, Dropout 0.3, Adam)",
             "",
-            "| batch | fused_mlp | eager | compile | JAX jit | floor | vs eager | vs compile | vs JAX "
-            "| fused / floor |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| batch | TrainStep | fused_mlp | eager | compile | JAX jit | floor | JAX / TrainStep "
+            "| eager / TrainStep | compile / TrainStep | eager / fused_mlp | TrainStep's share of the limit |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for b, row in sorted(train.items()):
-            f = row["fused"]
+            t, f = row.get("trainstep"), row["fused"]
             lines.append(
-                f"| {b} | {f:.3f} | {ms(row, 'eager')} | {ms(row, 'compile')} | {ms(row, 'JAX')} | {row['floor']:.3f} "
-                f"| {_ratio(row.get('eager'), f)} | {_ratio(row.get('compile'), f)} | {_ratio(row.get('JAX'), f)} "
-                f"| {f / row['floor']:.2f} |"
+                f"| {b} | {ms(row, 'trainstep')} | {f:.3f} | {ms(row, 'eager')} | {ms(row, 'compile')} "
+                f"| {ms(row, 'JAX')} | {row['floor']:.3f} | {_ratio(row.get('JAX'), t)} "
+                f"| {_ratio(row.get('eager'), t)} | {_ratio(row.get('compile'), t)} | {_ratio(row.get('eager'), f)} "
+                f"| {share(CLASS_NOTES, b, t)} |"
             )
         lines.append("")
     infer = medians.get("infer", {})
@@ -320,14 +372,16 @@ def format_report(medians, peers, rounds):
         lines += [
             "## Training step, 784-128-64-10 ReLU net (no BatchNorm, SGD momentum 0.9)",
             "",
-            "| batch | fused_mlp | eager | JAX jit | floor | vs eager | vs JAX | fused / floor |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| batch | TrainStep | fused_mlp | eager | JAX jit | floor | JAX / TrainStep | eager / TrainStep "
+            "| eager / fused_mlp | TrainStep's share of the limit |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for b, row in sorted(nobn.items()):
-            f = row["fused"]
+            t, f = row.get("trainstep"), row["fused"]
             lines.append(
-                f"| {b} | {f:.3f} | {ms(row, 'eager')} | {ms(row, 'JAX')} | {row['floor']:.3f} "
-                f"| {_ratio(row.get('eager'), f)} | {_ratio(row.get('JAX'), f)} | {f / row['floor']:.2f} |"
+                f"| {b} | {ms(row, 'trainstep')} | {f:.3f} | {ms(row, 'eager')} | {ms(row, 'JAX')} "
+                f"| {row['floor']:.3f} | {_ratio(row.get('JAX'), t)} | {_ratio(row.get('eager'), t)} "
+                f"| {_ratio(row.get('eager'), f)} | {share(SIDE_NOTES, b, t)} |"
             )
         lines.append("")
     return "\n".join(lines)
@@ -340,12 +394,19 @@ def plot(medians, path):
     import matplotlib.pyplot as plt
 
     panels = [
-        ("train_bn", "training step (BN MLP)", ("eager", "compile", "JAX", "fused")),
+        ("train_bn", "training step (BN MLP)", ("eager", "compile", "JAX", "fused", "trainstep")),
         ("infer", "inference (BN MLP)", ("eager", "compile", "ONNX Runtime", "fused")),
-        ("train_nobn", "training step (no-BN net)", ("eager", "JAX", "fused")),
+        ("train_nobn", "training step (no-BN net)", ("eager", "JAX", "fused", "trainstep")),
     ]
     panels = [p for p in panels if medians.get(p[0])]
-    colors = {"eager": "#9aa5b1", "compile": "#6e7781", "JAX": "#e3a008", "ONNX Runtime": "#8250df", "fused": "#1f6feb"}
+    colors = {
+        "eager": "#9aa5b1",
+        "compile": "#6e7781",
+        "JAX": "#e3a008",
+        "ONNX Runtime": "#8250df",
+        "fused": "#1f6feb",
+        "trainstep": "#0a3069",
+    }
     fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.6), squeeze=False)
     for ax, (case, title, impls) in zip(axes[0], panels):
         rows = sorted(medians[case].items())

@@ -3,11 +3,14 @@
 //
 // Compiled for the baseline instruction set, like ops.cpp: nothing here may assume more.
 #include <ATen/Version.h>
+#include <ATen/core/Reduction.h>
+#include <ATen/ops/ones.h>
 #include <ATen/ops/randint.h>
 #include <torch/library.h>
 
 #include "cpu/kernels.h"
 #include "mlp_network.h"
+#include "mlp_train_step.h"
 
 namespace fused_mlp::cpu {
 namespace {
@@ -55,6 +58,10 @@ const LinearBnReluKernels& linear_bn_relu() {
 }
 const DropoutKernels& dropout() {
   static const DropoutKernels& table = FUSED_MLP_SELECT_CPU_VARIANT(dropout_kernels);
+  return table;
+}
+const OptimizerKernels& optimizer() {
+  static const OptimizerKernels& table = FUSED_MLP_SELECT_CPU_VARIANT(optimizer_kernels);
   return table;
 }
 
@@ -193,6 +200,75 @@ at::Tensor mlp_inference_cpu(const at::Tensor& input, at::TensorList weights, co
   return mlp_inference(CpuLayers{}, input, weights, biases, "fused_mlp::mlp_inference");
 }
 
+// The loss of a training step: the mean cross-entropy over class-index targets.
+struct CpuLoss {
+  const CrossEntropyKernels& kernels = cross_entropy();
+
+  std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& logits, const at::Tensor& target,
+                                             double label_smoothing) const {
+    return kernels.forward(logits, target, std::nullopt, at::Reduction::Mean, -100, label_smoothing);
+  }
+  at::Tensor backward(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& lse,
+                      double label_smoothing) const {
+    // The gradient the standard path's backward starts from: d loss / d loss, a 0-dim one.
+    const at::Tensor one = at::ones({}, logits.options());
+    return kernels.backward(one, logits, target, std::nullopt, lse, at::Reduction::Mean, -100, label_smoothing);
+  }
+};
+
+// The optimizer's update of one parameter of a training step, on the CPU: each step counter (a CPU
+// tensor, as torch.optim keeps it for CPU parameters) advanced here, the bias corrections from it.
+struct CpuOptimizer {
+  const OptimizerKernels& kernels;
+  const OptimizerArgs& opt;
+
+  void operator()(int64_t k, const at::Tensor& param, const at::Tensor& grad) const {
+    const double* row = opt.group_hyperparameters.const_data_ptr<double>() + opt.param_groups[k] * kHyperColumns;
+    const at::Tensor none;
+    if (opt.kind == OptimizerKind::kSgd) {
+      const SgdScalars scalars = sgd_scalars(row);
+      TORCH_CHECK(scalars.momentum == 0.0 || !opt.first_moments.empty(), "fused_mlp::mlp_train_step: SGD with ",
+                  "momentum needs first_moments (the momentum buffers)");
+      kernels.sgd(param, grad, opt.first_moments.empty() ? none : opt.first_moments[k], scalars);
+      if (!opt.first_moments.empty()) bump(opt.first_moments[k]);
+    } else {
+      at::Tensor step = opt.steps[k];
+      TORCH_CHECK(step.device().is_cpu(), "fused_mlp::mlp_train_step: steps[", k,
+                  "] must be on the CPU with the parameters, as torch.optim keeps it there");
+      const double t = step.item<double>() + 1.0;
+      step.fill_(t);
+      const AdamScalars scalars = adam_scalars(row, t, opt.kind == OptimizerKind::kAdamW);
+      kernels.adam(param, grad, opt.first_moments[k], opt.second_moments[k],
+                   opt.max_second_moments.empty() ? none : opt.max_second_moments[k], scalars);
+      bump(opt.first_moments[k]);
+      bump(opt.second_moments[k]);
+      if (!opt.max_second_moments.empty()) bump(opt.max_second_moments[k]);
+    }
+    bump(param);
+  }
+
+  // Written through raw pointers: the versions move as an in-place ATen op would move them, so what
+  // keys on them (the modules' folded-weight caches, autograd's saved-tensor checks) sees the change.
+  static void bump(const at::Tensor& t) { t.unsafeGetTensorImpl()->bump_version(); }
+};
+
+at::Tensor mlp_train_step_cpu(const at::Tensor& input, const at::Tensor& target, at::TensorList weights,
+                              const OptionalTensorList& biases, const OptionalTensorList& bn_weights,
+                              const OptionalTensorList& bn_biases, const OptionalTensorList& running_means,
+                              const OptionalTensorList& running_vars, c10::ArrayRef<double> momenta, bool batch_norm,
+                              bool use_batch_stats, double eps, double dropout_p, const at::Tensor& seed_offset,
+                              double label_smoothing, int64_t optimizer_kind, const at::Tensor& group_hyperparameters,
+                              c10::IntArrayRef param_groups, at::TensorList steps, at::TensorList first_moments,
+                              at::TensorList second_moments, at::TensorList max_second_moments, at::TensorList grads) {
+  constexpr const char* op = "fused_mlp::mlp_train_step";
+  TORCH_CHECK(group_hyperparameters.device().is_cpu(), op, ": group_hyperparameters must be on the CPU");
+  const OptimizerArgs opt = optimizer_args(optimizer_kind, group_hyperparameters, param_groups, steps, first_moments,
+                                           second_moments, max_second_moments, grads);
+  return mlp_train_step(CpuLayers{}, CpuLoss{}, CpuOptimizer{optimizer(), opt}, input, target, weights, biases,
+                        bn_weights, bn_biases, running_means, running_vars, momenta, batch_norm, use_batch_stats, eps,
+                        dropout_p, seed_offset, label_smoothing, opt, op);
+}
+
 void mlp_update_running_stats_cpu(at::TensorList running_means, at::TensorList running_vars, at::TensorList batch_means,
                                   at::TensorList batch_vars, c10::ArrayRef<double> factors) {
   mlp_update_running_stats(CpuLayers{}, running_means, running_vars, batch_means, batch_vars, factors,
@@ -245,6 +321,7 @@ TORCH_LIBRARY_IMPL(fused_mlp, CPU, m) {
   m.impl("mlp_backward", &mlp_backward_cpu);
   m.impl("mlp_inference", &mlp_inference_cpu);
   m.impl("mlp_update_running_stats_", &mlp_update_running_stats_cpu);
+  m.impl("mlp_train_step", &mlp_train_step_cpu);
 }
 
 }  // namespace fused_mlp::cpu

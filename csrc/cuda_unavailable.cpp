@@ -23,7 +23,7 @@ TORCH_LIBRARY_IMPL(fused_mlp, CUDA, m) {
        {"cross_entropy_forward", "cross_entropy_backward", "linear_bn_relu_forward", "linear_bn_relu_backward",
         "bn_batch_stats", "bn_relu_dropout", "bn_update_running_stats_", "linear_relu_dropout_forward", "philox4x32_10",
         "dropout_mask", "philox_seed_offset", "mlp_forward", "mlp_backward", "mlp_inference",
-        "mlp_update_running_stats_", "bn_backward_sums", "bn_backward_finish"}) {
+        "mlp_update_running_stats_", "bn_backward_sums", "bn_backward_finish", "mlp_train_step"}) {
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&no_cuda_kernels>());
   }
 }

@@ -160,18 +160,26 @@ std::tuple<at::Tensor, TensorVector, TensorVector, TensorVector, TensorVector, T
           std::move(mean), std::move(invstd), std::move(batch_var)};
 }
 
-// -> (grad_input, grad_weights, grad_biases, grad_bn_weights, grad_bn_biases). need_layer_grads has
-// one flag per weight: whether that layer's parameters need gradients. A layer that needs none gets
-// empty tensors and no weight GEMM; the input GEMMs stop below the lowest layer that needs one
-// (grad_input is empty without need_grad_input). A bias or BatchNorm parameter that is None gets an
-// empty gradient.
-template <typename Layers>
-std::tuple<at::Tensor, TensorVector, TensorVector, TensorVector, TensorVector> mlp_backward(
-    const Layers& layers, const at::Tensor& grad_out, const at::Tensor& input, at::TensorList weights,
-    const OptionalTensorList& biases, const OptionalTensorList& bn_weights, const OptionalTensorList& bn_biases,
-    at::TensorList hidden, at::TensorList pre_bn, at::TensorList mean, at::TensorList invstd, bool batch_norm,
-    bool use_batch_stats, double dropout_p, const at::Tensor& seed_offset, bool need_grad_input,
-    const c10::List<bool>& need_layer_grads, const char* op) {
+// The gradients of one Linear (and of its BatchNorm, for a hidden layer with one), as the backward
+// completes them. A parameter that is None, or a layer without BatchNorm, gets an empty tensor.
+struct LayerGrads {
+  at::Tensor weight, bias, bn_weight, bn_bias;
+};
+
+// The backward of the whole network, from grad_out (the gradient of the logits), layer by layer from
+// the output Linear down. For each layer whose parameters need gradients (need_layer_grads, one flag
+// per weight), sink(i, grads) gets them as soon as they are complete, and the gradient of the
+// layer's input with them: nothing later reads layer i's parameters, so the sink may update them in
+// place. A layer that needs none gets no weight GEMM; the input GEMMs stop below the lowest layer
+// that needs one. Returns the gradient of the network's input (empty without need_grad_input).
+template <typename Layers, typename Sink>
+at::Tensor mlp_backward_layers(const Layers& layers, const at::Tensor& grad_out, const at::Tensor& input,
+                               at::TensorList weights, const OptionalTensorList& biases,
+                               const OptionalTensorList& bn_weights, const OptionalTensorList& bn_biases,
+                               at::TensorList hidden, at::TensorList pre_bn, at::TensorList mean, at::TensorList invstd,
+                               bool batch_norm, bool use_batch_stats, double dropout_p, const at::Tensor& seed_offset,
+                               bool need_grad_input, const c10::List<bool>& need_layer_grads, const char* op,
+                               Sink&& sink) {
   using namespace network_detail;
   const OptionalTensorList none_given;
   check_network(input, weights, biases, bn_weights, bn_biases, none_given, none_given, batch_norm, dropout_p,
@@ -207,9 +215,6 @@ std::tuple<at::Tensor, TensorVector, TensorVector, TensorVector, TensorVector> m
     any = any || need_layer_grads.get(i);
   }
   const at::Tensor none = empty_like_none(input);
-  TensorVector grad_weights(L + 1, none), grad_biases(L + 1, none);
-  TensorVector grad_bn_weights(batch_norm ? L : 0, none), grad_bn_biases(batch_norm ? L : 0, none);
-  at::Tensor grad_input = none;
 
   at::Tensor g = grad_out.contiguous();
   for (size_t i = L + 1; i-- > 0;) {
@@ -217,11 +222,13 @@ std::tuple<at::Tensor, TensorVector, TensorVector, TensorVector, TensorVector> m
     const at::Tensor x = i == 0 ? input.contiguous() : hidden_output(i - 1);
     const std::optional<at::Tensor> bias = at_or_none(biases, i);
     if (i == L) {  // the output Linear
+      LayerGrads grads{none, none, none, none};
       if (need_layer_grads.get(i)) {
-        grad_weights[i] = at::mm(g.t(), x);
-        if (bias.has_value()) grad_biases[i] = g.sum(0);
+        grads.weight = at::mm(g.t(), x);
+        if (bias.has_value()) grads.bias = g.sum(0);
       }
       g = below[i] ? at::mm(g, weights[i].contiguous()) : none;
+      if (need_layer_grads.get(i)) sink(i, grads);
       continue;
     }
     const at::Tensor so = layer_seed_offset(seed_offset, static_cast<int64_t>(i), dropout_p);
@@ -230,23 +237,51 @@ std::tuple<at::Tensor, TensorVector, TensorVector, TensorVector, TensorVector> m
       auto [gx, gw, gb, ggamma, gbeta] = layers.backward(
           g, x, weights[i], bias, at_or_none(bn_weights, i), at_or_none(bn_biases, i), saved, mean[i], invstd[i],
           use_batch_stats, dropout_p, so, static_cast<bool>(below[i]), need_layer_grads.get(i));
-      if (need_layer_grads.get(i)) {
-        grad_weights[i] = std::move(gw);
-        if (bias.has_value()) grad_biases[i] = std::move(gb);
-        if (at_or_none(bn_weights, i).has_value()) grad_bn_weights[i] = std::move(ggamma);
-        if (at_or_none(bn_biases, i).has_value()) grad_bn_biases[i] = std::move(gbeta);
-      }
       g = below[i] ? gx : none;
+      if (need_layer_grads.get(i)) {
+        LayerGrads grads{std::move(gw), bias.has_value() ? std::move(gb) : none,
+                         at_or_none(bn_weights, i).has_value() ? std::move(ggamma) : none,
+                         at_or_none(bn_biases, i).has_value() ? std::move(gbeta) : none};
+        sink(i, grads);
+      }
     } else {
       at::Tensor gz = layers.relu_dropout_backward(g, hidden[i], dropout_p, so);
+      LayerGrads grads{none, none, none, none};
       if (need_layer_grads.get(i)) {
-        grad_weights[i] = at::mm(gz.t(), x);
-        if (bias.has_value()) grad_biases[i] = gz.sum(0);
+        grads.weight = at::mm(gz.t(), x);
+        if (bias.has_value()) grads.bias = gz.sum(0);
       }
       g = below[i] ? at::mm(gz, weights[i].contiguous()) : none;
+      if (need_layer_grads.get(i)) sink(i, grads);
     }
   }
-  if (need_grad_input) grad_input = g;
+  return need_grad_input ? g : none;
+}
+
+// -> (grad_input, grad_weights, grad_biases, grad_bn_weights, grad_bn_biases): mlp_backward_layers
+// with every layer's gradients collected. A layer that needs none, a parameter that is None and a
+// layer without BatchNorm get empty tensors.
+template <typename Layers>
+std::tuple<at::Tensor, TensorVector, TensorVector, TensorVector, TensorVector> mlp_backward(
+    const Layers& layers, const at::Tensor& grad_out, const at::Tensor& input, at::TensorList weights,
+    const OptionalTensorList& biases, const OptionalTensorList& bn_weights, const OptionalTensorList& bn_biases,
+    at::TensorList hidden, at::TensorList pre_bn, at::TensorList mean, at::TensorList invstd, bool batch_norm,
+    bool use_batch_stats, double dropout_p, const at::Tensor& seed_offset, bool need_grad_input,
+    const c10::List<bool>& need_layer_grads, const char* op) {
+  const size_t L = weights.empty() ? 0 : weights.size() - 1;
+  const at::Tensor none = network_detail::empty_like_none(input);
+  TensorVector grad_weights(L + 1, none), grad_biases(L + 1, none);
+  TensorVector grad_bn_weights(batch_norm ? L : 0, none), grad_bn_biases(batch_norm ? L : 0, none);
+  at::Tensor grad_input = mlp_backward_layers(layers, grad_out, input, weights, biases, bn_weights, bn_biases, hidden,
+                                              pre_bn, mean, invstd, batch_norm, use_batch_stats, dropout_p, seed_offset,
+                                              need_grad_input, need_layer_grads, op, [&](size_t i, LayerGrads& grads) {
+                                                grad_weights[i] = std::move(grads.weight);
+                                                grad_biases[i] = std::move(grads.bias);
+                                                if (i < L && batch_norm) {
+                                                  grad_bn_weights[i] = std::move(grads.bn_weight);
+                                                  grad_bn_biases[i] = std::move(grads.bn_bias);
+                                                }
+                                              });
   return {std::move(grad_input), std::move(grad_weights), std::move(grad_biases), std::move(grad_bn_weights),
           std::move(grad_bn_biases)};
 }

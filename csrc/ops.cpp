@@ -134,4 +134,22 @@ TORCH_LIBRARY(fused_mlp, m) {
   m.def(
       "mlp_update_running_stats_(Tensor(a!)[] running_means, Tensor(b!)[] running_vars, Tensor[] batch_means, "
       "Tensor[] batch_vars, float[] factors) -> ()");
+  // A whole training step (csrc/mlp_train_step.h): mlp_forward, the mean cross-entropy of the logits
+  // against class-index targets (label_smoothing as cross_entropy_forward's), the running-statistics
+  // update (momenta: one factor per hidden layer, or empty for none), the backward, and the
+  // optimizer's update of every parameter in place, each layer's as soon as the backward is done
+  // with it. optimizer: 0 SGD, 1 Adam, 2 AdamW; group_hyperparameters: float64 (groups, 6) rows of
+  // (lr, weight_decay, beta1 or momentum, beta2 or dampening, eps, flags: 1 maximize, 2 amsgrad or
+  // nesterov, 4 first momentum step); param_groups: each parameter's row. The state lists follow
+  // the parameters' flat order (per Linear: weight, bias, BatchNorm weight, BatchNorm bias, where
+  // present): steps (Adam), first_moments (exp_avg, or SGD's momentum_buffer), second_moments
+  // (exp_avg_sq), max_second_moments (amsgrad), each empty where the optimizer has none; grads,
+  // when given, receive the gradients. Returns the loss, detached.
+  m.def(
+      "mlp_train_step(Tensor input, Tensor target, Tensor(a!)[] weights, Tensor(b!)?[] biases, "
+      "Tensor(c!)?[] bn_weights, Tensor(d!)?[] bn_biases, Tensor(e!)?[] running_means, Tensor(f!)?[] running_vars, "
+      "float[] momenta, bool batch_norm, bool use_batch_stats, float eps, float dropout_p, Tensor seed_offset, "
+      "float label_smoothing, int optimizer, Tensor group_hyperparameters, int[] param_groups, Tensor(g!)[] steps, "
+      "Tensor(h!)[] first_moments, Tensor(i!)[] second_moments, Tensor(j!)[] max_second_moments, "
+      "Tensor(k!)[] grads) -> Tensor");
 }

@@ -6,7 +6,8 @@
     python examples/train_fashion.py --dataset mnist --hidden 128,64 --no-batch-norm --dropout 0
 
 The model is 784 -> 512 -> 256 -> 128 -> 64 -> 10 with BatchNorm, ReLU and Dropout(0.3) after each
-hidden Linear, trained with Adam on the cross-entropy. Everything a run produces goes to its run
+hidden Linear, trained with Adam on the cross-entropy, each step one op (fused_mlp.TrainStep;
+--step standard for model(x), loss.backward(), optimizer.step()). Everything a run produces goes to its run
 directory (--out): metrics.json, checkpoint_last.pt / checkpoint_best.pt, curves.png and
 confusion.png. --resume RUN_DIR/checkpoint_last.pt continues an interrupted run (Ctrl-C or SIGTERM).
 
@@ -30,7 +31,7 @@ import torch.distributed as dist
 import fused_mlp.nn
 from fused_mlp import data
 from fused_mlp.models import MLP
-from fused_mlp.train import UnsafeCheckpointError, World, fit, read_checkpoint
+from fused_mlp.train import UnsafeCheckpointError, World, fit, read_checkpoint, uses_train_step
 
 EXIT_USAGE = 2
 DEFAULT_DIST_TIMEOUT = 120.0
@@ -86,6 +87,14 @@ def parse_args(argv=None):
         choices=["fused", "baseline", "compile"],
         default="fused",
         help="compile: the baseline model under torch.compile",
+    )
+    parser.add_argument(
+        "--step",
+        choices=["trainstep", "standard"],
+        default="trainstep",
+        help="trainstep: each training step as one op (fused_mlp.TrainStep: forward, loss, backward and the "
+        "optimizer's update); standard: model(x), loss.backward(), optimizer.step(). The standard path runs "
+        "anyway for --impl baseline or compile, and under torchrun",
     )
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--seed", type=int, default=0)
@@ -255,6 +264,7 @@ def run_arguments(args, device, world):
             "momentum",
             "schedule",
             "impl",
+            "step",
             "seed",
             "dataset",
             "dropout",
@@ -291,9 +301,11 @@ def train(args, device, world, model, run_args, out, splits):
     if world.size > 1:
         per_rank = args.batch_size // world.size
         processes = f", {world.size} processes, global batch {args.batch_size} ({per_rank} per process)"
+    step = "trainstep" if uses_train_step(run_args, model, forward, world) else "standard"
     say(
         f"{args.dataset}: {len(splits.train_y):,} train / {len(splits.val_y):,} validation / "
-        f"{len(splits.test_y):,} test images; impl={args.impl}, device={device}{processes}, run directory {out}",
+        f"{len(splits.test_y):,} test images; impl={args.impl}, step={step}, device={device}{processes}, "
+        f"run directory {out}",
         flush=True,
     )
     try:

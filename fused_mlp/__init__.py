@@ -9,5 +9,6 @@ __version__ = "0.1.0"
 from . import functional, nn, ops, reference  # noqa: E402
 from .functional import cross_entropy  # noqa: E402
 from .ops import BACKEND  # noqa: E402
+from .step import TrainStep  # noqa: E402
 
-__all__ = ["__version__", "BACKEND", "cross_entropy", "functional", "nn", "ops", "reference"]
+__all__ = ["__version__", "BACKEND", "TrainStep", "cross_entropy", "functional", "nn", "ops", "reference"]

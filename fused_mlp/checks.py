@@ -3,7 +3,14 @@
 
 import torch
 
-__all__ = ["REDUCTIONS", "cross_entropy_args", "dropout_probability", "linear_bn_relu_args", "network_input"]
+__all__ = [
+    "REDUCTIONS",
+    "class_index_target",
+    "cross_entropy_args",
+    "dropout_probability",
+    "linear_bn_relu_args",
+    "network_input",
+]
 
 #: Reduction names and the ops' codes for them (the values of at::Reduction).
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
@@ -44,18 +51,7 @@ def cross_entropy_args(input, target, weight, ignore_index, reduction, label_smo
                 f"{tuple(input.shape)}, got {tuple(target.shape)}"
             )
     else:
-        if target.dtype not in (torch.int64, torch.uint8):
-            raise TypeError(
-                "cross_entropy: target must hold class indices as int64 (or uint8), "
-                f"or class probabilities as floats; got {target.dtype}"
-            )
-        expected = input.shape[:1] + input.shape[2:] if input.dim() >= 2 else torch.Size([])
-        if target.shape != expected:
-            raise ValueError(
-                f"cross_entropy: a class-index target for input of shape "
-                f"{tuple(input.shape)} must have shape {tuple(expected)}, got "
-                f"{tuple(target.shape)}"
-            )
+        class_index_target(target, input.shape)
     if weight is not None:
         if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
             raise TypeError("cross_entropy: weight must be a floating-point tensor or None")
@@ -72,6 +68,23 @@ def cross_entropy_args(input, target, weight, ignore_index, reduction, label_smo
                 "cross_entropy: the loss is not differentiable with respect to weight for class-index targets "
                 "(as in F.cross_entropy), so weight cannot require grad; pass weight.detach()"
             )
+
+
+def class_index_target(target, input_shape):
+    """A class-index target for logits of input_shape: int64 or uint8, of the input's shape without
+    the class dim (dim 1; a 1-D input is one sample). Its values are checked by the op."""
+    if target.dtype not in (torch.int64, torch.uint8):
+        raise TypeError(
+            "cross_entropy: target must hold class indices as int64 (or uint8), "
+            f"or class probabilities as floats; got {target.dtype}"
+        )
+    expected = input_shape[:1] + input_shape[2:] if len(input_shape) >= 2 else torch.Size([])
+    if target.shape != expected:
+        raise ValueError(
+            f"cross_entropy: a class-index target for input of shape "
+            f"{tuple(input_shape)} must have shape {tuple(expected)}, got "
+            f"{tuple(target.shape)}"
+        )
 
 
 def linear_bn_relu_args(

@@ -57,6 +57,12 @@ SCHEMAS = {
     "mlp_inference": "mlp_inference(Tensor input, Tensor[] weights, Tensor?[] biases) -> Tensor",
     "mlp_update_running_stats_": "mlp_update_running_stats_(Tensor(a!)[] running_means, Tensor(b!)[] running_vars, "
     "Tensor[] batch_means, Tensor[] batch_vars, float[] factors) -> ()",
+    "mlp_train_step": "mlp_train_step(Tensor input, Tensor target, Tensor(a!)[] weights, Tensor(b!)?[] biases, "
+    "Tensor(c!)?[] bn_weights, Tensor(d!)?[] bn_biases, Tensor(e!)?[] running_means, Tensor(f!)?[] running_vars, "
+    "float[] momenta, bool batch_norm, bool use_batch_stats, float eps, float dropout_p, Tensor seed_offset, "
+    "float label_smoothing, int optimizer, Tensor group_hyperparameters, int[] param_groups, Tensor(g!)[] steps, "
+    "Tensor(h!)[] first_moments, Tensor(i!)[] second_moments, Tensor(j!)[] max_second_moments, "
+    "Tensor(k!)[] grads) -> Tensor",
 }
 
 if BACKEND == "reference":
@@ -388,6 +394,17 @@ def _mlp_backward_fake(
 def _mlp_inference_fake(input, weights, biases):
     torch._check(input.dim() == 2, lambda: "mlp_inference: input must be 2-D")
     return input.new_empty((input.shape[0], weights[-1].shape[0]))
+
+
+def mlp_train_step(*args):
+    """One whole training step in place (csrc/mlp_train_step.h); returns the loss. fused_mlp.step.TrainStep
+    builds the arguments."""
+    return _fused.mlp_train_step(*args)
+
+
+@torch.library.register_fake("fused_mlp::mlp_train_step")
+def _mlp_train_step_fake(input, *_):
+    return input.new_empty(())
 
 
 @torch.library.register_fake("fused_mlp::mlp_update_running_stats_")

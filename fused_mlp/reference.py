@@ -634,3 +634,156 @@ def mlp_inference(input, weights, biases):
 def mlp_update_running_stats_(running_means, running_vars, batch_means, batch_vars, factors):
     for args in zip(running_means, running_vars, batch_means, batch_vars, factors):
         bn_update_running_stats_(*args)
+
+
+# --- the whole training step (csrc/mlp_train_step.h) -------------------------------------------------
+
+#: mlp_train_step's optimizer codes and the columns of its group_hyperparameters rows.
+OPTIMIZER_SGD, OPTIMIZER_ADAM, OPTIMIZER_ADAMW = 0, 1, 2
+HYPER_COLUMNS = ("lr", "weight_decay", "beta1_or_momentum", "beta2_or_dampening", "eps", "flags")
+FLAG_MAXIMIZE, FLAG_AMSGRAD_OR_NESTEROV, FLAG_FIRST_MOMENTUM_STEP = 1, 2, 4
+
+
+def _flat_parameters(weights, biases, bn_weights, bn_biases):
+    """Each Linear's parameters in mlp_train_step's flat order, and each Linear's positions in it
+    (weight, bias, BatchNorm weight, BatchNorm bias; None where absent)."""
+    flat, positions = [], []
+    for i, weight in enumerate(weights):
+        entry = []
+        for t in (weight, biases[i], _entry(bn_weights, i), _entry(bn_biases, i)):
+            entry.append(None if t is None else len(flat))
+            if t is not None:
+                flat.append(t)
+        positions.append(entry)
+    return flat, positions
+
+
+def _adam_update(p, grad, m, v, v_max, step, row, decoupled):
+    lr, weight_decay, beta1, beta2, eps, flags = row
+    with torch.no_grad():
+        step.add_(1)
+        t = step.item()
+        step_size = lr / (1 - beta1**t)
+        bias_correction2_sqrt = math.sqrt(1 - beta2**t)
+        g = -grad if int(flags) & FLAG_MAXIMIZE else grad
+        if weight_decay != 0:
+            if decoupled:
+                p.mul_(1 - lr * weight_decay)
+            else:
+                g = g + p * weight_decay
+        m.add_(g - m, alpha=1 - beta1)
+        v.mul_(beta2).add_(g * g, alpha=1 - beta2)
+        second = v
+        if int(flags) & FLAG_AMSGRAD_OR_NESTEROV:
+            torch.maximum(v_max, v, out=v_max)
+            second = v_max
+        p.sub_(m * step_size / (second.sqrt() / bias_correction2_sqrt + eps))
+
+
+def _sgd_update(p, grad, buf, row):
+    lr, weight_decay, momentum, dampening, _, flags = row
+    flags = int(flags)
+    with torch.no_grad():
+        g = -grad if flags & FLAG_MAXIMIZE else grad
+        if weight_decay != 0:
+            g = g + p * weight_decay
+        if momentum != 0:
+            if flags & FLAG_FIRST_MOMENTUM_STEP:
+                buf.copy_(g)
+            else:
+                buf.mul_(momentum).add_(g, alpha=1 - dampening)
+            g = g + momentum * buf if flags & FLAG_AMSGRAD_OR_NESTEROV else buf
+        p.sub_(lr * g)
+
+
+def mlp_train_step(
+    input,
+    target,
+    weights,
+    biases,
+    bn_weights,
+    bn_biases,
+    running_means,
+    running_vars,
+    momenta,
+    batch_norm,
+    use_batch_stats,
+    eps,
+    dropout_p,
+    seed_offset,
+    label_smoothing,
+    optimizer,
+    group_hyperparameters,
+    param_groups,
+    steps,
+    first_moments,
+    second_moments,
+    max_second_moments,
+    grads,
+):
+    """One training step in place, returning the loss; see csrc/ops.cpp."""
+    flat, positions = _flat_parameters(weights, biases, bn_weights, bn_biases)
+    given = not use_batch_stats
+    out, hidden, pre_bn, mean, invstd, batch_var = mlp_forward(
+        input,
+        weights,
+        biases,
+        bn_weights,
+        bn_biases,
+        running_means if given else [],
+        running_vars if given else [],
+        batch_norm,
+        use_batch_stats,
+        eps,
+        dropout_p,
+        seed_offset,
+    )
+    loss, lse = cross_entropy_forward(out, target, None, REDUCTION_MEAN, -100, label_smoothing)
+    grad_logits = cross_entropy_backward(
+        torch.ones_like(loss), out, target, None, lse, REDUCTION_MEAN, -100, label_smoothing
+    )
+    if momenta:
+        mlp_update_running_stats_(running_means, running_vars, mean, batch_var, momenta)
+    layers = len(weights)
+    grad_sets = mlp_backward(
+        grad_logits,
+        input,
+        weights,
+        biases,
+        bn_weights,
+        bn_biases,
+        hidden,
+        pre_bn,
+        mean,
+        invstd,
+        batch_norm,
+        use_batch_stats,
+        dropout_p,
+        seed_offset,
+        False,
+        [True] * layers,
+    )[1:]
+    rows = group_hyperparameters.tolist()
+    for i, entry in enumerate(positions):
+        for j, k in enumerate(entry):
+            if k is None:
+                continue
+            grad = grad_sets[j][i]
+            if grads:
+                grads[k].copy_(grad)
+            row = rows[param_groups[k]]
+            if optimizer == OPTIMIZER_SGD:
+                _sgd_update(flat[k], grad, first_moments[k] if first_moments else None, row)
+            else:
+                amsgrad = max_second_moments[k] if max_second_moments else None
+                _adam_update(
+                    flat[k],
+                    grad,
+                    first_moments[k],
+                    second_moments[k],
+                    amsgrad,
+                    steps[k],
+                    row,
+                    optimizer == OPTIMIZER_ADAMW,
+                )
+    return loss.detach()

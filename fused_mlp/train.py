@@ -112,10 +112,13 @@ SYNC_EVERY = 50
 PROGRESS_INTERVAL = 0.1
 
 
-def train_one_epoch(model, forward, batches, optimizer, device, progress=None, sync_every=SYNC_EVERY, world=SINGLE):
+def train_one_epoch(
+    model, forward, batches, optimizer, device, progress=None, sync_every=SYNC_EVERY, world=SINGLE, train_step=None
+):
     """One pass over the training batches. `forward` is the model, its compiled twin, or either
-    wrapped in DistributedDataParallel. Returns (average loss, samples per second), over every
-    rank's rows when `world` has several.
+    wrapped in DistributedDataParallel; with `train_step` (a fused_mlp.TrainStep of the model and
+    optimizer) each step is that one call instead of forward, loss, backward and optimizer.step().
+    Returns (average loss, samples per second), over every rank's rows when `world` has several.
 
     The loss is summed on the device and read on the host once every `sync_every` steps (for the
     progress bar, when there is one) and once at the end, so the host never waits on the device at
@@ -126,11 +129,13 @@ def train_one_epoch(model, forward, batches, optimizer, device, progress=None, s
     start = time.perf_counter()
     for step, (x, y) in enumerate(batches, 1):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        optimizer.zero_grad(set_to_none=True)
-        logits = forward(x)
-        loss = model.loss(logits, y)
-        loss.backward()
-        optimizer.step()
+        if train_step is not None:
+            loss = train_step(x, y)
+        else:
+            optimizer.zero_grad(set_to_none=True)
+            loss = model.loss(forward(x), y)
+            loss.backward()
+            optimizer.step()
         loss_sum += loss.detach() * len(y)
         seen += len(y)
         if progress is not None:
@@ -305,6 +310,18 @@ def load_checkpoint(path, model, optimizer, scheduler, train_batches, world=SING
     return state
 
 
+def uses_train_step(args, model, forward, world=SINGLE):
+    """Whether fit trains with fused_mlp.TrainStep: asked for (args["step"] == "trainstep", the
+    default), in one process (several need DistributedDataParallel's all-reduce, which the standard
+    path has), on the fused model itself (not a compiled twin or the stock model)."""
+    return (
+        args.get("step", "trainstep") == "trainstep"
+        and world.size == 1
+        and forward is model
+        and getattr(model, "impl", None) == "fused"
+    )
+
+
 def _data_parallel(module, device):
     """The module under DistributedDataParallel: gradients averaged over the ranks in backward,
     rank 0's parameters and buffers broadcast at construction and its buffers at each forward."""
@@ -343,6 +360,11 @@ def fit(model, forward, splits, args, out_dir, device, resume=None, log=print, p
     train_forward = _data_parallel(forward, device) if world.size > 1 else forward
     optimizer = make_optimizer(model, args["optimizer"], args["lr"], args.get("momentum", 0.9))
     scheduler = make_scheduler(optimizer, args["schedule"], args["epochs"])
+    train_step = None
+    if uses_train_step(args, model, forward, world):
+        from .step import TrainStep
+
+        train_step = TrainStep(model, optimizer)
     history, best, first_epoch = [], {"val_accuracy": -1.0, "epoch": 0}, 1
     if resume:
         state = load_checkpoint(resume, model, optimizer, scheduler, train_batches, world)
@@ -379,7 +401,9 @@ def fit(model, forward, splits, args, out_dir, device, resume=None, log=print, p
                 mininterval=PROGRESS_INTERVAL,
             )
         start = time.perf_counter()
-        train_loss, speed = train_one_epoch(model, train_forward, train_batches, optimizer, device, bar, world=world)
+        train_loss, speed = train_one_epoch(
+            model, train_forward, train_batches, optimizer, device, bar, world=world, train_step=train_step
+        )
         if bar is not None:
             bar.close()
         if world.size > 1:

@@ -75,7 +75,7 @@ COMPUTE_OPS = (
 
 
 #: The whole-network ops.
-NETWORK_OPS = ("mlp_forward", "mlp_backward", "mlp_inference")
+NETWORK_OPS = ("mlp_forward", "mlp_backward", "mlp_inference", "mlp_train_step")
 
 
 def _simulated_backend():

@@ -50,9 +50,9 @@ def test_overhead_benchmark_once(capsys):
 def test_training_epoch_benchmark_on_a_subset(data_dir, monkeypatch, capsys):
     monkeypatch.setenv("FUSED_MLP_DATA", data_dir)
     medians = bench_training_epoch.main(["--epochs", "1", "--limit", "1024"])
-    assert set(medians) == {"fused", "baseline", "compile"} and all(m > 0 for m in medians.values())
+    assert set(medians) == {"trainstep", "fused", "baseline", "compile"} and all(m > 0 for m in medians.values())
     out = capsys.readouterr().out
-    assert "| fused |" in out and "us per step" in out
+    assert "| trainstep |" in out and "| fused |" in out and "us per step" in out and "baseline / trainstep" in out
 
 
 def test_linear_bn_relu_benchmark_quick(capsys):
@@ -97,14 +97,16 @@ def test_peers_quick(capsys, tmp_path):
     installed (each in its own process); otherwise the report names what is missing."""
     medians, peers = peers_module.main(["--quick"])
     batch = peers_module.QUICK_BATCHES[0]
-    assert set(medians["train_bn"][batch]) >= {"fused", "eager", "floor"}
+    assert set(medians["train_bn"][batch]) >= {"trainstep", "fused", "eager", "floor"}
     assert set(medians["infer"][batch]) >= {"fused", "eager", "addmm chain"}
-    assert set(medians["train_nobn"][batch]) >= {"fused", "eager", "floor"}
+    assert set(medians["train_nobn"][batch]) >= {"trainstep", "fused", "eager", "floor"}
     assert ("JAX" in medians["train_bn"][batch]) == peers["jax"]
     assert ("ONNX Runtime" in medians["infer"][batch]) == peers["onnxruntime"]
-    assert all(v > 0 for case in medians.values() for row in case.values() for v in row.values())
+    assert medians["gemm_gflops"] > 0
+    cases = [case for name, case in medians.items() if name != "gemm_gflops"]
+    assert all(v > 0 for case in cases for row in case.values() for v in row.values())
     out = capsys.readouterr().out
-    assert "## Training step, class-notes MLP" in out and "## Inference" in out
+    assert "## Training step, class-notes MLP" in out and "## Inference" in out and "share of the limit" in out
     if not all(peers.values()):
         assert "Not installed, so not measured" in out
     png = tmp_path / "peers.png"

@@ -15,6 +15,8 @@
 #include <tuple>
 #include <type_traits>
 
+#include "common/optimizer_math.h"
+
 namespace fused_mlp::cpu {
 
 using OptionalTensor = std::optional<at::Tensor>;
@@ -61,6 +63,15 @@ struct LinearBnReluKernels {
                                       const at::Tensor& seed_offset);
 };
 
+// The optimizer updates of mlp_train_step, in place on contiguous float or double tensors of one
+// size; max_exp_avg_sq is read only with amsgrad, momentum_buffer only with momentum.
+struct OptimizerKernels {
+  void (*adam)(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
+               const at::Tensor& max_exp_avg_sq, const AdamScalars& scalars);
+  void (*sgd)(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& momentum_buffer,
+              const SgdScalars& scalars);
+};
+
 struct DropoutKernels {
   at::Tensor (*philox4x32_10)(const at::Tensor& counter, const at::Tensor& key);
   at::Tensor (*dropout_mask)(const at::Tensor& seed_offset, int64_t numel, double p, int64_t start);
@@ -74,6 +85,7 @@ struct DropoutKernels {
 FUSED_MLP_DECLARE_CPU_VARIANTS(CrossEntropyKernels, cross_entropy_kernels)
 FUSED_MLP_DECLARE_CPU_VARIANTS(LinearBnReluKernels, linear_bn_relu_kernels)
 FUSED_MLP_DECLARE_CPU_VARIANTS(DropoutKernels, dropout_kernels)
+FUSED_MLP_DECLARE_CPU_VARIANTS(OptimizerKernels, optimizer_kernels)
 
 // The instruction sets, in increasing order.
 enum class CpuCapability : int { kDefault = 0, kAvx2 = 1, kAvx512 = 2 };

@@ -5,6 +5,7 @@
 
 #include "cuda/mlp_host.h"
 #include "cuda/stream_launch.h"
+#include "cuda/train_step_host.h"
 
 namespace fused_mlp::cuda {
 namespace {
@@ -48,6 +49,25 @@ void mlp_update_running_stats_cuda(at::TensorList running_means, at::TensorList 
                            "fused_mlp::mlp_update_running_stats_");
 }
 
+at::Tensor mlp_train_step_cuda(const at::Tensor& input, const at::Tensor& target, at::TensorList weights,
+                               const OptionalTensorList& biases, const OptionalTensorList& bn_weights,
+                               const OptionalTensorList& bn_biases, const OptionalTensorList& running_means,
+                               const OptionalTensorList& running_vars, c10::ArrayRef<double> momenta, bool batch_norm,
+                               bool use_batch_stats, double eps, double dropout_p, const at::Tensor& seed_offset,
+                               double label_smoothing, int64_t optimizer, const at::Tensor& group_hyperparameters,
+                               c10::IntArrayRef param_groups, at::TensorList steps, at::TensorList first_moments,
+                               at::TensorList second_moments, at::TensorList max_second_moments, at::TensorList grads) {
+  const c10::cuda::CUDAGuard guard(input.device());
+  const OptimizerArgs opt = optimizer_args(optimizer, group_hyperparameters, param_groups, steps, first_moments,
+                                           second_moments, max_second_moments, grads);
+  const StreamLaunch launch = current_stream_launch(input);
+  const LaunchLimits limits = device_limits(input.device().index());
+  return mlp_train_step(DeviceLayers<StreamLaunch>{launch, limits}, DeviceLoss<StreamLaunch>{launch, limits},
+                        DeviceOptimizer<StreamLaunch>{launch, limits, opt}, input, target, weights, biases, bn_weights,
+                        bn_biases, running_means, running_vars, momenta, batch_norm, use_batch_stats, eps, dropout_p,
+                        seed_offset, label_smoothing, opt, "fused_mlp::mlp_train_step");
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fused_mlp, CUDA, m) {
@@ -55,6 +75,7 @@ TORCH_LIBRARY_IMPL(fused_mlp, CUDA, m) {
   m.impl("mlp_backward", &mlp_backward_cuda);
   m.impl("mlp_inference", &mlp_inference_cuda);
   m.impl("mlp_update_running_stats_", &mlp_update_running_stats_cuda);
+  m.impl("mlp_train_step", &mlp_train_step_cuda);
 }
 
 }  // namespace fused_mlp::cuda

@@ -6,6 +6,7 @@
 #include "sim/cuda_sim.h"
 
 #include "cuda/mlp_host.h"
+#include "cuda/train_step_host.h"
 #include "sim_launch.h"
 
 namespace {
@@ -51,11 +52,30 @@ at::Tensor inference(const at::Tensor& input, const Tensors& weights, const Opti
   return fused_mlp::mlp_inference(layers(), input, weights, as_list(biases), "simulated mlp_inference");
 }
 
+at::Tensor train_step(const at::Tensor& input, const at::Tensor& target, const Tensors& weights,
+                      const Optionals& biases, const Optionals& bn_weights, const Optionals& bn_biases,
+                      const Optionals& running_means, const Optionals& running_vars, const std::vector<double>& momenta,
+                      bool batch_norm, bool use_batch_stats, double eps, double dropout_p,
+                      const at::Tensor& seed_offset, double label_smoothing, int64_t optimizer,
+                      const at::Tensor& group_hyperparameters, const std::vector<int64_t>& param_groups,
+                      const Tensors& steps, const Tensors& first_moments, const Tensors& second_moments,
+                      const Tensors& max_second_moments, const Tensors& grads) {
+  const fused_mlp::OptimizerArgs opt = fused_mlp::optimizer_args(
+      optimizer, group_hyperparameters, param_groups, steps, first_moments, second_moments, max_second_moments, grads);
+  const auto limits = sim_launch::launch_limits();
+  return fused_mlp::mlp_train_step(layers(), dev::DeviceLoss<SimLaunch>{SimLaunch{}, limits},
+                                   dev::DeviceOptimizer<SimLaunch>{SimLaunch{}, limits, opt}, input, target, weights,
+                                   as_list(biases), as_list(bn_weights), as_list(bn_biases), as_list(running_means),
+                                   as_list(running_vars), momenta, batch_norm, use_batch_stats, eps, dropout_p,
+                                   seed_offset, label_smoothing, opt, "simulated mlp_train_step");
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mlp_forward", &forward);
   m.def("mlp_backward", &backward);
   m.def("mlp_inference", &inference);
+  m.def("mlp_train_step", &train_step);
   m.def("set_barrier_timeout_ms", [](int64_t ms) { cuda_sim::set_barrier_timeout(std::chrono::milliseconds(ms)); });
 }
