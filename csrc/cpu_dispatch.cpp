@@ -4,10 +4,13 @@
 // Compiled for the baseline instruction set, like ops.cpp: nothing here may assume more.
 #include <ATen/Version.h>
 #include <ATen/core/Reduction.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/stack.h>
 #include <ATen/ops/ones.h>
 #include <ATen/ops/randint.h>
 #include <torch/library.h>
 
+#include "cpu/gemm.h"
 #include "cpu/kernels.h"
 #include "mlp_network.h"
 #include "mlp_train_step.h"
@@ -58,6 +61,10 @@ const LinearBnReluKernels& linear_bn_relu() {
 }
 const DropoutKernels& dropout() {
   static const DropoutKernels& table = FUSED_MLP_SELECT_CPU_VARIANT(dropout_kernels);
+  return table;
+}
+const GemmKernels& gemm() {
+  static const GemmKernels& table = FUSED_MLP_SELECT_CPU_VARIANT(gemm_kernels);
   return table;
 }
 const OptimizerKernels& optimizer() {
@@ -142,6 +149,7 @@ at::Tensor dropout_mask(const at::Tensor& seed_offset, int64_t numel, double p, 
 // The layer kernels of the whole-network ops (csrc/mlp_network.h): this CPU's variants.
 struct CpuLayers {
   const LinearBnReluKernels& kernels = linear_bn_relu();
+  const GemmKernels& gemms = gemm();
 
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
       const at::Tensor& input, const at::Tensor& weight, const OptionalTensor& bias, const OptionalTensor& bn_weight,
@@ -171,6 +179,11 @@ struct CpuLayers {
                                    const at::Tensor& seed_offset) const {
     return kernels.relu_dropout_backward(grad_out, output, dropout_p, seed_offset);
   }
+  at::Tensor linear(const at::Tensor& input, const at::Tensor& weight, const OptionalTensor& bias) const {
+    return gemms.nt(input, weight, bias);
+  }
+  at::Tensor matmul(const at::Tensor& a, const at::Tensor& b) const { return gemms.nn(a, b); }
+  at::Tensor matmul_tn(const at::Tensor& a, const at::Tensor& b) const { return gemms.tn(a, b); }
   void update_running_stats(at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& batch_mean,
                             const at::Tensor& batch_var, double factor) const {
     kernels.update_running_stats(running_mean, running_var, batch_mean, batch_var, factor);
@@ -276,6 +289,26 @@ void mlp_update_running_stats_cpu(at::TensorList running_means, at::TensorList r
 }
 
 }  // namespace
+
+at::Tensor onednn_linear(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  static const auto handle = c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
+  const auto dtype = input.scalar_type();
+  if (!handle.has_value() || (dtype != at::kFloat && dtype != at::kBFloat16)) return at::Tensor();
+  try {
+    c10::List<std::optional<at::Scalar>> scalars;
+    scalars.push_back(std::nullopt);
+    torch::jit::Stack stack{input,
+                            weight,
+                            bias.has_value() ? c10::IValue(*bias) : c10::IValue(),
+                            c10::IValue(std::string("none")),
+                            c10::IValue(scalars),
+                            c10::IValue()};
+    handle->callBoxed(stack);
+    return stack.at(0).toTensor();
+  } catch (const c10::Error&) {
+    return at::Tensor();  // ATen's GEMM then
+  }
+}
 
 CpuCapability cpu_capability() {
   static const CpuCapability chosen = std::min({hardware_capability(), aten_capability(), built_capability()});

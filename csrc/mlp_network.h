@@ -1,7 +1,7 @@
 // The whole MLP as one op per pass: every hidden layer (Linear -> BatchNorm1d -> ReLU -> Dropout,
 // or Linear -> ReLU -> Dropout without BatchNorm) and the output Linear, in a loop written once for
-// any backend. A backend supplies its layer kernels as a `Layers` object with six members, the
-// kernels of the per-layer ops (each but relu_dropout_backward also an op of its own):
+// any backend. A backend supplies its layer kernels as a `Layers` object: the kernels of the
+// per-layer ops (each but relu_dropout_backward also an op of its own) and its GEMMs:
 //
 //   forward(input, weight, bias, bn_weight, bn_bias, running_mean, running_var, use_batch_stats, eps,
 //           dropout_p, seed_offset)                      -> (out, pre_bn, mean, invstd, batch_var)
@@ -13,11 +13,14 @@
 //   bn_relu_dropout(pre_bn, mean, invstd, bn_weight, bn_bias, dropout_p, seed_offset) -> the epilogue
 //   relu_dropout_backward(grad_out, output, dropout_p, seed_offset) -> the gradient at relu's input,
 //                                                        from linear_relu_dropout's output
+//   linear(input, weight, bias) -> input weight^T + bias; matmul(a, b) -> a b; matmul_tn(a, b) -> a^T b
+//                                                        (the output layer's GEMMs, and the
+//                                                        no-BatchNorm layers' backward)
 //   update_running_stats(running_mean, running_var, batch_mean, batch_var, factor)
 //
 // csrc/cpu_dispatch.cpp passes the CPU kernels, csrc/cuda/mlp_cuda.cu the CUDA host sequences with
-// real launches, tests/sim/mlp_sim.cpp the same host sequences with simulated ones. The GEMMs of the
-// output layer and the no-BatchNorm backward are ATen's. Nothing here reads a device value.
+// real launches, tests/sim/mlp_sim.cpp the same host sequences with simulated ones. Nothing here
+// reads a device value.
 #pragma once
 
 #include <ATen/TensorOperators.h>
@@ -112,11 +115,6 @@ inline at::Tensor layer_seed_offset(const at::Tensor& seed_offset, int64_t layer
   return at::cat({seed_offset.narrow(0, 0, 1), seed_offset.narrow(0, 1, 1) + layer});
 }
 
-inline at::Tensor output_linear(const at::Tensor& input, const at::Tensor& weight,
-                                const std::optional<at::Tensor>& bias) {
-  return bias.has_value() ? at::addmm(*bias, input, weight.t()) : at::mm(input, weight.t());
-}
-
 }  // namespace network_detail
 
 // -> (out, hidden, pre_bn, mean, invstd, batch_var): the logits; each hidden layer's output (the
@@ -155,7 +153,7 @@ std::tuple<at::Tensor, TensorVector, TensorVector, TensorVector, TensorVector, T
     }
     hidden.push_back(x);
   }
-  at::Tensor out = output_linear(x.contiguous(), weights[L].contiguous(), at_or_none(biases, L));
+  at::Tensor out = layers.linear(x.contiguous(), weights[L].contiguous(), at_or_none(biases, L));
   return {std::move(out),  std::move(hidden), std::move(pre_bn),
           std::move(mean), std::move(invstd), std::move(batch_var)};
 }
@@ -224,10 +222,10 @@ at::Tensor mlp_backward_layers(const Layers& layers, const at::Tensor& grad_out,
     if (i == L) {  // the output Linear
       LayerGrads grads{none, none, none, none};
       if (need_layer_grads.get(i)) {
-        grads.weight = at::mm(g.t(), x);
+        grads.weight = layers.matmul_tn(g, x);
         if (bias.has_value()) grads.bias = g.sum(0);
       }
-      g = below[i] ? at::mm(g, weights[i].contiguous()) : none;
+      g = below[i] ? layers.matmul(g, weights[i].contiguous()) : none;
       if (need_layer_grads.get(i)) sink(i, grads);
       continue;
     }
@@ -248,10 +246,10 @@ at::Tensor mlp_backward_layers(const Layers& layers, const at::Tensor& grad_out,
       at::Tensor gz = layers.relu_dropout_backward(g, hidden[i], dropout_p, so);
       LayerGrads grads{none, none, none, none};
       if (need_layer_grads.get(i)) {
-        grads.weight = at::mm(gz.t(), x);
+        grads.weight = layers.matmul_tn(gz, x);
         if (bias.has_value()) grads.bias = gz.sum(0);
       }
-      g = below[i] ? at::mm(gz, weights[i].contiguous()) : none;
+      g = below[i] ? layers.matmul(gz, weights[i].contiguous()) : none;
       if (need_layer_grads.get(i)) sink(i, grads);
     }
   }
@@ -302,7 +300,7 @@ at::Tensor mlp_inference(const Layers& layers, const at::Tensor& input, at::Tens
   for (const auto i : c10::irange(L)) {
     x = layers.linear_relu_dropout(x, weights[i], at_or_none(biases, i), 0.0, no_seed);
   }
-  return output_linear(x.contiguous(), weights[L].contiguous(), at_or_none(biases, L));
+  return layers.linear(x.contiguous(), weights[L].contiguous(), at_or_none(biases, L));
 }
 
 // Every hidden layer's running statistics: running = (1 - factor) * running + factor * batch.

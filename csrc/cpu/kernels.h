@@ -72,6 +72,13 @@ struct OptimizerKernels {
               const SgdScalars& scalars);
 };
 
+// The GEMMs of csrc/cpu/gemm.h, for the code compiled once (the network loop's output layer).
+struct GemmKernels {
+  at::Tensor (*nt)(const at::Tensor& input, const at::Tensor& weight, const OptionalTensor& bias);
+  at::Tensor (*nn)(const at::Tensor& a, const at::Tensor& b);
+  at::Tensor (*tn)(const at::Tensor& a, const at::Tensor& b);
+};
+
 struct DropoutKernels {
   at::Tensor (*philox4x32_10)(const at::Tensor& counter, const at::Tensor& key);
   at::Tensor (*dropout_mask)(const at::Tensor& seed_offset, int64_t numel, double p, int64_t start);
@@ -86,6 +93,7 @@ FUSED_MLP_DECLARE_CPU_VARIANTS(CrossEntropyKernels, cross_entropy_kernels)
 FUSED_MLP_DECLARE_CPU_VARIANTS(LinearBnReluKernels, linear_bn_relu_kernels)
 FUSED_MLP_DECLARE_CPU_VARIANTS(DropoutKernels, dropout_kernels)
 FUSED_MLP_DECLARE_CPU_VARIANTS(OptimizerKernels, optimizer_kernels)
+FUSED_MLP_DECLARE_CPU_VARIANTS(GemmKernels, gemm_kernels)
 
 // The instruction sets, in increasing order.
 enum class CpuCapability : int { kDefault = 0, kAvx2 = 1, kAvx512 = 2 };

@@ -1,6 +1,6 @@
 // Fused Linear -> BatchNorm1d -> ReLU -> Dropout on the CPU.
 //
-// The GEMMs go through ATen (at::addmm / at::mm); everything around them is fused here:
+// The GEMMs are csrc/cpu/gemm.h's; everything around them is fused here:
 //   forward, batch statistics:   z = x W^T + b;  per-feature mean / variance of z (Welford);
 //                                out = relu(z * A + B) * dropout, with A = gamma * invstd and
 //                                B = beta - mean * A, in one write.
@@ -17,26 +17,21 @@
 #include <ATen/Parallel.h>
 #include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/core/dispatch/Dispatcher.h>
-#include <ATen/core/stack.h>
-#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <ATen/ops/mm.h>
 #include <ATen/ops/relu.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/irange.h>
 
 #include <cmath>
-#include <cstdlib>
 #include <optional>
-#include <string>
 #include <tuple>
 #include <vector>
 
 #include "bn_running_stats.h"
 #include "common/welford.h"
 #include "cpu/dropout_mask.h"
+#include "cpu/gemm.h"
 #include "cpu/kernels.h"
 #include "cpu/vec_io.h"
 #include "linear_bn_relu_checks.h"
@@ -217,60 +212,11 @@ void affine_relu_dropout(const scalar_t* z, scalar_t* out, int64_t N, int64_t C,
   });
 }
 
-// x W^T + b through oneDNN's matmul with the bias added in its epilogue (torch's
-// mkldnn::_linear_pointwise with no post-op). Undefined when the op is missing or refuses the call.
-// oneDNN's ReLU post-op is not used: it maps NaN to 0, where torch.relu keeps NaN.
-at::Tensor onednn_linear(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias) {
-  static const auto handle = c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
-  const auto dtype = input.scalar_type();
-  if (!handle.has_value() || (dtype != at::kFloat && dtype != at::kBFloat16)) return at::Tensor();
-  try {
-    c10::List<std::optional<at::Scalar>> scalars;
-    scalars.push_back(std::nullopt);
-    torch::jit::Stack stack{input,
-                            weight,
-                            bias.defined() ? c10::IValue(bias) : c10::IValue(),
-                            c10::IValue(std::string("none")),
-                            c10::IValue(scalars),
-                            c10::IValue()};
-    handle->callBoxed(stack);
-    return stack.at(0).toTensor();
-  } catch (const c10::Error&) {
-    return at::Tensor();  // fall back to ATen's GEMM
-  }
-}
-
-// The GEMM under relu(x W^T + b), fixed for the process by FUSED_MLP_LINEAR_RELU and never chosen by
-// timing, so the same program gives the same bits on every run:
-//   aten (the default): at::addmm, the GEMM nn.Linear runs (MKL or oneDNN, as ATen picks);
-//   onednn: oneDNN's matmul for float and bfloat16. On some CPUs it is the faster of the two; it
-//           rounds differently, so results differ from the default's in the last bits.
-// Either way the ReLU is torch.relu's, which keeps NaN.
-enum class LinearReluForm { kAten, kOneDnn };
-
-LinearReluForm linear_relu_form() {
-  static const LinearReluForm form = [] {
-    const char* env = std::getenv("FUSED_MLP_LINEAR_RELU");
-    const std::string value = env ? env : "";
-    if (value.empty() || value == "aten") return LinearReluForm::kAten;
-    TORCH_CHECK(value == "onednn", "FUSED_MLP_LINEAR_RELU must be aten or onednn, got '", value, "'");
-    return LinearReluForm::kOneDnn;
-  }();
-  return form;
-}
-
-// x W^T + b in the form FUSED_MLP_LINEAR_RELU names.
-at::Tensor linear_for_relu(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias) {
-  at::Tensor out = linear_relu_form() == LinearReluForm::kOneDnn ? onednn_linear(input, weight, bias) : at::Tensor();
-  if (out.defined()) return out;
-  return bias.defined() ? at::addmm(bias, input, weight.t()) : at::mm(input, weight.t());
-}
-
 // relu(x W^T + b) * dropout: one GEMM, then torch.relu in place on its output, or with dropout
 // ReLU and dropout in one pass in place.
 at::Tensor linear_relu_dropout(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
                                const Dropout& dropout) {
-  at::Tensor out = linear_for_relu(input, weight, bias);
+  at::Tensor out = gemm_nt(input, weight, bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt);
   if (!dropout.active) return at::relu_(out);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "linear_relu_dropout", [&] {
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
@@ -353,7 +299,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn
   const Dropout dropout(dropout_p, seed_offset_.contiguous());
 
   if (use_batch_stats) {
-    at::Tensor pre_bn = defined(bias) ? at::addmm(*bias, input, weight.t()) : at::mm(input, weight.t());
+    at::Tensor pre_bn = gemm_nt(input, weight, defined(bias) ? bias : std::nullopt);
     auto [mean, invstd, var] = batch_stats_of(pre_bn, eps);
     at::Tensor out = normalize_relu_dropout(pre_bn, mean, invstd, gamma, beta, dropout);
     return {out, pre_bn, mean, invstd, var};
@@ -569,8 +515,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn
     if (use_batch_stats) {
       batch_stats_input_grad<scalar_t>(dy, saved.const_data_ptr<scalar_t>(), N, C, A.data(), mu, is, sdy, sdz, N,
                                        dz.mutable_data_ptr<scalar_t>());
-      grad_input = need_grad_input ? at::mm(dz, weight) : at::empty({0}, input.options());
-      grad_weight = need_grad_weight ? at::mm(dz.t(), input) : at::empty({0}, input.options());
+      grad_input = need_grad_input ? gemm_nn(dz, weight) : at::empty({0}, input.options());
+      grad_weight = need_grad_weight ? gemm_tn(dz, input) : at::empty({0}, input.options());
       grad_bias = batch_stats_bias_grad<scalar_t>(input, C, A.data(), sdy, sdz);
       return;
     }
@@ -582,11 +528,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn
       at::Tensor folded_weight = at::empty_like(weight);
       scale_rows<scalar_t>(weight.const_data_ptr<scalar_t>(), A.data(), C, K,
                            folded_weight.mutable_data_ptr<scalar_t>());
-      grad_input = at::mm(dz, folded_weight);
+      grad_input = gemm_nn(dz, folded_weight);
     } else {
       grad_input = at::empty({0}, input.options());
     }
-    at::Tensor G = at::mm(dz.t(), input);  // dL/dW' = dy^T x
+    at::Tensor G = gemm_tn(dz, input);  // dL/dW' = dy^T x
     grad_weight = at::empty_like(weight);
     grad_bias = at::empty({C}, input.options());
     const at::Tensor bias_c = has_bias ? bias->contiguous() : at::Tensor();
@@ -678,8 +624,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_backwa
     grad_bias = batch_stats_bias_grad<scalar_t>(input, C, A.data(), sum_dy.const_data_ptr<acc_t>(),
                                                 sum_dy_zhat.const_data_ptr<acc_t>());
   });
-  at::Tensor grad_input = need_grad_input ? at::mm(dz, weight) : at::empty({0}, input.options());
-  return {grad_input, at::mm(dz.t(), input), grad_bias, sum_dy_zhat.to(param_type(bn_weight, acc)),
+  at::Tensor grad_input = need_grad_input ? gemm_nn(dz, weight) : at::empty({0}, input.options());
+  return {grad_input, gemm_tn(dz, input), grad_bias, sum_dy_zhat.to(param_type(bn_weight, acc)),
           sum_dy.to(param_type(bn_bias, acc))};
 }
 

@@ -3,6 +3,9 @@
 // current stream, tests/sim/mlp_sim.cpp with the simulation.
 #pragma once
 
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/mm.h>
+
 #include <optional>
 #include <tuple>
 
@@ -51,6 +54,13 @@ struct DeviceLayers {
     return bn_relu_dropout_device(launch, limits, pre_bn, mean, invstd, bn_weight, bn_bias, dropout_p, seed_offset,
                                   "fused_mlp::mlp_backward (a hidden layer)");
   }
+
+  // The GEMMs: cuBLAS through ATen.
+  at::Tensor linear(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias) const {
+    return bias.has_value() ? at::addmm(*bias, input, weight.t()) : at::mm(input, weight.t());
+  }
+  at::Tensor matmul(const at::Tensor& a, const at::Tensor& b) const { return at::mm(a, b); }
+  at::Tensor matmul_tn(const at::Tensor& a, const at::Tensor& b) const { return at::mm(a.t(), b); }
 
   at::Tensor relu_dropout_backward(const at::Tensor& grad_out, const at::Tensor& output, double dropout_p,
                                    const at::Tensor& seed_offset) const {

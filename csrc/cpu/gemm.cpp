@@ -1,0 +1,243 @@
+// The GEMMs of the CPU kernels, owned: float32 micro-kernels written once over at::vec::Vectorized
+// and compiled for AVX2 and AVX-512 (the per-instruction-set build), with a thread plan derived from
+// the shapes. The DEFAULT build, and every other dtype, takes ATen's GEMM: the same results to
+// float32 rounding, and the same NaN and inf, since every product and sum is taken in either.
+//
+// The three products of a layer, on row-major operands as the layer holds them, none transposed or
+// packed first:
+//   nt: C = A B^T (+ bias)   the forward, x W^T: an inner-product kernel, each output the dot
+//                            product of a row of A and a row of B, both read along K;
+//   nn: C = A B              grad_input = dz W: an outer-product kernel, each step a scalar of A
+//                            broadcast against a vector of B's row;
+//   tn: C = A^T B            grad_weight = dz^T x: the same outer-product kernel, A read down its
+//                            columns.
+// Each output element is one thread's, summed over the whole of K in one fixed order (per vector
+// lane, then across the lanes): the same bits at any thread count. Why these kernels and not
+// oneDNN's brgemm: docs/cpu_dispatch.md.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <optional>
+#include <string>
+#include <type_traits>
+
+#include "cpu/gemm.h"
+#include "cpu/kernels.h"
+
+namespace fused_mlp::cpu {
+FUSED_MLP_ISA_BEGIN
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t W = Vec::size();
+
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+constexpr bool kHaveMicroKernels = true;
+#else
+constexpr bool kHaveMicroKernels = false;  // Vectorized is emulated here: ATen's GEMM is faster
+#endif
+
+// Register blocking: the accumulators and the operands of one step fit the 32 (AVX-512) or 16
+// (AVX2) vector registers.
+constexpr int kNtRows = W == 16 ? 4 : 3;  // nt: a tile of kNtRows x kNtCols dot products
+constexpr int kNtCols = W == 16 ? 4 : 3;
+constexpr int kOuterRows = 6;  // nn, tn: kOuterRows rows by kOuterVecs vectors of columns
+constexpr int kOuterVecs = W == 16 ? 4 : 2;
+constexpr int64_t kOuterCols = kOuterVecs * W;
+// Rows of A per block of the nt loop: the block (at most 64 rows of K floats) stays in the L2 cache
+// while every tile of this thread's columns reads it.
+constexpr int64_t kNtRowBlock = 64;
+
+inline Vec load(const float* p, int64_t n) {
+  return n == W ? Vec::loadu(p) : Vec::loadu(p, n);
+}
+
+// C[i][j] = sum_k A[i][k] B[j][k] (+ bias[j]) for a tile of kNtRows x kNtCols; rows and columns past
+// the ends (rows, cols) repeat the last one's pointers and are not stored.
+void nt_tile(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t K, const float* bias, float* c,
+             int64_t ldc, int64_t rows, int64_t cols) {
+  const float* ar[kNtRows];
+  const float* br[kNtCols];
+  for (int i = 0; i < kNtRows; ++i) ar[i] = a + std::min<int64_t>(i, rows - 1) * lda;
+  for (int j = 0; j < kNtCols; ++j) br[j] = b + std::min<int64_t>(j, cols - 1) * ldb;
+  Vec acc[kNtRows][kNtCols];
+  for (int i = 0; i < kNtRows; ++i) {
+    for (int j = 0; j < kNtCols; ++j) acc[i][j] = Vec(0.f);
+  }
+  const auto step = [&](int64_t k, int64_t n) {
+    Vec bv[kNtCols];
+    for (int j = 0; j < kNtCols; ++j) bv[j] = load(br[j] + k, n);
+    for (int i = 0; i < kNtRows; ++i) {
+      const Vec av = load(ar[i] + k, n);
+      for (int j = 0; j < kNtCols; ++j) acc[i][j] = at::vec::fmadd(av, bv[j], acc[i][j]);
+    }
+  };
+  int64_t k = 0;
+  for (; k + W <= K; k += W) step(k, W);
+  if (k < K) step(k, K - k);
+  for (int i = 0; i < rows && i < kNtRows; ++i) {
+    for (int j = 0; j < cols && j < kNtCols; ++j) {
+      const float dot = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, acc[i][j]);
+      c[i * ldc + j] = bias ? dot + bias[j] : dot;
+    }
+  }
+}
+
+// C[i][j] = sum_r A(i, r) B[r][j] for kOuterRows rows by cols <= kOuterCols columns, A(i, r) =
+// a[i * a_row + r * a_red]; rows past `rows` repeat the last one's and are not stored.
+void outer_tile(const float* a, int64_t a_row, int64_t a_red, const float* b, int64_t ldb, int64_t R, float* c,
+                int64_t ldc, int64_t rows, int64_t cols) {
+  const float* ar[kOuterRows];
+  for (int i = 0; i < kOuterRows; ++i) ar[i] = a + std::min<int64_t>(i, rows - 1) * a_row;
+  Vec acc[kOuterRows][kOuterVecs];
+  for (int i = 0; i < kOuterRows; ++i) {
+    for (int v = 0; v < kOuterVecs; ++v) acc[i][v] = Vec(0.f);
+  }
+  const auto step = [&](int64_t r, auto full) {
+    const float* br = b + r * ldb;
+    Vec bv[kOuterVecs];
+    for (int v = 0; v < kOuterVecs; ++v) {
+      bv[v] = full ? Vec::loadu(br + v * W) : load(br + v * W, std::clamp<int64_t>(cols - v * W, 0, W));
+    }
+    for (int i = 0; i < kOuterRows; ++i) {
+      const Vec av(ar[i][r * a_red]);
+      for (int v = 0; v < kOuterVecs; ++v) acc[i][v] = at::vec::fmadd(av, bv[v], acc[i][v]);
+    }
+  };
+  if (cols == kOuterCols) {
+    for (int64_t r = 0; r < R; ++r) step(r, std::true_type{});
+  } else {
+    for (int64_t r = 0; r < R; ++r) step(r, std::false_type{});
+  }
+  for (int i = 0; i < rows && i < kOuterRows; ++i) {
+    for (int v = 0; v < kOuterVecs && v * W < cols; ++v) {
+      acc[i][v].store(c + i * ldc + v * W, std::min<int64_t>(W, cols - v * W));
+    }
+  }
+}
+
+// Work items of at least this many multiply-adds each, so that a small product stays on one
+// thread: a parallel region costs microseconds to start.
+constexpr int64_t kGrainMacs = 1 << 17;
+
+int64_t grain_for(int64_t macs_per_item) {
+  return std::max<int64_t>(1, kGrainMacs / std::max<int64_t>(macs_per_item, 1));
+}
+
+// C (M x N) = A (M x K) B^T, B (N x K); threads take groups of kNtCols columns (rows of B), and
+// walk A in blocks of kNtRowBlock rows.
+void gemm_nt_f32(const float* a, const float* b, const float* bias, float* c, int64_t M, int64_t N, int64_t K) {
+  const int64_t groups = (N + kNtCols - 1) / kNtCols;
+  at::parallel_for(0, groups, grain_for(M * K * kNtCols), [&](int64_t g0, int64_t g1) {
+    for (int64_t m0 = 0; m0 < M; m0 += kNtRowBlock) {
+      const int64_t m1 = std::min(M, m0 + kNtRowBlock);
+      for (int64_t g = g0; g < g1; ++g) {
+        const int64_t n = g * kNtCols, cols = std::min<int64_t>(kNtCols, N - n);
+        for (int64_t m = m0; m < m1; m += kNtRows) {
+          nt_tile(a + m * K, K, b + n * K, K, K, bias ? bias + n : nullptr, c + m * N + n, N,
+                  std::min<int64_t>(kNtRows, m1 - m), cols);
+        }
+      }
+    }
+  });
+}
+
+// C (rows x cols) = sum_r A(i, r) B[r][j]: threads take blocks of kOuterCols columns; each walks
+// the rows in tiles of kOuterRows, reading its columns of B once per tile.
+void gemm_outer_f32(const float* a, int64_t a_row, int64_t a_red, const float* b, int64_t ldb, float* c, int64_t rows,
+                    int64_t cols, int64_t R) {
+  const int64_t blocks = (cols + kOuterCols - 1) / kOuterCols;
+  at::parallel_for(0, blocks, grain_for(rows * R * kOuterCols), [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) {
+      const int64_t col = j * kOuterCols, n = std::min(kOuterCols, cols - col);
+      for (int64_t i = 0; i < rows; i += kOuterRows) {
+        outer_tile(a + i * a_row, a_row, a_red, b + col, ldb, R, c + i * cols + col, cols,
+                   std::min<int64_t>(kOuterRows, rows - i), n);
+      }
+    }
+  });
+}
+
+// Which GEMM the kernels run, fixed for the process by FUSED_MLP_GEMM and never chosen by timing,
+// so the same program gives the same bits on every run:
+//   owned (the default): the kernels above, for float32 on AVX2 and AVX-512 (else ATen's);
+//   aten: ATen's GEMM (at::addmm / at::mm: MKL or oneDNN, as ATen picks), everywhere;
+//   onednn: oneDNN's matmul (torch's mkldnn::_linear_pointwise, bias in its epilogue) for the
+//           forward products of float32 and bfloat16, ATen's for the rest.
+// The three round differently, so results differ between them in the last bits. On this project's
+// machines each was the fastest somewhere: docs/cpu_dispatch.md.
+enum class GemmMode { kOwned, kAten, kOneDnn };
+
+GemmMode gemm_mode() {
+  static const GemmMode mode = [] {
+    const char* env = std::getenv("FUSED_MLP_GEMM");
+    const std::string value = env ? env : "";
+    if (value.empty() || value == "owned") return GemmMode::kOwned;
+    if (value == "aten") return GemmMode::kAten;
+    TORCH_CHECK(value == "onednn", "FUSED_MLP_GEMM must be owned, aten or onednn, got '", value, "'");
+    return GemmMode::kOneDnn;
+  }();
+  return mode;
+}
+
+bool owned(const at::Tensor& a, const at::Tensor& b) {
+  return kHaveMicroKernels && gemm_mode() == GemmMode::kOwned && a.scalar_type() == at::kFloat &&
+         b.scalar_type() == at::kFloat;
+}
+
+}  // namespace
+
+at::Tensor gemm_nt(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  if (gemm_mode() == GemmMode::kOneDnn) {
+    at::Tensor out = onednn_linear(input, weight, bias);
+    if (out.defined()) return out;
+  }
+  if (!owned(input, weight) || (bias.has_value() && bias->scalar_type() != at::kFloat)) {
+    return bias.has_value() ? at::addmm(*bias, input, weight.t()) : at::mm(input, weight.t());
+  }
+  const at::Tensor a = input.contiguous(), b = weight.contiguous();
+  const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const int64_t M = a.size(0), K = a.size(1), N = b.size(0);
+  at::Tensor c = at::empty({M, N}, a.options());
+  if (M * N == 0) return c;
+  gemm_nt_f32(a.const_data_ptr<float>(), b.const_data_ptr<float>(),
+              bias_c.defined() ? bias_c.const_data_ptr<float>() : nullptr, c.mutable_data_ptr<float>(), M, N, K);
+  return c;
+}
+
+at::Tensor gemm_nn(const at::Tensor& a_, const at::Tensor& b_) {
+  if (!owned(a_, b_)) return at::mm(a_, b_);
+  const at::Tensor a = a_.contiguous(), b = b_.contiguous();
+  const int64_t M = a.size(0), R = a.size(1), N = b.size(1);
+  at::Tensor c = at::empty({M, N}, a.options());
+  if (M * N == 0) return c;
+  gemm_outer_f32(a.const_data_ptr<float>(), R, 1, b.const_data_ptr<float>(), N, c.mutable_data_ptr<float>(), M, N, R);
+  return c;
+}
+
+at::Tensor gemm_tn(const at::Tensor& a_, const at::Tensor& b_) {
+  if (!owned(a_, b_)) return at::mm(a_.t(), b_);
+  const at::Tensor a = a_.contiguous(), b = b_.contiguous();
+  const int64_t R = a.size(0), M = a.size(1), N = b.size(1);
+  at::Tensor c = at::empty({M, N}, a.options());
+  if (M * N == 0) return c;
+  gemm_outer_f32(a.const_data_ptr<float>(), 1, M, b.const_data_ptr<float>(), N, c.mutable_data_ptr<float>(), M, N, R);
+  return c;
+}
+
+FUSED_MLP_ISA_END
+
+const GemmKernels& FUSED_MLP_THIS_CPU_VARIANT(gemm_kernels)() {
+  static constexpr GemmKernels kernels{&gemm_nt, &gemm_nn, &gemm_tn};
+  return kernels;
+}
+
+}  // namespace fused_mlp::cpu

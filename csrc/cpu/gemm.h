@@ -1,0 +1,30 @@
+// The GEMMs of the CPU kernels (csrc/cpu/gemm.cpp): owned float32 micro-kernels on AVX2 and AVX-512,
+// ATen's GEMM otherwise. Declared in each instruction set's namespace, so a kernel file calls its
+// own variant's; csrc/cpu_dispatch.cpp reaches them through the GemmKernels table.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+
+#include "common/host_device.h"
+
+namespace fused_mlp::cpu {
+FUSED_MLP_ISA_BEGIN
+
+// input (M x K) times weight^T (weight: N x K), plus bias (N): a Linear's forward.
+at::Tensor gemm_nt(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
+// a (M x R) times b (R x N): a Linear's input gradient, dz W.
+at::Tensor gemm_nn(const at::Tensor& a, const at::Tensor& b);
+// a^T (a: R x M) times b (R x N): a Linear's weight gradient, dz^T x.
+at::Tensor gemm_tn(const at::Tensor& a, const at::Tensor& b);
+
+FUSED_MLP_ISA_END
+
+// input weight^T + bias through oneDNN's matmul (torch's mkldnn::_linear_pointwise, no post-op:
+// oneDNN's ReLU maps NaN to 0, torch.relu does not); undefined when the op is missing or refuses
+// the call. Compiled once, in the baseline build (csrc/cpu_dispatch.cpp): it builds IValues, whose
+// inline code must not come from an AVX variant.
+at::Tensor onednn_linear(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
+
+}  // namespace fused_mlp::cpu

@@ -1,0 +1,109 @@
+"""The CPU kernels' own GEMMs (csrc/cpu/gemm.cpp), reached through the network op with no hidden
+layer, whose forward is one product x W^T + b and whose backward is g^T x and g W: against
+torch.mm at every kind of edge (rows, columns and depths that no vector or tile divides), with NaN
+and inf, at any thread count, and under FUSED_MLP_GEMM=aten. Under each instruction set the CPU
+supports (marker cpu_parity): the micro-kernels of AVX2 and AVX-512, ATen's GEMM for DEFAULT."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import needs_extension
+
+pytestmark = [needs_extension, pytest.mark.cpu_parity]
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NO_SEED = torch.zeros(2, dtype=torch.int64)
+SHAPES = [  # (rows M, depth K, columns N)
+    (1, 1, 1),
+    (2, 3, 5),
+    (5, 17, 3),
+    (6, 16, 32),
+    (7, 33, 65),
+    (13, 64, 10),
+    (64, 784, 512),
+    (64, 128, 64),
+    (130, 100, 130),
+]
+
+
+def products(x, w, b, g):
+    """(x w^T + b, g^T x, g w) from the ops."""
+    logits = torch.ops.fused_mlp.mlp_forward(x, [w], [b], [], [], [], [], False, False, 1e-5, 0.0, NO_SEED)[0]
+    grad_x, grad_w, _, _, _ = torch.ops.fused_mlp.mlp_backward(
+        g, x, [w], [b], [], [], [], [], [], [], False, False, 0.0, NO_SEED, True, [True]
+    )
+    return logits, grad_w[0], grad_x
+
+
+def operands(M, K, N, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(M, K, generator=gen),
+        torch.randn(N, K, generator=gen),
+        torch.randn(N, generator=gen),
+        torch.randn(M, N, generator=gen),
+    )
+
+
+@pytest.mark.parametrize("M,K,N", SHAPES)
+def test_products_match_torch_mm(M, K, N):
+    x, w, b, g = operands(M, K, N)
+    got = products(x, w, b, g)
+    xd, wd, bd, gd = (t.double() for t in (x, w, b, g))
+    want = (xd @ wd.T + bd, gd.T @ xd, gd @ wd)
+    for a, e, depth in zip(got, want, (K, M, N)):
+        assert a.dtype == torch.float32 and a.shape == e.shape
+        # float32 products summed over `depth` terms of magnitude ~1: errors of a few ulp * sqrt(depth)
+        torch.testing.assert_close(a.double(), e, rtol=1e-5, atol=1e-6 * depth**0.5 * 8)
+
+
+def test_non_finite_values_propagate_as_in_torch_mm():
+    x, w, b, g = operands(9, 37, 21)
+    x[2, 5], x[4, 0], w[3, 7], g[1, 2] = float("nan"), float("inf"), -float("inf"), float("nan")
+    got = products(x, w, b, g)
+    want = (torch.addmm(b, x, w.T), g.T @ x, g @ w)
+    for a, e in zip(got, want):
+        assert not torch.isfinite(e).all()
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+def test_the_same_bits_at_any_thread_count():
+    x, w, b, g = operands(64, 784, 130)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = products(x, w, b, g)
+        torch.set_num_threads(max(2, threads))
+        many = products(x, w, b, g)
+    finally:
+        torch.set_num_threads(threads)
+    for a, c in zip(one, many):
+        assert torch.equal(a, c)
+
+
+def test_aten_override_agrees_to_float32_rounding():
+    """FUSED_MLP_GEMM=aten (a fresh process: the variable is read once) against the default."""
+    program = (
+        "import torch, sys; sys.path.insert(0, 'tests'); import test_gemm as t; "
+        "torch.save(t.products(*t.operands(64, 784, 130)), sys.argv[1])"
+    )
+    path = os.path.join(ROOT, "build", "gemm_aten.pt")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    env = dict(os.environ, FUSED_MLP_GEMM="aten")
+    result = subprocess.run([sys.executable, "-c", program, path], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    aten = torch.load(path, weights_only=True)
+    for a, c in zip(products(*operands(64, 784, 130)), aten):
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-4)
+
+
+def test_float64_and_bfloat16_take_atens_gemm():
+    for dtype, tol in ((torch.float64, 1e-12), (torch.bfloat16, 2e-2)):
+        x, w, b, g = (t.to(dtype) for t in operands(16, 40, 24))
+        got = products(x, w, b, g)
+        want = (torch.addmm(b, x, w.T), g.T @ x, g @ w)
+        for a, e in zip(got, want):
+            torch.testing.assert_close(a, e, rtol=tol, atol=tol)
