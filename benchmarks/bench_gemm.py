@@ -65,7 +65,8 @@ def run(batches, reps, rounds):
 
             medians = interleaved_medians({name: repeated(fn) for name, fn in calls.items()}, rounds=rounds, warmup=2)
             flops = 2 * batch * k * n
-            gflops = {name: (flops if "forward" in name else 2 * flops) / (t / reps) / 1e9 for name, t in medians.items()}
+            work = {name: flops if "forward" in name else 2 * flops for name in medians}
+            gflops = {name: work[name] / (t / reps) / 1e9 for name, t in medians.items()}
             rows.append((batch, k, n, gflops))
     return rows
 

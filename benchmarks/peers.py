@@ -3,9 +3,11 @@
     python -m benchmarks.peers                  # writes benchmarks/results/peers_cpu.md and .png
     python -m benchmarks.peers --quick          # one small round, nothing written
 
-Each implementation runs in a process of its own (JAX's and ONNX Runtime's thread pools spin
-after work and would take the cores of anything sharing the process), the processes of a round in
-turn, the order rotating from round to round; every process reports its medians and the table gives
+Each peer runs in a process of its own (JAX's and ONNX Runtime's thread pools spin after work and
+would take the cores of anything sharing the process), and so does TrainStep, whose model and
+optimizer state then have the caches to themselves as JAX's do; the other PyTorch implementations
+share one process, interleaved. The processes of a round run in turn, the order rotating from round
+to round; every process reports its medians and the table gives
 the median over rounds. Cases, all on the CPU:
 
 - train_bn: one training step of the class-notes MLP (784-512-256-128-64-10, BatchNorm, ReLU,
@@ -48,8 +50,9 @@ QUICK_BATCHES = (32,)
 # --- the PyTorch side (one process) -----------------------------------------------------------------
 
 
-def torch_child(batches, nobn_batches, reps, rounds, compile_):
-    """Medians (ms) of every PyTorch implementation, interleaved within this process."""
+def torch_child(batches, nobn_batches, reps, rounds, compile_, only_train_step=False):
+    """Medians (ms) of the PyTorch implementations, interleaved within this process: TrainStep's
+    alone with only_train_step (a process of its own, as each peer has), else all the others."""
     import functools
 
     import torch
@@ -78,7 +81,8 @@ def torch_child(batches, nobn_batches, reps, rounds, compile_):
         return _gemm_floor(model, batch, torch.device("cpu"), train)
 
     def train_calls(batch, optimizer, **kw):
-        impls = ("trainstep", "fused", "eager", "compile") if compile_ else ("trainstep", "fused", "eager")
+        others = ("fused", "eager", "compile") if compile_ else ("fused", "eager")
+        impls = ("trainstep",) if only_train_step else others
         nets = models(impls, **kw)
         g = torch.Generator().manual_seed(2)
         x, y = torch.randn(batch, 784, generator=g), torch.randint(0, 10, (batch,), generator=g)
@@ -101,6 +105,8 @@ def torch_child(batches, nobn_batches, reps, rounds, compile_):
                 opt.step()
 
             calls[impl] = step
+        if only_train_step:
+            return calls
         spare = models(("eager",), **kw)["eager"]
         for p in spare.parameters():
             p.grad = torch.randn_like(p) * 1e-3
@@ -134,7 +140,8 @@ def torch_child(batches, nobn_batches, reps, rounds, compile_):
     torch.set_num_threads(os.cpu_count() or 1)
     result = {"train_bn": {}, "infer": {}, "train_nobn": {}, "gemm_gflops": big_gemm_gflops(torch)}
     cases = [("train_bn", b, lambda b=b: train_calls(b, ("adam", 1e-3))) for b in batches]
-    cases += [("infer", b, lambda b=b: infer_calls(b)) for b in batches]
+    if not only_train_step:
+        cases += [("infer", b, lambda b=b: infer_calls(b)) for b in batches]
     cases += [
         (
             "train_nobn",
@@ -240,6 +247,7 @@ def run(batches, nobn_batches, rounds, reps, inner_rounds, compile_=True, log=pr
             ]
             + ([] if compile_ else ["--no-compile"])
         }
+        children["trainstep"] = children["torch"] + ["--train-step"]
         if peers["jax"]:
             children["jax"] = [
                 "-m",
@@ -443,6 +451,7 @@ def main(argv=None):
     parser.add_argument("--nobn-batches", default=None)
     parser.add_argument("--no-compile", action="store_true", help="leave torch.compile out (it compiles per batch)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--train-step", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     def batches_of(value, default):
@@ -453,7 +462,8 @@ def main(argv=None):
     reps = args.reps or (2 if args.quick else 20)
     inner = args.inner_rounds or (1 if args.quick else 7)
     if args.child:
-        print(json.dumps(torch_child(batches, nobn, reps, inner, compile_=not args.no_compile)))
+        result = torch_child(batches, nobn, reps, inner, not args.no_compile, only_train_step=args.train_step)
+        print(json.dumps(result))
         return None
     rounds = args.rounds or (1 if args.quick else 5)
     medians, peers = run(batches, nobn, rounds, reps, inner, compile_=not (args.no_compile or args.quick))
