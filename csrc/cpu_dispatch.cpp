@@ -243,26 +243,14 @@ struct CpuOptimizer {
       TORCH_CHECK(scalars.momentum == 0.0 || !opt.first_moments.empty(), "fused_mlp::mlp_train_step: SGD with ",
                   "momentum needs first_moments (the momentum buffers)");
       kernels.sgd(param, grad, opt.first_moments.empty() ? none : opt.first_moments[k], scalars);
-      if (!opt.first_moments.empty()) bump(opt.first_moments[k]);
-    } else {
-      at::Tensor step = opt.steps[k];
-      TORCH_CHECK(step.device().is_cpu(), "fused_mlp::mlp_train_step: steps[", k,
-                  "] must be on the CPU with the parameters, as torch.optim keeps it there");
-      const double t = step.item<double>() + 1.0;
-      step.fill_(t);
-      const AdamScalars scalars = adam_scalars(row, t, opt.kind == OptimizerKind::kAdamW);
-      kernels.adam(param, grad, opt.first_moments[k], opt.second_moments[k],
-                   opt.max_second_moments.empty() ? none : opt.max_second_moments[k], scalars);
-      bump(opt.first_moments[k]);
-      bump(opt.second_moments[k]);
-      if (!opt.max_second_moments.empty()) bump(opt.max_second_moments[k]);
+      return;
     }
-    bump(param);
+    TORCH_CHECK(opt.steps[k].device().is_cpu(), "fused_mlp::mlp_train_step: steps[", k,
+                "] must be on the CPU with the parameters, as torch.optim keeps it there");
+    const AdamScalars scalars = adam_scalars(row, advance_host_step(opt.steps[k]), opt.kind == OptimizerKind::kAdamW);
+    kernels.adam(param, grad, opt.first_moments[k], opt.second_moments[k],
+                 opt.max_second_moments.empty() ? none : opt.max_second_moments[k], scalars);
   }
-
-  // Written through raw pointers: the versions move as an in-place ATen op would move them, so what
-  // keys on them (the modules' folded-weight caches, autograd's saved-tensor checks) sees the change.
-  static void bump(const at::Tensor& t) { t.unsafeGetTensorImpl()->bump_version(); }
 };
 
 at::Tensor mlp_train_step_cpu(const at::Tensor& input, const at::Tensor& target, at::TensorList weights,

@@ -12,7 +12,6 @@
 
 #include <ATen/core/List.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/ones.h>
 #include <c10/util/Exception.h>
 #include <c10/util/irange.h>
 
@@ -126,11 +125,30 @@ inline void check_optimizer(const OptimizerArgs& opt, const std::vector<at::Tens
   check_state_list(opt.grads, params, !opt.grads.empty(), "grads", op);
 }
 
+// The update writes the parameter and its state through raw pointers: their versions move as an
+// in-place ATen op would move them, so what keys on them (the modules' folded-weight caches,
+// autograd's saved-tensor checks) sees the change.
+inline void bump_versions(const OptimizerArgs& opt, int64_t k, const at::Tensor& param) {
+  param.unsafeGetTensorImpl()->bump_version();
+  for (const at::TensorList list : {opt.first_moments, opt.second_moments, opt.max_second_moments}) {
+    if (!list.empty()) list[k].unsafeGetTensorImpl()->bump_version();
+  }
+}
+
 }  // namespace train_step_detail
+
+// Advances a step counter kept on the host (where torch.optim keeps it unless the optimizer is fused
+// or capturable) and returns its new value, which the update's bias corrections take.
+inline double advance_host_step(const at::Tensor& step) {
+  const double t = step.item<double>() + 1.0;
+  step.fill_(t);
+  return t;
+}
 
 // -> the mean loss over the batch (0-dim, the logits' dtype). `momenta`: each hidden layer's factor
 // of the running-statistics update (running = (1 - m) * running + m * batch), or empty for none.
-// update(k, param, grad) applies the optimizer to parameter k of the flat order; `loss` has
+// update(k, param, grad) applies the optimizer to parameter k of the flat order (the versions are
+// bumped here); `loss` has
 // forward(logits, target, smoothing) -> (loss, lse) and backward(logits, target, lse, smoothing).
 template <typename Layers, typename Loss, typename Update>
 at::Tensor mlp_train_step(const Layers& layers, const Loss& loss, const Update& update, const at::Tensor& input,
@@ -185,6 +203,7 @@ at::Tensor mlp_train_step(const Layers& layers, const Loss& loss, const Update& 
                           if (k < 0) continue;
                           if (!opt.grads.empty()) opt.grads[k].copy_(*layer_grads[j]);
                           update(k, params[k], *layer_grads[j]);
+                          bump_versions(opt, k, params[k]);
                         }
                       });
   return value;

@@ -5,6 +5,7 @@ import torch
 
 __all__ = [
     "REDUCTIONS",
+    "batch_statistics_rows",
     "class_index_target",
     "cross_entropy_args",
     "dropout_probability",
@@ -132,7 +133,13 @@ def linear_bn_relu_args(
     if not training and running_mean is None:
         raise ValueError(f"{name}: running_mean and running_var are required when training=False")
     dropout_probability(dropout, name)
-    if training and not synchronized and input.shape[0] <= 1:
+    if training and not synchronized:
+        batch_statistics_rows(input)
+
+
+def batch_statistics_rows(input):
+    """BatchNorm's batch statistics need more than one row, as nn.BatchNorm1d says."""
+    if input.shape[0] <= 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.shape}")
 
 

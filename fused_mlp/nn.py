@@ -336,8 +336,8 @@ class FusedMLP(torch.nn.Module):
                 weights, biases, gammas, betas, running_means, running_vars, eps
             )
             return functional.mlp_inference(input, folded_weights, folded_biases)
-        if bn_training and input.shape[0] <= 1:
-            raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.shape}")
+        if bn_training:
+            checks.batch_statistics_rows(input)
         update = bn_training and track and have_running and bns[0].num_batches_tracked is not None
         if not use_batch_stats:
             given_means, given_vars = running_means, running_vars

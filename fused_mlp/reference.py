@@ -638,9 +638,9 @@ def mlp_update_running_stats_(running_means, running_vars, batch_means, batch_va
 
 # --- the whole training step (csrc/mlp_train_step.h) -------------------------------------------------
 
-#: mlp_train_step's optimizer codes and the columns of its group_hyperparameters rows.
+#: mlp_train_step's optimizer codes and the flags of its group_hyperparameters rows (whose columns
+#: are lr, weight_decay, beta1 or momentum, beta2 or dampening, eps, flags).
 OPTIMIZER_SGD, OPTIMIZER_ADAM, OPTIMIZER_ADAMW = 0, 1, 2
-HYPER_COLUMNS = ("lr", "weight_decay", "beta1_or_momentum", "beta2_or_dampening", "eps", "flags")
 FLAG_MAXIMIZE, FLAG_AMSGRAD_OR_NESTEROV, FLAG_FIRST_MOMENTUM_STEP = 1, 2, 4
 
 

@@ -77,7 +77,6 @@ class _Plan:
         "running_vars",
         "counters",
         "momenta_base",
-        "bns",
         "batch_norm",
         "use_batch_stats",
         "update",
@@ -180,7 +179,7 @@ class TrainStep:
             return "a module has hooks"
         return None
 
-    def _structure_reason(self, flat, group_of):
+    def _structure_reason(self, flat, bns):
         """What the plan's build decides: the optimizer's parameters and groups against the
         model's, the parameters' layout, the BatchNorm layers' agreement."""
         model, optimizer = self.model, self.optimizer
@@ -207,8 +206,7 @@ class TrainStep:
                 return "some parameter groups use amsgrad and some do not"
             if len({self._decoupled(g) for g in groups}) > 1:
                 return "some parameter groups decouple weight decay and some do not"
-        if model.batch_norm and model.hidden:
-            bns = [layer.bn for layer in model.hidden]
+        if bns:
             if _batch_norm_mode(bns) is None:
                 return "the BatchNorm layers differ in mode, eps or parameters"
             if any(bn.training and bn.track_running_stats and bn.momentum is None for bn in bns) and any(
@@ -273,8 +271,8 @@ class TrainStep:
         _check_target(target, x, plan.weights[-1].shape[0])
         if target.dtype == torch.uint8:
             target = target.long()
-        if plan.use_batch_stats and plan.batch_norm and x.shape[0] <= 1:
-            raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.shape}")
+        if plan.use_batch_stats and plan.batch_norm:
+            checks.batch_statistics_rows(x)
         momenta = []
         if plan.update:
             momenta = [m if m is not None else 1.0 / (float(c) + 1.0) for m, c in zip(plan.momenta_base, plan.counters)]
@@ -442,7 +440,7 @@ class TrainStep:
         plan.modules = list(model.modules())
         plan.weights, plan.biases = weights, biases
         plan.batch_norm = bool(bns)
-        plan.eps, plan.update, plan.bns = 1e-5, False, bns
+        plan.eps, plan.update = 1e-5, False
         plan.running_means = plan.running_vars = plan.gammas = plan.betas = []
         plan.counters, plan.momenta_base = [], []
         plan.use_batch_stats = False
@@ -457,7 +455,7 @@ class TrainStep:
         for index, group in enumerate(optimizer.param_groups):
             for p in group["params"]:
                 group_of[id(p)] = index
-        plan.reason = self._structure_reason(flat, group_of)
+        plan.reason = self._structure_reason(flat, bns)
         plan.fingerprint = self._fingerprint(weights, biases, bns)
         if plan.reason is not None:
             return plan

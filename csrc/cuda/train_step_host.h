@@ -64,8 +64,7 @@ struct DeviceOptimizer {
         step = p;
       } else {
         TORCH_CHECK(counter.device().is_cpu(), op, ": steps[", k, "] must be on the CPU or on ", param.device());
-        step_value = counter.item<double>() + 1.0;
-        counter.fill_(step_value);
+        step_value = advance_host_step(counter);
       }
     }
     AT_DISPATCH_FLOATING_TYPES(param.scalar_type(), "optimizer_update", [&] {
@@ -84,12 +83,6 @@ struct DeviceOptimizer {
                                                opt.kind};
       if (param.numel() > 0) launch(optimizer_update_config(param.numel(), limits), optimizer_update<scalar_t>, args);
     });
-    // Written through raw pointers: the versions move as an in-place ATen op would move them.
-    const auto bump = [](const at::Tensor& t) { t.unsafeGetTensorImpl()->bump_version(); };
-    bump(param);
-    for (const at::TensorList list : {opt.first_moments, opt.second_moments, opt.max_second_moments}) {
-      if (!list.empty()) bump(list[k]);
-    }
   }
 };
 
