@@ -13,7 +13,7 @@ SOURCES := setup.py pyproject.toml $(CXX_SOURCES)
 # What clang-format checks: the extension's sources and the simulation's tests.
 FORMATTED := $(CXX_SOURCES) $(shell find tests/sim -name '*.cpp' -o -name '*.h')
 
-.PHONY: install test train train-ddp bench bench-ops lint format clean
+.PHONY: install test train train-ddp bench bench-ops lint format clean gpu-check compat
 
 install: $(STAMPS)/build
 
@@ -67,6 +67,20 @@ bench: install $(STAMPS)/bench-deps
 bench-ops: install
 	$(PY) -m benchmarks.bench_cross_entropy $(ARGS)
 	$(PY) -m benchmarks.bench_linear_bn_relu $(ARGS)
+
+# The CUDA kernels on this machine's GPU in one command (tools/gpu_check.py): build in place, the
+# ptxas resource check, the GPU tests, compute-sanitizer, the GPU benchmarks, benchmarks/results/gpu.md.
+# Installs nothing, and builds against the torch already installed: the venv's if there is one, else
+# that of $(PYTHON). Without a GPU: a dry run of its plumbing (CI runs it).
+GPU_PY = $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+gpu-check:
+	$(GPU_PY) tools/gpu_check.py $(ARGS)
+
+# The CPU parity tests built and run against other torch releases, each in a venv of its own under
+# build/compat (a few GB each): the oldest supported and the newest.
+COMPAT_TORCH ?= 2.11.0 2.15.0
+compat:
+	$(PYTHON) tools/compat.py $(COMPAT_TORCH)
 
 clean:
 	rm -rf build *.egg-info fused_mlp/_C*.so fused_mlp/_build_info.py $(STAMPS)

@@ -6,6 +6,8 @@ time from the running CPU (and ATEN_CPU_CAPABILITY), so a build runs on any x86-
 
 Environment knobs (all optional):
   FUSED_MLP_CPU_ONLY=1         never build CUDA sources
+  FUSED_MLP_CPU_VARIANTS=native the baseline and this CPU's own instruction set alone (a build for
+                               this machine only, as `make gpu-check` does); default: all
   CUDA_HOME                    the toolkit (default: a /usr/local/cuda* directory holding bin/nvcc)
   TORCH_CUDA_ARCH_LIST         GPU architectures (default with no GPU visible: "8.0;9.0+PTX")
   MAX_JOBS                     parallel compile jobs
@@ -65,6 +67,13 @@ def _cpu_variants():
             avx2 += ["-mno-avx256-split-unaligned-load", "-mno-avx256-split-unaligned-store"]
         variants.append(("AVX2", avx2))
         variants.append(("AVX512", ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"]))
+    wanted = os.environ.get("FUSED_MLP_CPU_VARIANTS", "all")
+    if wanted == "native":
+        # ATen's choice for this CPU; the baseline stays, for ATEN_CPU_CAPABILITY=default.
+        native = torch.backends.cpu.get_cpu_capability()
+        variants = [v for v in variants if v[0] in ("DEFAULT", native)]
+    elif wanted != "all":
+        raise ValueError(f"FUSED_MLP_CPU_VARIANTS must be 'all' or 'native', got {wanted!r}")
     return [(name, flags + [f"-DCPU_CAPABILITY={name}", f"-DCPU_CAPABILITY_{name}"]) for name, flags in variants]
 
 

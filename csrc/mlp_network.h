@@ -300,7 +300,7 @@ at::Tensor mlp_inference(const Layers& layers, const at::Tensor& input, at::Tens
   for (const auto i : c10::irange(L)) {
     x = layers.linear_relu_dropout(x, weights[i], at_or_none(biases, i), 0.0, no_seed);
   }
-  return layers.linear(x.contiguous(), weights[L].contiguous(), at_or_none(biases, L));
+  return layers.linear(x.contiguous(), weights[L], at_or_none(biases, L));
 }
 
 // Every hidden layer's running statistics: running = (1 - factor) * running + factor * batch.

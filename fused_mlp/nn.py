@@ -122,8 +122,8 @@ class LinearBNReLU(torch.nn.Module):
         cache = self._fold_cache
         if cache is None or cache[0] != key:
             with torch.no_grad():
-                folded = functional.fold_batch_norm(*sources, eps)
-            cache = self._fold_cache = (key, *folded)
+                folded_weight, folded_bias = functional.fold_batch_norm(*sources, eps)
+            cache = self._fold_cache = (key, _packed(folded_weight), folded_bias)
         return cache[1:]
 
     def forward(self, input):
@@ -381,15 +381,25 @@ class FusedMLP(torch.nn.Module):
                     w, b = functional.fold_batch_norm(
                         weights[i], biases[i], gammas[i], betas[i], running_means[i], running_vars[i], eps
                     )
-                    folded_weights.append(w)
+                    folded_weights.append(_packed(w))
                     folded_biases.append(b)
-            folded_weights.append(weights[-1].detach())
+                folded_weights.append(_packed(weights[-1].detach()))
             folded_biases.append(None if biases[-1] is None else biases[-1].detach())
             cache = self._fold_cache = (key, folded_weights, folded_biases)
         return cache[1], cache[2]
 
     def extra_repr(self):
         return f"batch_norm={self.batch_norm}, dropout={self.drop.p}"
+
+
+def _packed(weight):
+    """A weight of an inference cache in the layout the CPU kernels' GEMM reads fastest: float32
+    held column by column (weight.t() contiguous), which its outer-product kernel takes without a
+    copy. Packed once per cache fill; the values, and so the results to float32 rounding, are the
+    weight's. Other devices and dtypes keep the weight as it is."""
+    if weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.dim() == 2:
+        return weight.t().contiguous().t()
+    return weight
 
 
 def _tensor(module, name):

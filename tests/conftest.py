@@ -106,3 +106,22 @@ def backend(request):
         pytest.skip("needs a CUDA GPU")
     ops = {name: getattr(torch.ops.fused_mlp, name) for name in COMPUTE_OPS + NETWORK_OPS}
     return Backend(request.param, request.param, ops)
+
+
+def _needs_gpu(item):
+    """Whether a test runs on a CUDA GPU: a skip "needs ... CUDA GPU(s)" when none is there, or a
+    parameter that is the CUDA device (the `backend` fixture's "cuda", a torch.device)."""
+    for mark in item.iter_markers("skipif"):
+        if "CUDA GPU" in str(mark.kwargs.get("reason", "")):
+            return True
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    return any(
+        value == "cuda" or (isinstance(value, torch.device) and value.type == "cuda") for value in params.values()
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    # Marker gpu: what `make gpu-check` runs on a machine with a GPU (`pytest -m gpu`).
+    for item in items:
+        if _needs_gpu(item):
+            item.add_marker(pytest.mark.gpu)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import fused_mlp
 
@@ -18,10 +19,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: parameter, buffer and optimizer state.
 PROGRAM = r"""
 import hashlib
+import os
 import torch
 from fused_mlp.models import MLP
 from fused_mlp.train import make_optimizer
 
+device = torch.device(os.environ.get("DETERMINISM_DEVICE", "cpu"))
 torch.manual_seed(0)
 digest = hashlib.sha256()
 
@@ -41,17 +44,17 @@ nets = [
 ]
 for net in nets:
     for batch in (64, 256):
-        model = MLP(hidden=net["hidden"], batch_norm=net["batch_norm"], dropout=net["dropout"])
+        model = MLP(hidden=net["hidden"], batch_norm=net["batch_norm"], dropout=net["dropout"]).to(device)
         optimizer = make_optimizer(model, net["optimizer"], lr=net["lr"])
         for _ in range(20):
-            x, y = torch.randn(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
+            x, y = torch.randn(batch, 1, 28, 28).to(device), torch.randint(0, 10, (batch,)).to(device)
             optimizer.zero_grad(set_to_none=True)
             loss = model.loss(model(x), y)
             loss.backward()
             optimizer.step()
             feed(loss)
         model.eval()
-        x = torch.randn(batch, 1, 28, 28)
+        x = torch.randn(batch, 1, 28, 28).to(device)
         with torch.no_grad():
             feed(model(x))
         feed(model(x))
@@ -83,4 +86,12 @@ def test_two_fresh_processes_give_the_same_bits(gemm):
     env = {} if gemm is None else {"FUSED_MLP_GEMM": gemm}
     first, second = digest(**env), digest(**env)
     assert len(first) == 64
+    assert first == second
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.skipif(fused_mlp.BACKEND != "extension", reason="needs the compiled extension")
+def test_two_fresh_processes_give_the_same_bits_on_a_gpu():
+    """The same program on the GPU: the CUDA kernels sum in fixed orders too."""
+    first, second = digest(DETERMINISM_DEVICE="cuda"), digest(DETERMINISM_DEVICE="cuda")
     assert first == second

@@ -107,3 +107,70 @@ def test_float64_and_bfloat16_take_atens_gemm():
         want = (torch.addmm(b, x, w.T), g.T @ x, g @ w)
         for a, e in zip(got, want):
             torch.testing.assert_close(a, e, rtol=tol, atol=tol)
+
+
+# --- the forward on a weight held column by column (the inference caches' packed layout) ---------
+
+
+def packed(w):
+    """w with the same values, held column by column: w.t() is contiguous."""
+    return w.t().contiguous().t()
+
+
+def inference(x, weights, biases):
+    return torch.ops.fused_mlp.mlp_inference(x, weights, biases)
+
+
+PACKED_SHAPES = [*SHAPES, (97, 50, 16), (200, 30, 17), (13, 64, 33), (300, 20, 130), (1024, 64, 10)]
+
+
+@pytest.mark.parametrize("M,K,N", PACKED_SHAPES)
+def test_column_held_weight_matches_torch_mm(M, K, N):
+    x, w, b, _ = operands(M, K, N)
+    wp = packed(w)
+    assert not wp.is_contiguous() and wp.t().is_contiguous() or min(N, K) == 1
+    want = x.double() @ w.double().T + b.double()
+    for bias in (b, None):
+        got = inference(x, [wp], [bias])
+        expected = want if bias is not None else want - b.double()
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6 * K**0.5 * 8)
+    # and agrees with the row-major weight's kernel to float32 rounding (the sums run in other orders)
+    torch.testing.assert_close(inference(x, [wp], [b]), inference(x, [w], [b]), rtol=1e-5, atol=1e-5 * K**0.5)
+
+
+@pytest.mark.parametrize("M,K,H,N", [(7, 33, 65, 10), (64, 784, 512, 256), (130, 100, 17, 3)])
+def test_column_held_hidden_layer_takes_relu_in_its_epilogue(M, K, H, N):
+    x, w1, b1, _ = operands(M, K, H, seed=1)
+    _, w2, b2, _ = operands(M, H, N, seed=2)
+    got = inference(x, [packed(w1), packed(w2)], [b1, b2])
+    hidden = torch.relu(x.double() @ w1.double().T + b1.double())
+    want = hidden @ w2.double().T + b2.double()
+    assert (x.double() @ w1.double().T + b1.double() < 0).any()  # the ReLU has work to do
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6 * (K * H) ** 0.5 * 8)
+
+
+def test_column_held_weight_non_finite_values_as_torch():
+    x, w1, b1, _ = operands(9, 37, 70, seed=3)
+    _, w2, b2, _ = operands(9, 70, 21, seed=4)
+    x[2, 5], x[4, 0], w1[3, 7], w2[1, 2] = float("nan"), float("inf"), -float("inf"), float("nan")
+    got = inference(x, [packed(w1), packed(w2)], [b1, b2])
+    hidden = torch.relu(torch.addmm(b1, x, w1.T))
+    assert hidden.isnan().any() and hidden.isinf().any()  # NaN and +inf pass the epilogue's ReLU
+    want = torch.addmm(b2, hidden, w2.T)
+    assert not torch.isfinite(want).all()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4, equal_nan=True)
+
+
+def test_column_held_weight_the_same_bits_at_any_thread_count():
+    x, w1, b1, _ = operands(300, 784, 130, seed=5)
+    _, w2, b2, _ = operands(300, 130, 10, seed=6)
+    args = (x, [packed(w1), packed(w2)], [b1, b2])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = inference(*args)
+        torch.set_num_threads(max(2, threads))
+        many = inference(*args)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, many)

@@ -6,7 +6,9 @@
 // The three products of a layer, on row-major operands as the layer holds them, none transposed or
 // packed first:
 //   nt: C = A B^T (+ bias)   the forward, x W^T: an inner-product kernel, each output the dot
-//                            product of a row of A and a row of B, both read along K;
+//                            product of a row of A and a row of B, both read along K; or, where B
+//                            is held column by column (B^T contiguous: the inference caches pack
+//                            their folded weights so, once), the outer-product kernel below on B^T;
 //   nn: C = A B              grad_input = dz W: an outer-product kernel, each step a scalar of A
 //                            broadcast against a vector of B's row;
 //   tn: C = A^T B            grad_weight = dz^T x: the same outer-product kernel, A read down its
@@ -21,6 +23,7 @@
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/relu.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -62,8 +65,8 @@ inline Vec load(const float* p, int64_t n) {
 
 // C[i][j] = sum_k A[i][k] B[j][k] (+ bias[j]) for a tile of kNtRows x kNtCols; rows and columns past
 // the ends (rows, cols) repeat the last one's pointers and are not stored.
-void nt_tile(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t K, const float* bias, float* c,
-             int64_t ldc, int64_t rows, int64_t cols) {
+void nt_tile(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t K, const float* bias, bool relu,
+             float* c, int64_t ldc, int64_t rows, int64_t cols) {
   const float* ar[kNtRows];
   const float* br[kNtCols];
   for (int i = 0; i < kNtRows; ++i) ar[i] = a + std::min<int64_t>(i, rows - 1) * lda;
@@ -86,40 +89,58 @@ void nt_tile(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t K
   for (int i = 0; i < rows && i < kNtRows; ++i) {
     for (int j = 0; j < cols && j < kNtCols; ++j) {
       const float dot = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, acc[i][j]);
-      c[i * ldc + j] = bias ? dot + bias[j] : dot;
+      const float y = bias ? dot + bias[j] : dot;
+      c[i * ldc + j] = relu && y < 0.f ? 0.f : y;
     }
   }
 }
 
-// C[i][j] = sum_r A(i, r) B[r][j] for kOuterRows rows by cols <= kOuterCols columns, A(i, r) =
-// a[i * a_row + r * a_red]; rows past `rows` repeat the last one's and are not stored.
-void outer_tile(const float* a, int64_t a_row, int64_t a_red, const float* b, int64_t ldb, int64_t R, float* c,
-                int64_t ldc, int64_t rows, int64_t cols) {
+// What a tile does to its sums before it stores them: add the bias (per column), then ReLU as
+// torch.relu (y < 0 ? +0 : y; NaN, +inf and -0 pass).
+struct Epilogue {
+  const float* bias = nullptr;
+  bool relu = false;
+};
+
+inline Vec relu(const Vec& y) {
+  return Vec::blendv(y, Vec(0.f), y < Vec(0.f));
+}
+
+// C[i][j] = sum_r A(i, r) B[r][j] (then the epilogue) for kOuterRows rows by cols <= kVecs * W
+// columns, A(i, r) = a[i * a_row + r * a_red]; rows past `rows` repeat the last one's and are not
+// stored.
+template <int kVecs>
+void outer_tile(const float* a, int64_t a_row, int64_t a_red, const float* b, int64_t ldb, int64_t R, Epilogue epi,
+                float* c, int64_t ldc, int64_t rows, int64_t cols) {
   const float* ar[kOuterRows];
   for (int i = 0; i < kOuterRows; ++i) ar[i] = a + std::min<int64_t>(i, rows - 1) * a_row;
-  Vec acc[kOuterRows][kOuterVecs];
+  Vec acc[kOuterRows][kVecs];
   for (int i = 0; i < kOuterRows; ++i) {
-    for (int v = 0; v < kOuterVecs; ++v) acc[i][v] = Vec(0.f);
+    for (int v = 0; v < kVecs; ++v) acc[i][v] = Vec(0.f);
   }
   const auto step = [&](int64_t r, auto full) {
     const float* br = b + r * ldb;
-    Vec bv[kOuterVecs];
-    for (int v = 0; v < kOuterVecs; ++v) {
+    Vec bv[kVecs];
+    for (int v = 0; v < kVecs; ++v) {
       bv[v] = full ? Vec::loadu(br + v * W) : load(br + v * W, std::clamp<int64_t>(cols - v * W, 0, W));
     }
     for (int i = 0; i < kOuterRows; ++i) {
       const Vec av(ar[i][r * a_red]);
-      for (int v = 0; v < kOuterVecs; ++v) acc[i][v] = at::vec::fmadd(av, bv[v], acc[i][v]);
+      for (int v = 0; v < kVecs; ++v) acc[i][v] = at::vec::fmadd(av, bv[v], acc[i][v]);
     }
   };
-  if (cols == kOuterCols) {
+  if (cols == kVecs * W) {
     for (int64_t r = 0; r < R; ++r) step(r, std::true_type{});
   } else {
     for (int64_t r = 0; r < R; ++r) step(r, std::false_type{});
   }
-  for (int i = 0; i < rows && i < kOuterRows; ++i) {
-    for (int v = 0; v < kOuterVecs && v * W < cols; ++v) {
-      acc[i][v].store(c + i * ldc + v * W, std::min<int64_t>(W, cols - v * W));
+  for (int v = 0; v < kVecs && v * W < cols; ++v) {
+    const int64_t n = std::min<int64_t>(W, cols - v * W);
+    const Vec bias = epi.bias ? load(epi.bias + v * W, n) : Vec(0.f);
+    for (int i = 0; i < rows && i < kOuterRows; ++i) {
+      Vec y = epi.bias ? acc[i][v] + bias : acc[i][v];
+      if (epi.relu) y = relu(y);
+      y.store(c + i * ldc + v * W, n);
     }
   }
 }
@@ -134,7 +155,7 @@ int64_t grain_for(int64_t macs_per_item) {
 
 // C (M x N) = A (M x K) B^T, B (N x K); threads take groups of kNtCols columns (rows of B), and
 // walk A in blocks of kNtRowBlock rows.
-void gemm_nt_f32(const float* a, const float* b, const float* bias, float* c, int64_t M, int64_t N, int64_t K) {
+void gemm_nt_f32(const float* a, const float* b, Epilogue epi, float* c, int64_t M, int64_t N, int64_t K) {
   const int64_t groups = (N + kNtCols - 1) / kNtCols;
   at::parallel_for(0, groups, grain_for(M * K * kNtCols), [&](int64_t g0, int64_t g1) {
     for (int64_t m0 = 0; m0 < M; m0 += kNtRowBlock) {
@@ -142,7 +163,7 @@ void gemm_nt_f32(const float* a, const float* b, const float* bias, float* c, in
       for (int64_t g = g0; g < g1; ++g) {
         const int64_t n = g * kNtCols, cols = std::min<int64_t>(kNtCols, N - n);
         for (int64_t m = m0; m < m1; m += kNtRows) {
-          nt_tile(a + m * K, K, b + n * K, K, K, bias ? bias + n : nullptr, c + m * N + n, N,
+          nt_tile(a + m * K, K, b + n * K, K, K, epi.bias ? epi.bias + n : nullptr, epi.relu, c + m * N + n, N,
                   std::min<int64_t>(kNtRows, m1 - m), cols);
         }
       }
@@ -150,20 +171,47 @@ void gemm_nt_f32(const float* a, const float* b, const float* bias, float* c, in
   });
 }
 
-// C (rows x cols) = sum_r A(i, r) B[r][j]: threads take blocks of kOuterCols columns; each walks
-// the rows in tiles of kOuterRows, reading its columns of B once per tile.
-void gemm_outer_f32(const float* a, int64_t a_row, int64_t a_red, const float* b, int64_t ldb, float* c, int64_t rows,
-                    int64_t cols, int64_t R) {
-  const int64_t blocks = (cols + kOuterCols - 1) / kOuterCols;
-  at::parallel_for(0, blocks, grain_for(rows * R * kOuterCols), [&](int64_t j0, int64_t j1) {
-    for (int64_t j = j0; j < j1; ++j) {
-      const int64_t col = j * kOuterCols, n = std::min(kOuterCols, cols - col);
-      for (int64_t i = 0; i < rows; i += kOuterRows) {
-        outer_tile(a + i * a_row, a_row, a_red, b + col, ldb, R, c + i * cols + col, cols,
-                   std::min<int64_t>(kOuterRows, rows - i), n);
+// Rows of C per work item of the outer-product loop: 16 tiles. A block of B's columns (R x kOuterCols
+// floats) stays in the L2 cache while its thread walks its rows.
+constexpr int64_t kOuterRowBlock = 16 * kOuterRows;
+
+// C (rows x cols) = sum_r A(i, r) B[r][j], then the epilogue, in blocks of kVecs vectors of columns.
+// A work item is a block of columns by kOuterRowBlock rows, numbered column block by column block,
+// so a thread's run of items mostly shares one block of B; it walks its rows in tiles of kOuterRows.
+template <int kVecs>
+void outer_blocks(const float* a, int64_t a_row, int64_t a_red, const float* b, int64_t ldb, Epilogue epi, float* c,
+                  int64_t rows, int64_t cols, int64_t R) {
+  constexpr int64_t block = kVecs * W;
+  const int64_t col_blocks = (cols + block - 1) / block;
+  const int64_t row_blocks = (rows + kOuterRowBlock - 1) / kOuterRowBlock;
+  const int64_t item_macs = std::min(rows, kOuterRowBlock) * R * block;
+  at::parallel_for(0, col_blocks * row_blocks, grain_for(item_macs), [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t col = (t / row_blocks) * block, n = std::min(block, cols - col);
+      const int64_t i0 = (t % row_blocks) * kOuterRowBlock, i1 = std::min(rows, i0 + kOuterRowBlock);
+      const Epilogue tile_epi{epi.bias ? epi.bias + col : nullptr, epi.relu};
+      for (int64_t i = i0; i < i1; i += kOuterRows) {
+        outer_tile<kVecs>(a + i * a_row, a_row, a_red, b + col, ldb, R, tile_epi, c + i * cols + col, cols,
+                          std::min<int64_t>(kOuterRows, i1 - i), n);
       }
     }
   });
+}
+
+// The outer-product GEMM: blocks of kOuterVecs vectors of columns, or, where all the columns fit in
+// fewer, a tile just that wide (a narrow layer, such as the 10 classes of the output, would leave
+// most lanes idle). Every element is summed by one tile in one order (r = 0, 1, ...), whatever the
+// tile's width and the split among threads: the same bits at any thread count.
+void gemm_outer_f32(const float* a, int64_t a_row, int64_t a_red, const float* b, int64_t ldb, Epilogue epi, float* c,
+                    int64_t rows, int64_t cols, int64_t R) {
+  if (cols <= W) return outer_blocks<1>(a, a_row, a_red, b, ldb, epi, c, rows, cols, R);
+  if (kOuterVecs > 2 && cols <= 2 * W) return outer_blocks<2>(a, a_row, a_red, b, ldb, epi, c, rows, cols, R);
+  outer_blocks<kOuterVecs>(a, a_row, a_red, b, ldb, epi, c, rows, cols, R);
+}
+
+// weight (N x K) held column by column: weight^T is a contiguous K x N matrix.
+bool columns_contiguous(const at::Tensor& weight) {
+  return weight.dim() == 2 && !weight.is_contiguous() && weight.t().is_contiguous();
 }
 
 // Which GEMM the kernels run, fixed for the process by FUSED_MLP_GEMM and never chosen by timing,
@@ -195,22 +243,44 @@ bool owned(const at::Tensor& a, const at::Tensor& b) {
 
 }  // namespace
 
-at::Tensor gemm_nt(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+namespace {
+
+// input weight^T + bias, then ReLU if asked: in the owned kernels' epilogue, else torch.relu in place
+// on the output of oneDNN's or ATen's GEMM.
+at::Tensor linear(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias, bool relu) {
   if (gemm_mode() == GemmMode::kOneDnn) {
     at::Tensor out = onednn_linear(input, weight, bias);
-    if (out.defined()) return out;
+    if (out.defined()) return relu ? at::relu_(out) : out;
   }
   if (!owned(input, weight) || (bias.has_value() && bias->scalar_type() != at::kFloat)) {
-    return bias.has_value() ? at::addmm(*bias, input, weight.t()) : at::mm(input, weight.t());
+    at::Tensor out = bias.has_value() ? at::addmm(*bias, input, weight.t()) : at::mm(input, weight.t());
+    return relu ? at::relu_(out) : out;
   }
-  const at::Tensor a = input.contiguous(), b = weight.contiguous();
+  const at::Tensor a = input.contiguous();
   const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
-  const int64_t M = a.size(0), K = a.size(1), N = b.size(0);
+  const int64_t M = a.size(0), K = a.size(1), N = weight.size(0);
   at::Tensor c = at::empty({M, N}, a.options());
   if (M * N == 0) return c;
-  gemm_nt_f32(a.const_data_ptr<float>(), b.const_data_ptr<float>(),
-              bias_c.defined() ? bias_c.const_data_ptr<float>() : nullptr, c.mutable_data_ptr<float>(), M, N, K);
+  const Epilogue epi{bias_c.defined() ? bias_c.const_data_ptr<float>() : nullptr, relu};
+  if (columns_contiguous(weight)) {
+    // B^T = weight^T (K x N) as it is held: the outer-product kernel, A read along its rows.
+    gemm_outer_f32(a.const_data_ptr<float>(), K, 1, weight.const_data_ptr<float>(), N, epi, c.mutable_data_ptr<float>(),
+                   M, N, K);
+  } else {
+    const at::Tensor b = weight.contiguous();
+    gemm_nt_f32(a.const_data_ptr<float>(), b.const_data_ptr<float>(), epi, c.mutable_data_ptr<float>(), M, N, K);
+  }
   return c;
+}
+
+}  // namespace
+
+at::Tensor gemm_nt(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  return linear(input, weight, bias, false);
+}
+
+at::Tensor gemm_nt_relu(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  return linear(input, weight, bias, true);
 }
 
 at::Tensor gemm_nn(const at::Tensor& a_, const at::Tensor& b_) {
@@ -219,7 +289,8 @@ at::Tensor gemm_nn(const at::Tensor& a_, const at::Tensor& b_) {
   const int64_t M = a.size(0), R = a.size(1), N = b.size(1);
   at::Tensor c = at::empty({M, N}, a.options());
   if (M * N == 0) return c;
-  gemm_outer_f32(a.const_data_ptr<float>(), R, 1, b.const_data_ptr<float>(), N, c.mutable_data_ptr<float>(), M, N, R);
+  gemm_outer_f32(a.const_data_ptr<float>(), R, 1, b.const_data_ptr<float>(), N, {}, c.mutable_data_ptr<float>(), M, N,
+                 R);
   return c;
 }
 
@@ -229,7 +300,8 @@ at::Tensor gemm_tn(const at::Tensor& a_, const at::Tensor& b_) {
   const int64_t R = a.size(0), M = a.size(1), N = b.size(1);
   at::Tensor c = at::empty({M, N}, a.options());
   if (M * N == 0) return c;
-  gemm_outer_f32(a.const_data_ptr<float>(), 1, M, b.const_data_ptr<float>(), N, c.mutable_data_ptr<float>(), M, N, R);
+  gemm_outer_f32(a.const_data_ptr<float>(), 1, M, b.const_data_ptr<float>(), N, {}, c.mutable_data_ptr<float>(), M, N,
+                 R);
   return c;
 }
 

@@ -12,8 +12,11 @@
 namespace fused_mlp::cpu {
 FUSED_MLP_ISA_BEGIN
 
-// input (M x K) times weight^T (weight: N x K), plus bias (N): a Linear's forward.
+// input (M x K) times weight^T (weight: N x K, row-major or held column by column), plus bias (N): a
+// Linear's forward.
 at::Tensor gemm_nt(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
+// relu(input weight^T + bias): the ReLU in the owned kernels' epilogue, else torch.relu in place.
+at::Tensor gemm_nt_relu(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
 // a (M x R) times b (R x N): a Linear's input gradient, dz W.
 at::Tensor gemm_nn(const at::Tensor& a, const at::Tensor& b);
 // a^T (a: R x M) times b (R x N): a Linear's weight gradient, dz^T x.

@@ -106,10 +106,17 @@ const char* cpu_capability_name(CpuCapability capability);
 template <typename Table>
 using VariantTable = const Table& (*)();
 
+// std::type_identity_t of C++20, for the torch releases that build extensions as C++17: a parameter
+// whose type is not deduced from it.
+template <typename T>
+struct NotDeduced {
+  using type = T;
+};
+
 // avx2 and avx512 are null when the build lacks them (not an x86-64 build).
 template <typename Table>
-const Table& select_variant(VariantTable<Table> default_variant, std::type_identity_t<VariantTable<Table>> avx2,
-                            std::type_identity_t<VariantTable<Table>> avx512) {
+const Table& select_variant(VariantTable<Table> default_variant, typename NotDeduced<VariantTable<Table>>::type avx2,
+                            typename NotDeduced<VariantTable<Table>>::type avx512) {
   switch (cpu_capability()) {
     case CpuCapability::kAvx512:
       return avx512();

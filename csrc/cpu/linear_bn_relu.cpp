@@ -19,7 +19,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <ATen/ops/relu.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/irange.h>
 
@@ -212,12 +211,13 @@ void affine_relu_dropout(const scalar_t* z, scalar_t* out, int64_t N, int64_t C,
   });
 }
 
-// relu(x W^T + b) * dropout: one GEMM, then torch.relu in place on its output, or with dropout
-// ReLU and dropout in one pass in place.
+// relu(x W^T + b) * dropout: one GEMM with the ReLU in its epilogue, or with dropout the GEMM, then
+// ReLU and dropout in one pass in place on its output.
 at::Tensor linear_relu_dropout(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
                                const Dropout& dropout) {
-  at::Tensor out = gemm_nt(input, weight, bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt);
-  if (!dropout.active) return at::relu_(out);
+  const auto b = bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt;
+  if (!dropout.active) return gemm_nt_relu(input, weight, b);
+  at::Tensor out = gemm_nt(input, weight, b);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "linear_relu_dropout", [&] {
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
     affine_relu_dropout<scalar_t>(o, o, out.size(0), out.size(1), nullptr, nullptr, dropout);  // ReLU too
@@ -665,7 +665,9 @@ at::Tensor linear_relu_dropout_forward_cpu(const at::Tensor& input, const at::Te
   constexpr const char* op = "fused_mlp::linear_relu_dropout_forward";
   check_layer(input, weight, bias, c10::nullopt, c10::nullopt, dropout_p, seed_offset, op);
   const at::Tensor b = defined(bias) ? bias->contiguous() : at::Tensor();
-  return linear_relu_dropout(input.contiguous(), weight.contiguous(), b, Dropout(dropout_p, seed_offset.contiguous()));
+  // The weight as it is held: gemm_nt reads a row-major one or one held column by column (the
+  // inference caches' packed layout) without a copy.
+  return linear_relu_dropout(input.contiguous(), weight, b, Dropout(dropout_p, seed_offset.contiguous()));
 }
 
 // The running-statistics update in one pass when the running and batch statistics share a float

@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 
 #include "common/host_device.h"
 
@@ -66,6 +67,17 @@ constexpr int next_power_of_two(int64_t n) {
 }
 
 // --- maths in the accumulation type -----------------------------------------------------------
+
+// 1 / x, correctly rounded. On the device the reciprocal intrinsics, inline, where the division
+// operator calls its slow path: such calls in the Welford loops made ptxas spill.
+template <typename T>
+FUSED_MLP_HD T reciprocal(T x) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (std::is_same_v<T, float>) return __frcp_rn(x);
+  if constexpr (std::is_same_v<T, double>) return __drcp_rn(x);
+#endif
+  return T(1) / x;
+}
 
 // One name for float and double, so code templated on the accumulation type needs no cast.
 FUSED_MLP_HD float acc_exp(float x) {

@@ -322,11 +322,12 @@ __global__ void __launch_bounds__(kColumnReduceThreads) bn_stats_partial(BatchSt
     acc_t v[kF];
     load_features<kF>(z + r * C, f0, C, v);
     count += acc_t(1);
+    const acc_t inv_count = reciprocal(count);  // one per row, not a division per feature
 #pragma unroll
     for (int j = 0; j < kF; ++j) {
       const acc_t d = v[j] - mean[j];
       // Once inf or NaN is in, the mean is what a plain sum gives (see welford_merge).
-      mean[j] = is_finite(mean[j]) ? mean[j] + d / count : mean[j] + v[j];
+      mean[j] = is_finite(mean[j]) ? mean[j] + d * inv_count : mean[j] + v[j];
       m2[j] += d * (v[j] - mean[j]);
     }
   }
@@ -341,6 +342,9 @@ __global__ void __launch_bounds__(kColumnReduceThreads) bn_stats_partial(BatchSt
 #pragma unroll
     for (int j = 0; j < kF; ++j) {
       WelfordState<acc_t, acc_t> s{mean[j], m2[j], count};
+      // Not unrolled: each merge divides, and kRowLanes division slow-path calls in a row made
+      // ptxas spill.
+#pragma unroll 1
       for (int k = 1; k < kRowLanes; ++k) {
         s = welford_merge_or_empty(
             s, WelfordState<acc_t, acc_t>{s_mean[k][lane * kF + j], s_m2[k][lane * kF + j], s_count[k]});
