@@ -99,7 +99,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn
     const at::Tensor& invstd, bool use_batch_stats, double dropout_p, const at::Tensor& seed_offset,
     bool need_grad_input) {
   return linear_bn_relu().backward(grad_out, input, weight, bias, bn_weight, bn_bias, saved, mean, invstd,
-                                   use_batch_stats, dropout_p, seed_offset, need_grad_input, /*need_grad_weight=*/true);
+                                   use_batch_stats, dropout_p, seed_offset, need_grad_input, /*need_grad_weight=*/true,
+                                   /*output=*/at::Tensor());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_batch_stats(const at::Tensor& pre_bn, double eps) {
@@ -162,9 +163,9 @@ struct CpuLayers {
       const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& weight, const OptionalTensor& bias,
       const OptionalTensor& bn_weight, const OptionalTensor& bn_bias, const at::Tensor& saved, const at::Tensor& mean,
       const at::Tensor& invstd, bool use_batch_stats, double dropout_p, const at::Tensor& seed_offset,
-      bool need_grad_input, bool need_grad_weight) const {
+      bool need_grad_input, bool need_grad_weight, const at::Tensor& output) const {
     return kernels.backward(grad_out, input, weight, bias, bn_weight, bn_bias, saved, mean, invstd, use_batch_stats,
-                            dropout_p, seed_offset, need_grad_input, need_grad_weight);
+                            dropout_p, seed_offset, need_grad_input, need_grad_weight, output);
   }
   at::Tensor linear_relu_dropout(const at::Tensor& input, const at::Tensor& weight, const OptionalTensor& bias,
                                  double dropout_p, const at::Tensor& seed_offset) const {

@@ -232,9 +232,12 @@ at::Tensor mlp_backward_layers(const Layers& layers, const at::Tensor& grad_out,
     const at::Tensor so = layer_seed_offset(seed_offset, static_cast<int64_t>(i), dropout_p);
     if (batch_norm) {
       const at::Tensor saved = use_batch_stats ? pre_bn[i] : hidden[i];
-      auto [gx, gw, gb, ggamma, gbeta] = layers.backward(
-          g, x, weights[i], bias, at_or_none(bn_weights, i), at_or_none(bn_biases, i), saved, mean[i], invstd[i],
-          use_batch_stats, dropout_p, so, static_cast<bool>(below[i]), need_layer_grads.get(i));
+      // With batch statistics the layer's output, relu(y) * dropout, goes along too where the caller
+      // kept it: a backend may read which units were kept off it instead of regenerating the mask.
+      auto [gx, gw, gb, ggamma, gbeta] =
+          layers.backward(g, x, weights[i], bias, at_or_none(bn_weights, i), at_or_none(bn_biases, i), saved, mean[i],
+                          invstd[i], use_batch_stats, dropout_p, so, static_cast<bool>(below[i]),
+                          need_layer_grads.get(i), use_batch_stats && !recompute ? hidden[i] : at::Tensor());
       g = below[i] ? gx : none;
       if (need_layer_grads.get(i)) {
         LayerGrads grads{std::move(gw), bias.has_value() ? std::move(gb) : none,

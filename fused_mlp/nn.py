@@ -117,8 +117,7 @@ class LinearBNReLU(torch.nn.Module):
         replaced or changed in place (an optimizer step, load_state_dict, ...). Not a buffer:
         never in the state_dict."""
         sources = (weight, bias, bn_weight, bn_bias, running_mean, running_var)
-        key = tuple(None if t is None else (t.data_ptr(), t._version, t.dtype, t.device) for t in sources)
-        key += (eps,)
+        key = _cache_key(sources, eps)
         cache = self._fold_cache
         if cache is None or cache[0] != key:
             with torch.no_grad():
@@ -371,8 +370,7 @@ class FusedMLP(torch.nn.Module):
         """Every hidden layer's (W', b') with BatchNorm folded in, cached until any tensor they
         derive from is replaced or changed in place. Not a buffer: never in the state_dict."""
         sources = (*weights, *biases, *gammas, *betas, *running_means, *running_vars)
-        key = tuple(None if t is None else (t.data_ptr(), t._version, t.dtype, t.device) for t in sources)
-        key += (eps,)
+        key = _cache_key(sources, eps)
         cache = self._fold_cache
         if cache is None or cache[0] != key:
             folded_weights, folded_biases = [], []
@@ -390,6 +388,14 @@ class FusedMLP(torch.nn.Module):
 
     def extra_repr(self):
         return f"batch_norm={self.batch_norm}, dropout={self.drop.p}"
+
+
+def _cache_key(sources, eps):
+    """What an inference cache depends on: each source tensor's storage and in-place version (an
+    optimizer step, load_state_dict or a replaced tensor changes one), and the dtype and device of
+    the first (casting or moving a module gives every tensor a new storage too)."""
+    first = sources[0]
+    return (first.dtype, first.device, eps, *(None if t is None else (t.data_ptr(), t._version) for t in sources))
 
 
 def _packed(weight):

@@ -174,3 +174,23 @@ def test_column_held_weight_the_same_bits_at_any_thread_count():
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, many)
+
+
+def test_row_major_weight_from_128_rows_takes_the_outer_product_kernel():
+    """From 128 rows up the forward transposes a row-major weight and runs the outer-product kernel:
+    the very bits of the same weight held column by column; NaN and inf as torch; any thread count."""
+    x, w1, b1, _ = operands(200, 100, 70, seed=7)
+    _, w2, b2, _ = operands(200, 70, 13, seed=8)
+    x[3, 4], w1[5, 6], w2[2, 9] = float("nan"), float("inf"), -float("inf")
+    got = inference(x, [w1, w2], [b1, b2])
+    torch.testing.assert_close(got, inference(x, [packed(w1), packed(w2)], [b1, b2]), rtol=0, atol=0, equal_nan=True)
+    want = torch.addmm(b2, torch.relu(torch.addmm(b1, x, w1.T)), w2.T)
+    assert not torch.isfinite(want).all()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4, equal_nan=True)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = inference(x, [w1, w2], [b1, b2])
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one.isnan(), got.isnan()) and torch.equal(one.nan_to_num(), got.nan_to_num())

@@ -358,3 +358,37 @@ def test_op_errors_name_the_argument():
         torch.ops.fused_mlp.mlp_forward(x, weights, biases[:2], *rest)
     with pytest.raises(RuntimeError, match="seed_offset"):
         torch.ops.fused_mlp.mlp_forward(x, weights, biases, *rest[:-2], 0.5, torch.zeros(3, dtype=torch.long))
+
+
+@needs_extension
+@pytest.mark.cpu_parity
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", ["finite", "nan feature", "inf gradient"])
+def test_network_backward_reads_kept_units_off_the_output_as_the_layer_regenerates_them(dtype, case):
+    """With batch statistics and dropout the CPU network backward reads which units were kept off
+    the hidden output (regenerating the mask only where that output is NaN); the layer op
+    regenerates the whole mask. Bit for bit the same gradients, NaN and inf included."""
+    fused = torch.ops.fused_mlp
+    x, weights, biases, gammas, betas, *rest = network_args(dtype, True, "batch", 0.3, rows=40, widths=(12, 37, 5))
+    if case == "nan feature":
+        weights[0][3, 2] = float("nan")  # feature 3's statistics and outputs are NaN, kept or dropped
+    out, hidden, pre_bn, mean, invstd, _ = fused.mlp_forward(x, weights, biases, gammas, betas, *rest)
+    g = torch.randn_like(out)
+    if case == "inf gradient":
+        g[4, 1] = float("inf")  # through a dropped unit: inf * 0 = NaN, as stock's dropout backward
+    assert (hidden[0] == 0).any() and (hidden[0] > 0).any()
+    args = (True, True, 0.3, SEED_OFFSET, True, [True, True])
+    gx, gw, gb, ggamma, gbeta = fused.mlp_backward(
+        g, x, weights, biases, gammas, betas, hidden, pre_bn, mean, invstd, *args
+    )
+    # The same backward layer by layer: the output Linear through the network op with no hidden layer
+    # (the same GEMMs), then the hidden layer through the layer op, which regenerates its mask.
+    g1 = fused.mlp_backward(g, hidden[0], weights[1:], biases[1:], [], [], [], [], [], [], False, False, 0.0,
+                            SEED_OFFSET, True, [True])[0]  # fmt: skip
+    want = fused.linear_bn_relu_backward(
+        g1, x, weights[0], biases[0], gammas[0], betas[0], pre_bn[0], mean[0], invstd[0], True, 0.3, SEED_OFFSET
+    )
+    for got, expected in zip((gx, gw[0], gb[0], ggamma[0], gbeta[0]), want):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
+    if case != "finite":
+        assert gw[0].isnan().any()

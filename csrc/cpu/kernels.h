@@ -39,7 +39,7 @@ struct LinearBnReluKernels {
       const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& weight, const OptionalTensor& bias,
       const OptionalTensor& bn_weight, const OptionalTensor& bn_bias, const at::Tensor& saved, const at::Tensor& mean,
       const at::Tensor& invstd, bool use_batch_stats, double dropout_p, const at::Tensor& seed_offset,
-      bool need_grad_input, bool need_grad_weight);
+      bool need_grad_input, bool need_grad_weight, const at::Tensor& output);
   std::tuple<at::Tensor, at::Tensor, at::Tensor> (*batch_stats)(const at::Tensor& pre_bn, double eps);
   at::Tensor (*bn_relu_dropout)(const at::Tensor& pre_bn, const at::Tensor& mean, const at::Tensor& invstd,
                                 const OptionalTensor& bn_weight, const OptionalTensor& bn_bias, double dropout_p,

@@ -355,14 +355,17 @@ at::Tensor bn_relu_dropout_cpu(const at::Tensor& pre_bn, const at::Tensor& mean,
 // Pass 1 over the (N, C) gradient: dy = grad_out through dropout and ReLU, written to dy_out (acc_t),
 // and its per-feature sums sum(dy) and, with batch statistics, sum(dy * zhat), merged in row-block
 // order. With batch statistics the ReLU mask is recomputed from z exactly as the forward computed
-// it, and the dropout mask is regenerated from (seed, offset); with running statistics both are
-// read off the saved output (out > 0 exactly where the unit was active and kept).
+// it, and the dropout multiplier is read off the layer's output `kept` where given (out > 0: kept;
+// where relu's input is positive, out == 0: dropped; a NaN output, regenerated) or else regenerated
+// from (seed, offset): the same multipliers either way. With running statistics both masks are read
+// off the saved output (out > 0 exactly where the unit was active and kept).
 template <typename scalar_t>
-void grad_through_relu_dropout(const scalar_t* g, const scalar_t* saved, int64_t N, int64_t C, bool use_batch_stats,
-                               const at::opmath_type<scalar_t>* A, const at::opmath_type<scalar_t>* B,
-                               const at::opmath_type<scalar_t>* mean, const at::opmath_type<scalar_t>* invstd,
-                               const Dropout& dropout, at::opmath_type<scalar_t>* dy_out,
-                               at::opmath_type<scalar_t>* sum_dy, at::opmath_type<scalar_t>* sum_dy_zhat) {
+void grad_through_relu_dropout(const scalar_t* g, const scalar_t* saved, const scalar_t* kept, int64_t N, int64_t C,
+                               bool use_batch_stats, const at::opmath_type<scalar_t>* A,
+                               const at::opmath_type<scalar_t>* B, const at::opmath_type<scalar_t>* mean,
+                               const at::opmath_type<scalar_t>* invstd, const Dropout& dropout,
+                               at::opmath_type<scalar_t>* dy_out, at::opmath_type<scalar_t>* sum_dy,
+                               at::opmath_type<scalar_t>* sum_dy_zhat) {
   using IO = VecIO<scalar_t>;
   using acc_t = typename IO::acc_t;
   using Vec = typename IO::Vec;
@@ -381,7 +384,7 @@ void grad_through_relu_dropout(const scalar_t* g, const scalar_t* saved, int64_t
       Vec s_dy[kFeatureVecs], s_dyz[kFeatureVecs];
       for (int64_t v = 0; v < kFeatureVecs; ++v) s_dy[v] = zero, s_dyz[v] = zero;
       for (int64_t n = r0; n < r0 + nr; ++n) {
-        const bool regenerate = use_batch_stats && dropout.active;
+        const bool regenerate = use_batch_stats && dropout.active && kept == nullptr;
         const int64_t mask_row = (n - r0) % kMaskRows;
         if (regenerate && mask_row == 0) {
           dropout.multipliers_rows(static_cast<uint64_t>(n * C + f0), static_cast<uint64_t>(C),
@@ -397,7 +400,18 @@ void grad_through_relu_dropout(const scalar_t* g, const scalar_t* saved, int64_t
             // relu's input exactly as the forward computed it; the gradient stops where y <= 0 and
             // passes elsewhere, NaN included, as torch.relu's backward does.
             const Vec y = at::vec::fmadd(sv, load_acc(A + f0 + f, len), load_acc(B + f0 + f, len));
-            dy = Vec::blendv(regenerate ? gv * load_acc(row_mult + f, len) : gv, zero, y <= zero);
+            Vec m;
+            if (kept != nullptr) {
+              const Vec out = load_n(kept + idx, len);
+              m = Vec::blendv(zero, kept_scale, out > zero);
+              if (any_nan(out)) {
+                acc_t regenerated[Vec::size()];
+                dropout.multipliers(static_cast<uint64_t>(idx), len, regenerated);
+                m = Vec::blendv(m, Vec::loadu(regenerated, len), out.isnan());
+              }
+            }
+            const Vec gm = kept != nullptr ? gv * m : regenerate ? gv * load_acc(row_mult + f, len) : gv;
+            dy = Vec::blendv(gm, zero, y <= zero);
             const Vec zhat = (sv - load_acc(mean + f0 + f, len)) * load_acc(invstd + f0 + f, len);
             s_dyz[v] = at::vec::fmadd(dy, zhat, s_dyz[v]);
           } else {
@@ -475,7 +489,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn
     const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& bn_weight,
     const c10::optional<at::Tensor>& bn_bias, const at::Tensor& saved_, const at::Tensor& mean_,
     const at::Tensor& invstd_, bool use_batch_stats, double dropout_p, const at::Tensor& seed_offset_,
-    bool need_grad_input, bool need_grad_weight) {
+    bool need_grad_input, bool need_grad_weight, const at::Tensor& output_) {
   constexpr const char* op = "fused_mlp::linear_bn_relu_backward";
   check_layer(input_, weight_, bias, bn_weight, bn_bias, dropout_p, seed_offset_, op);
   const int64_t N = input_.size(0), C = weight_.size(0), K = weight_.size(1);
@@ -487,6 +501,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn
   const at::Tensor gamma = as_acc(bn_weight, acc), beta = as_acc(bn_bias, acc);
   const bool has_bias = defined(bias);
   const Dropout dropout(dropout_p, seed_offset);
+  // The layer's output with batch statistics, relu(y) * dropout (the network ops pass it): which
+  // units were kept is read off it instead of regenerated, for float and double. (In a reduced
+  // dtype a kept output can round to 0, which would read as dropped.)
+  const bool read_kept = use_batch_stats && dropout.active && output_.defined() &&
+                         (input_.scalar_type() == at::kFloat || input_.scalar_type() == at::kDouble) &&
+                         output_.scalar_type() == input_.scalar_type() && output_.sizes() == saved_.sizes();
+  const at::Tensor output = read_kept ? output_.contiguous() : at::Tensor();
 
   at::Tensor grad_input, grad_weight, grad_bias;
   at::Tensor sum_dy = at::empty({C}, input.options().dtype(acc));
@@ -503,8 +524,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn
     at::Tensor dz = at::empty({N, C}, input.options());
     at::Tensor dy_buf = IO::kReduced ? at::empty({N, C}, input.options().dtype(acc)) : dz;
     acc_t* dy = dy_buf.mutable_data_ptr<acc_t>();
-    grad_through_relu_dropout<scalar_t>(g.const_data_ptr<scalar_t>(), saved.const_data_ptr<scalar_t>(), N, C,
-                                        use_batch_stats, A.data(), B.data(), mean.const_data_ptr<acc_t>(),
+    grad_through_relu_dropout<scalar_t>(g.const_data_ptr<scalar_t>(), saved.const_data_ptr<scalar_t>(),
+                                        read_kept ? output.const_data_ptr<scalar_t>() : nullptr, N, C, use_batch_stats,
+                                        A.data(), B.data(), mean.const_data_ptr<acc_t>(),
                                         invstd.const_data_ptr<acc_t>(), dropout, dy, sum_dy.mutable_data_ptr<acc_t>(),
                                         sum_dy_zhat.mutable_data_ptr<acc_t>());
     const acc_t* sdy = sum_dy.const_data_ptr<acc_t>();
@@ -585,7 +607,7 @@ std::tuple<at::Tensor, at::Tensor> bn_backward_sums_cpu(const at::Tensor& grad_o
     std::vector<acc_t> A(C), B(C), dy(N * C);
     bn_affine<acc_t>(C, ptr_or_null<acc_t>(gamma), ptr_or_null<acc_t>(beta), mean.const_data_ptr<acc_t>(),
                      invstd.const_data_ptr<acc_t>(), A.data(), B.data());
-    grad_through_relu_dropout<scalar_t>(g.const_data_ptr<scalar_t>(), z.const_data_ptr<scalar_t>(), N, C, true,
+    grad_through_relu_dropout<scalar_t>(g.const_data_ptr<scalar_t>(), z.const_data_ptr<scalar_t>(), nullptr, N, C, true,
                                         A.data(), B.data(), mean.const_data_ptr<acc_t>(),
                                         invstd.const_data_ptr<acc_t>(), dropout, dy.data(),
                                         sum_dy.mutable_data_ptr<acc_t>(), sum_dy_zhat.mutable_data_ptr<acc_t>());
@@ -615,7 +637,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_backwa
     const acc_t* mu = mean.const_data_ptr<acc_t>();
     const acc_t* is = invstd.const_data_ptr<acc_t>();
     bn_affine<acc_t>(C, ptr_or_null<acc_t>(gamma), ptr_or_null<acc_t>(beta), mu, is, A.data(), B.data());
-    grad_through_relu_dropout<scalar_t>(g.const_data_ptr<scalar_t>(), z.const_data_ptr<scalar_t>(), N, C, true,
+    grad_through_relu_dropout<scalar_t>(g.const_data_ptr<scalar_t>(), z.const_data_ptr<scalar_t>(), nullptr, N, C, true,
                                         A.data(), B.data(), mu, is, dropout, dy.data(), local_dy.data(),
                                         local_dyz.data());
     batch_stats_input_grad<scalar_t>(dy.data(), z.const_data_ptr<scalar_t>(), N, C, A.data(), mu, is,

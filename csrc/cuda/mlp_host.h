@@ -35,7 +35,9 @@ struct DeviceLayers {
       const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& bn_weight,
       const std::optional<at::Tensor>& bn_bias, const at::Tensor& saved, const at::Tensor& mean,
       const at::Tensor& invstd, bool use_batch_stats, double dropout_p, const at::Tensor& seed_offset,
-      bool need_grad_input, bool need_grad_weight) const {
+      bool need_grad_input, bool need_grad_weight, const at::Tensor& /*output*/) const {
+    // The device kernels regenerate the dropout mask where they need it (a few instructions per
+    // element on the GPU), so the layer's output goes unread.
     return linear_bn_relu_backward_device(launch, limits, grad_out, input, weight, bias, bn_weight, bn_bias, saved,
                                           mean, invstd, use_batch_stats, dropout_p, seed_offset, need_grad_input,
                                           need_grad_weight, "fused_mlp::mlp_backward (a hidden layer)");
