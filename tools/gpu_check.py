@@ -104,8 +104,10 @@ def nvcc_command(source, arch):
 
     includes = [os.path.join(ROOT, "csrc"), *cpp_extension.include_paths("cuda"), sysconfig.get_paths()["include"]]
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    # The language standard the installed torch builds extensions with (C++17 up to about 2.13, C++20 after).
-    std = "c++20" if "-std=c++20" in inspect.getsource(cpp_extension) else "c++17"
+    # The language standard the installed torch builds extensions with (C++17 up to about 2.13, C++20
+    # after), as its cpp_extension adds it to every compile.
+    found = re.search(r"common_cflags \+= \['-std=(c\+\+\d+)'", inspect.getsource(cpp_extension))
+    std = found.group(1) if found else "c++17"
     return [
         os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc"),
         *(f"-I{p}" for p in includes),
