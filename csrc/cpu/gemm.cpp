@@ -35,6 +35,7 @@
 
 #include "cpu/gemm.h"
 #include "cpu/kernels.h"
+#include "cpu/vec_io.h"
 
 namespace fused_mlp::cpu {
 FUSED_MLP_ISA_BEGIN
@@ -102,10 +103,6 @@ struct Epilogue {
   const float* bias = nullptr;
   bool relu = false;
 };
-
-inline Vec relu(const Vec& y) {
-  return Vec::blendv(y, Vec(0.f), y < Vec(0.f));
-}
 
 // C[i][j] = sum_r A(i, r) B[r][j] (then the epilogue) for kOuterRows rows by cols <= kVecs * W
 // columns, A(i, r) = a[i * a_row + r * a_red]; rows past `rows` repeat the last one's and are not
@@ -270,10 +267,6 @@ bool owned(const at::Tensor& a, const at::Tensor& b) {
          b.scalar_type() == at::kFloat;
 }
 
-}  // namespace
-
-namespace {
-
 // input weight^T + bias, then ReLU if asked: in the owned kernels' epilogue, else torch.relu in place
 // on the output of oneDNN's or ATen's GEMM.
 at::Tensor linear(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias, bool relu) {
@@ -291,10 +284,11 @@ at::Tensor linear(const at::Tensor& input, const at::Tensor& weight, const std::
   at::Tensor c = at::empty({M, N}, a.options());
   if (M * N == 0) return c;
   const Epilogue epi{bias_c.defined() ? bias_c.const_data_ptr<float>() : nullptr, relu};
-  if (columns_contiguous(weight) || M >= kTransposeFromRows) {
+  const bool held_by_columns = columns_contiguous(weight);
+  if (held_by_columns || M >= kTransposeFromRows) {
     // B^T = weight^T (K x N), as it is held or transposed here: the outer-product kernel, A read
     // along its rows.
-    const at::Tensor bt = columns_contiguous(weight) ? weight.t() : transposed(weight.contiguous());
+    const at::Tensor bt = held_by_columns ? weight.t() : transposed(weight.contiguous());
     gemm_outer_f32(a.const_data_ptr<float>(), K, 1, bt.const_data_ptr<float>(), N, epi, c.mutable_data_ptr<float>(), M,
                    N, K);
   } else {

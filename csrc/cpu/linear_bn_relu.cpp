@@ -86,36 +86,36 @@ inline at::vec::Vectorized<acc_t> load_acc(const acc_t* p, int64_t n) {
   return n == Vec::size() ? Vec::loadu(p) : Vec::loadu(p, n);
 }
 
-// ReLU as torch.relu computes it: negative values become +0; NaN, +inf and -0 pass unchanged.
-// (at::vec::maximum(y, 0) turns -0 into +0; a plain max with the operands the other way round
-// turns NaN into 0.)
-template <typename Vec>
-inline Vec relu(const Vec& y) {
-  return Vec::blendv(y, Vec(0), y < Vec(0));
-}
-
 // Whether any lane of v is NaN.
 template <typename Vec>
 inline bool any_nan(const Vec& v) {
   return v.isnan().zero_mask() != (1 << Vec::size()) - 1;
 }
 
-// The gradient through dropout and ReLU of `len` elements starting at flat index idx, read off the
-// saved output out = relu(y) * m (m: the dropout multiplier, 0 or kept_scale; 1 without dropout).
-// As torch.relu's backward (threshold_backward), the gradient stops where relu's output is <= 0 and
-// passes elsewhere, at NaN included; out <= 0 exactly where relu(y) <= 0 or the unit was dropped. A
-// NaN output hides whether the unit was dropped, so there the multiplier is regenerated.
+// The dropout multiplier of `len` elements starting at flat index idx, read off the layer's output
+// out = relu(y) * m (m: 0 or kept_scale; 1 without dropout): 0 where out <= 0, kept_scale elsewhere.
+// Where relu(y) > 0 that is m itself. A NaN output hides whether the unit was dropped, so there the
+// multiplier is regenerated from (seed, offset).
 template <typename Vec>
-inline Vec grad_through_output(const Vec& g, const Vec& out, const Vec& kept_scale, const Dropout& dropout, int64_t idx,
-                               int64_t len) {
+inline Vec multiplier_off_output(const Vec& out, const Vec& kept_scale, const Dropout& dropout, int64_t idx,
+                                 int64_t len) {
   using acc_t = typename Vec::value_type;
-  Vec dy = Vec::blendv(g * kept_scale, Vec(0), out <= Vec(0));
+  Vec m = Vec::blendv(kept_scale, Vec(0), out <= Vec(0));
   if (dropout.active && any_nan(out)) {
     acc_t mult[Vec::size()];
     dropout.multipliers(static_cast<uint64_t>(idx), len, mult);
-    dy = Vec::blendv(dy, g * Vec::loadu(mult, len), out.isnan());
+    m = Vec::blendv(m, Vec::loadu(mult, len), out.isnan());
   }
-  return dy;
+  return m;
+}
+
+// The gradient through dropout and ReLU, read off the saved output. As torch.relu's backward
+// (threshold_backward), the gradient stops where relu's output is <= 0 and passes elsewhere, at NaN
+// included; out <= 0 exactly where relu(y) <= 0 or the unit was dropped.
+template <typename Vec>
+inline Vec grad_through_output(const Vec& g, const Vec& out, const Vec& kept_scale, const Dropout& dropout, int64_t idx,
+                               int64_t len) {
+  return Vec::blendv(g * multiplier_off_output(out, kept_scale, dropout, idx, len), Vec(0), out <= Vec(0));
 }
 
 // The (feature block, row block) units of an (N, C) reduction.
@@ -400,17 +400,10 @@ void grad_through_relu_dropout(const scalar_t* g, const scalar_t* saved, const s
             // relu's input exactly as the forward computed it; the gradient stops where y <= 0 and
             // passes elsewhere, NaN included, as torch.relu's backward does.
             const Vec y = at::vec::fmadd(sv, load_acc(A + f0 + f, len), load_acc(B + f0 + f, len));
-            Vec m;
-            if (kept != nullptr) {
-              const Vec out = load_n(kept + idx, len);
-              m = Vec::blendv(zero, kept_scale, out > zero);
-              if (any_nan(out)) {
-                acc_t regenerated[Vec::size()];
-                dropout.multipliers(static_cast<uint64_t>(idx), len, regenerated);
-                m = Vec::blendv(m, Vec::loadu(regenerated, len), out.isnan());
-              }
-            }
-            const Vec gm = kept != nullptr ? gv * m : regenerate ? gv * load_acc(row_mult + f, len) : gv;
+            const Vec gm = kept != nullptr
+                               ? gv * multiplier_off_output(load_n(kept + idx, len), kept_scale, dropout, idx, len)
+                           : regenerate ? gv * load_acc(row_mult + f, len)
+                                        : gv;
             dy = Vec::blendv(gm, zero, y <= zero);
             const Vec zhat = (sv - load_acc(mean + f0 + f, len)) * load_acc(invstd + f0 + f, len);
             s_dyz[v] = at::vec::fmadd(dy, zhat, s_dyz[v]);

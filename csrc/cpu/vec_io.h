@@ -19,6 +19,14 @@
 namespace fused_mlp::cpu {
 FUSED_MLP_ISA_BEGIN
 
+// ReLU as torch.relu computes it: negative values become +0; NaN, +inf and -0 pass unchanged.
+// (at::vec::maximum(y, 0) turns -0 into +0; a plain max with the operands the other way round
+// turns NaN into 0.)
+template <typename Vec>
+inline Vec relu(const Vec& y) {
+  return Vec::blendv(y, Vec(0), y < Vec(0));
+}
+
 template <typename scalar_t>
 struct VecIO {
   using acc_t = at::opmath_type<scalar_t>;
