@@ -24,7 +24,7 @@ import torch
 import torch.optim.optimizer as torch_optimizer
 
 from . import autograd, checks, functional, ops, reference
-from .nn import FusedMLP, _batch_norm_mode, _synchronized, _tensor
+from .nn import FusedMLP, SyncBatchNorm1d, _batch_norm_mode, _synchronized, _tensor
 
 __all__ = ["TrainStep"]
 
@@ -92,7 +92,11 @@ class _Plan:
         "new_state",
         "reason",
         "modules",
+        "bns",
+        "sync_capable",
         "fingerprint",
+        "hyper_rows",
+        "hyper",
     )
 
 
@@ -229,11 +233,9 @@ class TrainStep:
             return "the targets are class probabilities; the fast path takes class indices"
         if isinstance(input, torch.Tensor) and input.requires_grad:
             return "the input requires grad"
-        model = self.model
-        if model.batch_norm and model.hidden:
-            bns = [layer.bn for layer in model.hidden]
-            if any(bn.training for bn in bns) and _synchronized(bns, input, "TrainStep"):
-                return "BatchNorm is synchronized across processes"
+        bns = self._plan.bns  # current: _setup_reason has just checked it
+        if self._plan.sync_capable and any(bn.training for bn in bns) and _synchronized(bns, input, "TrainStep"):
+            return "BatchNorm is synchronized across processes"
         return None
 
     # --- the call ------------------------------------------------------------------------------
@@ -394,7 +396,9 @@ class TrainStep:
                     flags |= reference.FLAG_AMSGRAD_OR_NESTEROV
                 beta1, beta2 = group["betas"]
                 rows.append((group["lr"], group["weight_decay"], float(beta1), float(beta2), group["eps"], flags))
-        return torch.tensor(rows, dtype=torch.float64)
+        if rows != plan.hyper_rows:  # the op only reads it: the last call's tensor serves while they hold
+            plan.hyper_rows, plan.hyper = rows, torch.tensor(rows, dtype=torch.float64)
+        return plan.hyper
 
     # --- the plan ------------------------------------------------------------------------------
 
@@ -426,18 +430,21 @@ class TrainStep:
             tensors += [bn._buffers.get("running_mean"), bn._buffers.get("running_var")]
             modes += (bn.training, bn.track_running_stats, bn.momentum, bn.eps)
         state = optimizer.state
-        state_ids = tuple(
-            tuple(id(v) for v in state[p].values()) if p in state else () for p in tensors if p is not None
-        )
+        # Every state entry's tensors by identity, read off the state's own items (no tensor hashed).
+        state_ids = tuple((id(p), *map(id, entries.values())) for p, entries in state.items())
         grads = tuple(id(p.grad) for p in tensors if p is not None) if self.keep_grads else ()
         groups = tuple(id(g["params"]) for g in optimizer.param_groups)
-        return (tuple(id(t) for t in tensors), modes, id(state), state_ids, grads, groups)
+        return (tuple(map(id, tensors)), tuple(map(id, bns)), modes, id(state), state_ids, grads, groups)
 
     def _build_plan(self, weights, biases, bns):
         model, optimizer = self.model, self.optimizer
         plan = _Plan()
         plan.reason = None
         plan.modules = list(model.modules())
+        plan.bns = bns
+        # Only these synchronize (whether they do now is the call's to check: the process group).
+        plan.sync_capable = any(isinstance(bn, (SyncBatchNorm1d, torch.nn.SyncBatchNorm)) for bn in bns)
+        plan.hyper_rows = plan.hyper = None
         plan.weights, plan.biases = weights, biases
         plan.batch_norm = bool(bns)
         plan.eps, plan.update = 1e-5, False

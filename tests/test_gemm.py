@@ -23,6 +23,7 @@ SHAPES = [  # (rows M, depth K, columns N)
     (6, 16, 32),
     (7, 33, 65),
     (13, 64, 10),
+    (9, 90, 20),  # a last column block of 26 (g^T x) and of 26 (g W): a two-vector tile
     (64, 784, 512),
     (64, 128, 64),
     (130, 100, 130),

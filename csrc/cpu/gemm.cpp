@@ -32,6 +32,7 @@
 #include <optional>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 #include "cpu/gemm.h"
 #include "cpu/kernels.h"
@@ -105,8 +106,9 @@ struct Epilogue {
 };
 
 // C[i][j] = sum_r A(i, r) B[r][j] (then the epilogue) for kOuterRows rows by cols <= kVecs * W
-// columns, A(i, r) = a[i * a_row + r * a_red]; rows past `rows` repeat the last one's and are not
-// stored.
+// columns, A(i, r) = a[i * a_row + r * a_red]; B holds kVecs * W readable columns (a remainder
+// block is padded first), and only `cols` are stored. Rows past `rows` repeat the last one's and are
+// not stored.
 template <int kVecs>
 void outer_tile(const float* a, int64_t a_row, int64_t a_red, const float* b, int64_t ldb, int64_t R, Epilogue epi,
                 float* c, int64_t ldc, int64_t rows, int64_t cols) {
@@ -116,21 +118,14 @@ void outer_tile(const float* a, int64_t a_row, int64_t a_red, const float* b, in
   for (int i = 0; i < kOuterRows; ++i) {
     for (int v = 0; v < kVecs; ++v) acc[i][v] = Vec(0.f);
   }
-  const auto step = [&](int64_t r, auto full) {
+  for (int64_t r = 0; r < R; ++r) {
     const float* br = b + r * ldb;
     Vec bv[kVecs];
-    for (int v = 0; v < kVecs; ++v) {
-      bv[v] = full ? Vec::loadu(br + v * W) : load(br + v * W, std::clamp<int64_t>(cols - v * W, 0, W));
-    }
+    for (int v = 0; v < kVecs; ++v) bv[v] = Vec::loadu(br + v * W);
     for (int i = 0; i < kOuterRows; ++i) {
       const Vec av(ar[i][r * a_red]);
       for (int v = 0; v < kVecs; ++v) acc[i][v] = at::vec::fmadd(av, bv[v], acc[i][v]);
     }
-  };
-  if (cols == kVecs * W) {
-    for (int64_t r = 0; r < R; ++r) step(r, std::true_type{});
-  } else {
-    for (int64_t r = 0; r < R; ++r) step(r, std::false_type{});
   }
   for (int v = 0; v < kVecs && v * W < cols; ++v) {
     const int64_t n = std::min<int64_t>(W, cols - v * W);
@@ -173,9 +168,22 @@ void gemm_nt_f32(const float* a, const float* b, Epilogue epi, float* c, int64_t
 // floats) stays in the L2 cache while its thread walks its rows.
 constexpr int64_t kOuterRowBlock = 16 * kOuterRows;
 
+// Rows kOuterRowBlock-wide from i0 of C's columns [col, col + n), in tiles of kVecs vectors whose
+// B (R x kVecs * W, row stride ldb) is readable in full.
+template <int kVecs>
+void outer_rows(const float* a, int64_t a_row, int64_t a_red, const float* b, int64_t ldb, Epilogue epi, float* c,
+                int64_t ldc, int64_t i0, int64_t i1, int64_t n, int64_t R) {
+  for (int64_t i = i0; i < i1; i += kOuterRows) {
+    outer_tile<kVecs>(a + i * a_row, a_row, a_red, b, ldb, R, epi, c + i * ldc, ldc,
+                      std::min<int64_t>(kOuterRows, i1 - i), n);
+  }
+}
+
 // C (rows x cols) = sum_r A(i, r) B[r][j], then the epilogue, in blocks of kVecs vectors of columns.
 // A work item is a block of columns by kOuterRowBlock rows, numbered column block by column block,
 // so a thread's run of items mostly shares one block of B; it walks its rows in tiles of kOuterRows.
+// The last block's columns, when fewer, are copied into a zero-padded panel as wide as the vectors
+// they need, and take a tile that wide: no masked loads in the loop, no lanes summed for nothing.
 template <int kVecs>
 void outer_blocks(const float* a, int64_t a_row, int64_t a_red, const float* b, int64_t ldb, Epilogue epi, float* c,
                   int64_t rows, int64_t cols, int64_t R) {
@@ -184,13 +192,30 @@ void outer_blocks(const float* a, int64_t a_row, int64_t a_red, const float* b, 
   const int64_t row_blocks = (rows + kOuterRowBlock - 1) / kOuterRowBlock;
   const int64_t item_macs = std::min(rows, kOuterRowBlock) * R * block;
   at::parallel_for(0, col_blocks * row_blocks, grain_for(item_macs), [&](int64_t t0, int64_t t1) {
+    std::vector<float> panel;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t col = (t / row_blocks) * block, n = std::min(block, cols - col);
       const int64_t i0 = (t % row_blocks) * kOuterRowBlock, i1 = std::min(rows, i0 + kOuterRowBlock);
       const Epilogue tile_epi{epi.bias ? epi.bias + col : nullptr, epi.relu};
-      for (int64_t i = i0; i < i1; i += kOuterRows) {
-        outer_tile<kVecs>(a + i * a_row, a_row, a_red, b + col, ldb, R, tile_epi, c + i * cols + col, cols,
-                          std::min<int64_t>(kOuterRows, i1 - i), n);
+      if (n == block) {
+        outer_rows<kVecs>(a, a_row, a_red, b + col, ldb, tile_epi, c + col, cols, i0, i1, n, R);
+        continue;
+      }
+      const int64_t vecs = (n + W - 1) / W, width = vecs * W;
+      if (panel.empty()) {
+        panel.assign(R * width, 0.f);
+        for (int64_t r = 0; r < R; ++r) std::copy(b + r * ldb + col, b + r * ldb + col + n, panel.data() + r * width);
+      }
+      const float* p = panel.data();
+      switch (vecs) {
+        case 1:
+          outer_rows<1>(a, a_row, a_red, p, width, tile_epi, c + col, cols, i0, i1, n, R);
+          break;
+        case 2:
+          outer_rows<std::min(2, kVecs)>(a, a_row, a_red, p, width, tile_epi, c + col, cols, i0, i1, n, R);
+          break;
+        default:
+          outer_rows<std::min(3, kVecs)>(a, a_row, a_red, p, width, tile_epi, c + col, cols, i0, i1, n, R);
       }
     }
   });
