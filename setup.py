@@ -197,7 +197,7 @@ def _build_info_path(extension_path):
 
 
 def _extensions():
-    generic_sources = [_rel(os.path.join(CSRC, "ops.cpp")), _rel(os.path.join(CSRC, "cpu_dispatch.cpp"))]
+    generic_sources = [_rel(os.path.join(CSRC, name)) for name in ("ops.cpp", "cpu_dispatch.cpp", "cpu_buffers.cpp")]
     cuda_sources = sorted(_rel(p) for p in glob.glob(os.path.join(CSRC, "cuda", "*.cu")))
     with_cuda = _want_cuda(cuda_sources)
     macros = [(f"FUSED_MLP_CPU_HAVE_{name}", None) for name, _ in CPU_VARIANTS]

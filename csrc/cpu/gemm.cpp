@@ -37,6 +37,7 @@
 #include "cpu/gemm.h"
 #include "cpu/kernels.h"
 #include "cpu/vec_io.h"
+#include "cpu_buffers.h"
 
 namespace fused_mlp::cpu {
 FUSED_MLP_ISA_BEGIN
@@ -251,7 +252,7 @@ constexpr int64_t kTransposeFromRows = 128;
 // multiply-adds in the grain.
 at::Tensor transposed(const at::Tensor& w) {
   const int64_t N = w.size(0), K = w.size(1);
-  at::Tensor t = at::empty({K, N}, w.options());
+  at::Tensor t = buffer({K, N}, w.options());
   const float* src = w.const_data_ptr<float>();
   float* dst = t.mutable_data_ptr<float>();
   constexpr int64_t kBlock = 16;
@@ -306,7 +307,7 @@ at::Tensor linear(const at::Tensor& input, const at::Tensor& weight, const std::
   const at::Tensor a = input.contiguous();
   const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
   const int64_t M = a.size(0), K = a.size(1), N = weight.size(0);
-  at::Tensor c = at::empty({M, N}, a.options());
+  at::Tensor c = buffer({M, N}, a.options());
   if (M * N == 0) return c;
   const Epilogue epi{bias_c.defined() ? bias_c.const_data_ptr<float>() : nullptr, relu};
   const bool held_by_columns = columns_contiguous(weight);
@@ -337,7 +338,7 @@ at::Tensor gemm_nn(const at::Tensor& a_, const at::Tensor& b_) {
   if (!owned(a_, b_)) return at::mm(a_, b_);
   const at::Tensor a = a_.contiguous(), b = b_.contiguous();
   const int64_t M = a.size(0), R = a.size(1), N = b.size(1);
-  at::Tensor c = at::empty({M, N}, a.options());
+  at::Tensor c = buffer({M, N}, a.options());
   if (M * N == 0) return c;
   gemm_outer_f32(a.const_data_ptr<float>(), R, 1, b.const_data_ptr<float>(), N, {}, c.mutable_data_ptr<float>(), M, N,
                  R);
@@ -348,7 +349,7 @@ at::Tensor gemm_tn(const at::Tensor& a_, const at::Tensor& b_) {
   if (!owned(a_, b_)) return at::mm(a_.t(), b_);
   const at::Tensor a = a_.contiguous(), b = b_.contiguous();
   const int64_t R = a.size(0), M = a.size(1), N = b.size(1);
-  at::Tensor c = at::empty({M, N}, a.options());
+  at::Tensor c = buffer({M, N}, a.options());
   if (M * N == 0) return c;
   gemm_outer_f32(a.const_data_ptr<float>(), 1, M, b.const_data_ptr<float>(), N, {}, c.mutable_data_ptr<float>(), M, N,
                  R);

@@ -33,6 +33,7 @@
 #include "cpu/gemm.h"
 #include "cpu/kernels.h"
 #include "cpu/vec_io.h"
+#include "cpu_buffers.h"
 #include "linear_bn_relu_checks.h"
 
 namespace fused_mlp::cpu {
@@ -272,7 +273,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_stats_of(const at::Tensor& 
 at::Tensor normalize_relu_dropout(const at::Tensor& z, const at::Tensor& mean, const at::Tensor& invstd,
                                   const at::Tensor& gamma, const at::Tensor& beta, const Dropout& dropout) {
   const int64_t N = z.size(0), C = z.size(1);
-  at::Tensor out = at::empty_like(z, at::MemoryFormat::Contiguous);
+  at::Tensor out = buffer(z.sizes(), z.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "bn_relu_dropout", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     std::vector<acc_t> A(C), B(C);
@@ -314,7 +315,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn
     std::vector<acc_t> A(C), B(C);
     bn_affine<acc_t>(C, ptr_or_null<acc_t>(gamma), ptr_or_null<acc_t>(beta), mean.const_data_ptr<acc_t>(),
                      invstd.const_data_ptr<acc_t>(), A.data(), B.data());
-    at::Tensor folded_weight = at::empty_like(weight);
+    at::Tensor folded_weight = buffer(weight.sizes(), weight.options());
     at::Tensor folded_bias = at::empty({C}, weight.options());
     const scalar_t* w = weight.const_data_ptr<scalar_t>();
     scalar_t* fw = folded_weight.mutable_data_ptr<scalar_t>();
@@ -514,8 +515,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn
     bn_affine<acc_t>(C, ptr_or_null<acc_t>(gamma), ptr_or_null<acc_t>(beta), mean.const_data_ptr<acc_t>(),
                      invstd.const_data_ptr<acc_t>(), A.data(), B.data());
     // dy in acc_t; for float and double it is written straight into the tensor that becomes dz.
-    at::Tensor dz = at::empty({N, C}, input.options());
-    at::Tensor dy_buf = IO::kReduced ? at::empty({N, C}, input.options().dtype(acc)) : dz;
+    at::Tensor dz = buffer({N, C}, input.options());
+    at::Tensor dy_buf = IO::kReduced ? buffer({N, C}, input.options().dtype(acc)) : dz;
     acc_t* dy = dy_buf.mutable_data_ptr<acc_t>();
     grad_through_relu_dropout<scalar_t>(g.const_data_ptr<scalar_t>(), saved.const_data_ptr<scalar_t>(),
                                         read_kept ? output.const_data_ptr<scalar_t>() : nullptr, N, C, use_batch_stats,
@@ -540,7 +541,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn
       dz.copy_(dy_buf);  // dy, rounded to the input dtype for the GEMMs
     }
     if (need_grad_input) {
-      at::Tensor folded_weight = at::empty_like(weight);
+      at::Tensor folded_weight = buffer(weight.sizes(), weight.options());
       scale_rows<scalar_t>(weight.const_data_ptr<scalar_t>(), A.data(), C, K,
                            folded_weight.mutable_data_ptr<scalar_t>());
       grad_input = gemm_nn(dz, folded_weight);
@@ -548,7 +549,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn
       grad_input = at::empty({0}, input.options());
     }
     at::Tensor G = gemm_tn(dz, input);  // dL/dW' = dy^T x
-    grad_weight = at::empty_like(weight);
+    grad_weight = buffer(weight.sizes(), weight.options());
     grad_bias = at::empty({C}, input.options());
     const at::Tensor bias_c = has_bias ? bias->contiguous() : at::Tensor();
     const scalar_t* b = has_bias ? bias_c.const_data_ptr<scalar_t>() : nullptr;
@@ -623,7 +624,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_backwa
   const at::Tensor sum_dy = sum_dy_.contiguous(), sum_dy_zhat = sum_dy_zhat_.contiguous();
   const at::Tensor gamma = as_acc(bn_weight, acc), beta = as_acc(bn_bias, acc);
   const Dropout dropout(dropout_p, seed_offset.contiguous());
-  at::Tensor dz = at::empty({N, C}, input.options()), grad_bias;
+  at::Tensor dz = buffer({N, C}, input.options()), grad_bias;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bn_backward_finish", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     std::vector<acc_t> A(C), B(C), dy(N * C), local_dy(C), local_dyz(C);
@@ -649,7 +650,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_backwa
 at::Tensor relu_dropout_backward_cpu(const at::Tensor& grad_out_, const at::Tensor& output_, double dropout_p,
                                      const at::Tensor& seed_offset) {
   const at::Tensor g = grad_out_.contiguous(), out = output_.contiguous();
-  at::Tensor gz = at::empty_like(out, at::MemoryFormat::Contiguous);
+  at::Tensor gz = buffer(out.sizes(), out.options());
   const Dropout dropout(dropout_p, seed_offset.contiguous());
   const int64_t numel = out.numel();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "relu_dropout_backward", [&] {

@@ -1,0 +1,113 @@
+// The block cache of csrc/cpu_buffers.h.
+//
+// A training step at batch 1024 allocates tens of megabytes of activations, gradients and GEMM
+// outputs and frees them before the next step. Blocks that large come from glibc as fresh mappings
+// (or from the top of its heap, which it trims after the step), so every step faulted its pages in
+// again and had the kernel zero them: a quarter of the class-notes TrainStep's time at batch 1024
+// on this project's machines (docs/cpu_dispatch.md, "Buffers").
+// Here a freed block of kMinCachedBytes or more goes onto a list of its size, and the next request
+// of that size takes it back; a step asks for the same sizes every time. Smaller blocks are glibc's,
+// which keeps them in its heap anyway.
+//
+// What the cache holds is bounded: FUSED_MLP_CPU_CACHE_MB (default 256) megabytes of freed blocks;
+// a block freed beyond that goes back to the system, and 0 turns the cache off. Blocks in use are
+// not counted: they belong to their tensors. Values never depend on it: a block is handed out
+// uninitialized either way, as at::empty's.
+#include "cpu_buffers.h"
+
+#include <ATen/EmptyTensor.h>
+#include <c10/core/Allocator.h>
+#include <c10/core/CPUAllocator.h>
+#include <c10/core/impl/alloc_cpu.h>
+#include <c10/util/Exception.h>
+
+#include <cstdlib>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+namespace fused_mlp::cpu {
+namespace {
+
+constexpr std::size_t kMinCachedBytes = std::size_t{128} << 10;  // glibc's default mmap threshold
+constexpr std::size_t kPage = 4096;
+
+std::size_t cache_limit_bytes() {
+  const char* env = std::getenv("FUSED_MLP_CPU_CACHE_MB");
+  if (env == nullptr || *env == '\0') return std::size_t{256} << 20;
+  char* end = nullptr;
+  const long long mb = std::strtoll(env, &end, 10);
+  TORCH_CHECK(end != env && *end == '\0' && mb >= 0,
+              "FUSED_MLP_CPU_CACHE_MB must be a whole number of megabytes >= 0, got '", env, "'");
+  return static_cast<std::size_t>(mb) << 20;
+}
+
+class BlockCache final : public c10::Allocator {
+ public:
+  BlockCache() : limit_(cache_limit_bytes()) {}
+
+  c10::DataPtr allocate(std::size_t nbytes) override {
+    if (nbytes < kMinCachedBytes || limit_ == 0) return c10::GetCPUAllocator()->allocate(nbytes);
+    const std::size_t size = (nbytes + kPage - 1) / kPage * kPage;
+    void* data = take(size);
+    if (data == nullptr) data = c10::alloc_cpu(size);
+    return {data, new Block{data, size}, &BlockCache::release, c10::Device(c10::DeviceType::CPU)};
+  }
+
+  void copy_data(void* dest, const void* src, std::size_t count) const override { default_copy_data(dest, src, count); }
+
+  static BlockCache& instance() {
+    static BlockCache* cache = new BlockCache();  // never destroyed: tensors may outlive static destructors
+    return *cache;
+  }
+
+ private:
+  struct Block {
+    void* data;
+    std::size_t size;
+  };
+
+  void* take(std::size_t size) {
+    std::lock_guard<std::mutex> guard(mutex_);
+    auto it = free_.find(size);
+    if (it == free_.end() || it->second.empty()) return nullptr;
+    void* data = it->second.back();
+    it->second.pop_back();
+    cached_ -= size;
+    return data;
+  }
+
+  void put(void* data, std::size_t size) {
+    {
+      std::lock_guard<std::mutex> guard(mutex_);
+      if (cached_ + size <= limit_) {
+        free_[size].push_back(data);
+        cached_ += size;
+        return;
+      }
+    }
+    c10::free_cpu(data);
+  }
+
+  static void release(void* context) {
+    Block* block = static_cast<Block*>(context);
+    instance().put(block->data, block->size);
+    delete block;
+  }
+
+  const std::size_t limit_;
+  std::mutex mutex_;
+  std::unordered_map<std::size_t, std::vector<void*>> free_;
+  std::size_t cached_ = 0;
+};
+
+}  // namespace
+
+at::Tensor buffer(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  TORCH_INTERNAL_ASSERT(options.device().is_cpu());
+  return at::detail::empty_generic(sizes, &BlockCache::instance(), c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                   c10::typeMetaToScalarType(options.dtype()), std::nullopt);
+}
+
+}  // namespace fused_mlp::cpu
