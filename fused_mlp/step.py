@@ -38,11 +38,6 @@ def _scalar_dtype(fused):
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
-def _has_hooks(module):
-    hooks = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks)
-    return any(hooks)
-
-
 def _global_hooks():
     m = torch.nn.modules.module
     found = (
@@ -179,8 +174,11 @@ class TrainStep:
                 return "a parameter does not require grad (a frozen layer)"
             if p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None):
                 return "a parameter has hooks"
-        if _global_hooks() or any(_has_hooks(m) for m in plan.modules):
+        if _global_hooks():
             return "a module has hooks"
+        for m in plan.modules:
+            if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+                return "a module has hooks"
         return None
 
     def _structure_reason(self, flat, bns):
@@ -405,7 +403,7 @@ class TrainStep:
     def _gather(self):
         """The model's tensors and modes as the op takes them, read through the modules' dicts."""
         model = self.model
-        layers = list(model.hidden._modules.values())
+        layers = list(model._modules["hidden"]._modules.values())
         linears = [layer._modules["linear"] for layer in layers] + [model._modules["out"]]
         weights = [_tensor(lin, "weight") for lin in linears]
         biases = [_tensor(lin, "bias") for lin in linears]
@@ -424,7 +422,7 @@ class TrainStep:
         """What the plan is built from, compared by identity and value at every call."""
         model, optimizer = self.model, self.optimizer
         tensors = [*weights, *biases]
-        modes = (model.training, model.drop.p)
+        modes = (model.training, model._modules["drop"].p)
         for bn in bns:
             tensors += [bn._parameters.get("weight"), bn._parameters.get("bias")]
             tensors += [bn._buffers.get("running_mean"), bn._buffers.get("running_var")]
