@@ -23,7 +23,8 @@ SHAPES = [  # (rows M, depth K, columns N)
     (6, 16, 32),
     (7, 33, 65),
     (13, 64, 10),
-    (9, 90, 20),  # a last column block of 26 (g^T x) and of 26 (g W): a two-vector tile
+    (9, 90, 20),  # last column blocks of 26 (g^T x and g W): a two-vector tile
+    (3, 60, 50),  # last column blocks of 60 (g^T x, g W) and 50 (x W^T, packed): four vectors, one partial
     (64, 784, 512),
     (64, 128, 64),
     (130, 100, 130),

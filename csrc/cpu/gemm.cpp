@@ -215,8 +215,11 @@ void outer_blocks(const float* a, int64_t a_row, int64_t a_red, const float* b, 
         case 2:
           outer_rows<std::min(2, kVecs)>(a, a_row, a_red, p, width, tile_epi, c + col, cols, i0, i1, n, R);
           break;
-        default:
+        case 3:
           outer_rows<std::min(3, kVecs)>(a, a_row, a_red, p, width, tile_epi, c + col, cols, i0, i1, n, R);
+          break;
+        default:
+          outer_rows<kVecs>(a, a_row, a_red, p, width, tile_epi, c + col, cols, i0, i1, n, R);
       }
     }
   });
