@@ -4,11 +4,11 @@
     python -m benchmarks.peers --quick          # one small round, nothing written
 
 Each peer runs in a process of its own (JAX's and ONNX Runtime's thread pools spin after work and
-would take the cores of anything sharing the process), and so does TrainStep, whose model and
-optimizer state then have the caches to themselves as JAX's do; the other PyTorch implementations
-share one process, interleaved. The processes of a round run in turn, the order rotating from round
-to round; every process reports its medians and the table gives
-the median over rounds. Cases, all on the CPU:
+would take the cores of anything sharing the process), and so do the package's calls that face them,
+TrainStep and fused_mlp's inference, whose weights and state then have the caches to themselves as
+JAX's and ONNX Runtime's do; the other PyTorch implementations share one process, interleaved.
+The processes of a round run in turn, the order rotating from round to round; every process reports
+its medians and the table gives the median over rounds. Cases, all on the CPU:
 
 - train_bn: one training step of the class-notes MLP (784-512-256-128-64-10, BatchNorm, ReLU,
   Dropout 0.3, cross-entropy, Adam 1e-3): TrainStep (fused_mlp.TrainStep: the whole step as one
@@ -51,8 +51,9 @@ QUICK_BATCHES = (32,)
 
 
 def torch_child(batches, nobn_batches, reps, rounds, compile_, only_train_step=False):
-    """Medians (ms) of the PyTorch implementations, interleaved within this process: TrainStep's
-    alone with only_train_step (a process of its own, as each peer has), else all the others."""
+    """Medians (ms) of the PyTorch implementations, interleaved within this process: with
+    only_train_step TrainStep's and fused_mlp's inference (a process of their own, as each peer
+    has), else all the others."""
     import functools
 
     import torch
@@ -121,7 +122,9 @@ def torch_child(batches, nobn_batches, reps, rounds, compile_, only_train_step=F
         return calls
 
     def infer_calls(batch):
-        impls = ("fused", "eager", "compile") if compile_ else ("fused", "eager")
+        # fused_mlp's beside TrainStep, in the process of their own; the stock ones in the shared one
+        others = ("eager", "compile") if compile_ else ("eager",)
+        impls = ("fused",) if only_train_step else others
         nets = models(impls)
         x = torch.randn(batch, 784, generator=torch.Generator().manual_seed(3))
         calls = {}
@@ -134,14 +137,14 @@ def torch_child(batches, nobn_batches, reps, rounds, compile_, only_train_step=F
                     fn(x)
 
             calls[impl] = infer
-        calls["addmm chain"] = gemm_floor(nets["eager"], batch, False)
+        if not only_train_step:
+            calls["addmm chain"] = gemm_floor(nets["eager"], batch, False)
         return calls
 
     torch.set_num_threads(os.cpu_count() or 1)
     result = {"train_bn": {}, "infer": {}, "train_nobn": {}, "gemm_gflops": big_gemm_gflops(torch)}
     cases = [("train_bn", b, lambda b=b: train_calls(b, ("adam", 1e-3))) for b in batches]
-    if not only_train_step:
-        cases += [("infer", b, lambda b=b: infer_calls(b)) for b in batches]
+    cases += [("infer", b, lambda b=b: infer_calls(b)) for b in batches]
     cases += [
         (
             "train_nobn",
