@@ -432,7 +432,11 @@ class TrainStep:
         state_ids = tuple((id(p), *map(id, entries.values())) for p, entries in state.items())
         grads = tuple(id(p.grad) for p in tensors if p is not None) if self.keep_grads else ()
         groups = tuple(id(g["params"]) for g in optimizer.param_groups)
-        return (tuple(map(id, tensors)), tuple(map(id, bns)), modes, id(state), state_ids, grads, groups)
+        # The modules the plan's checks walk: a layer replaced around the same tensors is a new plan.
+        top = model._modules
+        layers = tuple(top["hidden"]._modules.values())
+        modules = (*top.values(), *layers, *(child for layer in layers for child in layer._modules.values()))
+        return (tuple(map(id, tensors)), tuple(map(id, modules)), modes, id(state), state_ids, grads, groups)
 
     def _build_plan(self, weights, biases, bns):
         model, optimizer = self.model, self.optimizer

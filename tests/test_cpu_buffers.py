@@ -93,8 +93,8 @@ def test_values_do_not_depend_on_the_cache(runs):
     assert runs[None].stdout.split()[-1] == runs["0"].stdout.split()[-1]
 
 
-@pytest.mark.parametrize("setting", ["lots", "-1", "1.5"])
+@pytest.mark.parametrize("setting", ["lots", "-1", "1.5", " 8", "+8", "99999999999999999999", "2000000"])
 def test_a_bad_setting_is_a_clear_error(setting):
     result = run(setting)
     assert result.returncode != 0
-    assert "FUSED_MLP_CPU_CACHE_MB must be a whole number of megabytes >= 0" in result.stderr
+    assert "FUSED_MLP_CPU_CACHE_MB must be a whole number of megabytes from 0 to 1048576" in result.stderr

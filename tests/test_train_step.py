@@ -11,7 +11,7 @@ from conftest import needs_extension
 import fused_mlp
 from fused_mlp import functional, reference
 from fused_mlp.models import MLP
-from fused_mlp.nn import FusedMLP
+from fused_mlp.nn import FusedMLP, LinearBNReLU
 from fused_mlp.step import TrainStep
 
 OPTIMIZERS = {
@@ -268,6 +268,25 @@ def test_what_the_fast_path_cannot_express_falls_back_with_the_same_results(reas
             assert torch.equal(got, want)
     assert len([w for w in record if "TrainStep" in str(w.message)]) == 1  # once
     assert reason in step.fallback_reason
+
+
+def test_a_layer_replaced_around_the_same_tensors_is_seen():
+    """A hidden layer swapped for a new module holding the same Linear and BatchNorm (so the same
+    tensors): the step sees the new module, and the hook on it sends the step down the standard path."""
+    model, opt = make("batchnorm-dropout", "adam")
+    step = TrainStep(model, opt, strict=True)
+    for k in range(2):  # the second step's plan holds the optimizer state the first one made
+        step(*batch(k))
+    plan = step._plan
+    old = model.hidden[0]
+    new = LinearBNReLU(old.linear.in_features, old.linear.out_features, dropout=old.dropout)
+    new.linear, new.bn = old.linear, old.bn
+    model.hidden[0] = new
+    step(*batch(2))  # the same tensors and no hooks: still the fast path, on a new plan
+    assert step.fallback_reason is None and step._plan is not plan
+    new.register_forward_hook(lambda *a: None)
+    with pytest.raises(ValueError, match="TrainStep: a module has hooks"):
+        step(*batch(3))
 
 
 def test_call_fallbacks_and_strict():
