@@ -72,8 +72,6 @@ class BlockCache final : public c10::Allocator {
         release_all();  // the blocks it holds may be what the system is short of
         data = c10::alloc_cpu(size);
       }
-    }
-    {
       std::lock_guard<std::mutex> guard(mutex_);
       sizes_[data] = size;
     }
@@ -104,18 +102,17 @@ class BlockCache final : public c10::Allocator {
   }
 
   void put(void* data) {
-    std::size_t size = 0;
     {
       std::lock_guard<std::mutex> guard(mutex_);
       auto it = sizes_.find(data);
       TORCH_INTERNAL_ASSERT(it != sizes_.end());
-      size = it->second;
-      sizes_.erase(it);
+      const std::size_t size = it->second;
       if (cached_ + size <= limit_) {
         free_[size].push_back(data);
         cached_ += size;
         return;
       }
+      sizes_.erase(it);
     }
     c10::free_cpu(data);
   }
@@ -124,7 +121,10 @@ class BlockCache final : public c10::Allocator {
     std::vector<void*> blocks;
     {
       std::lock_guard<std::mutex> guard(mutex_);
-      for (auto& [size, list] : free_) blocks.insert(blocks.end(), list.begin(), list.end());
+      for (auto& [size, list] : free_) {
+        for (void* data : list) sizes_.erase(data);
+        blocks.insert(blocks.end(), list.begin(), list.end());
+      }
       free_.clear();
       cached_ = 0;
     }
@@ -136,7 +136,7 @@ class BlockCache final : public c10::Allocator {
   const std::size_t limit_;
   std::mutex mutex_;
   std::unordered_map<std::size_t, std::vector<void*>> free_;  // freed blocks by size
-  std::unordered_map<void*, std::size_t> sizes_;              // the size of every block handed out
+  std::unordered_map<void*, std::size_t> sizes_;              // the size of every block it allocated
   std::size_t cached_ = 0;
 };
 

@@ -412,13 +412,13 @@ class TrainStep:
 
     def _current_plan(self):
         layers, weights, biases, bns = self._gather()
-        fingerprint = self._fingerprint(weights, biases, bns)
+        fingerprint = self._fingerprint(layers, weights, biases, bns)
         plan = self._plan
         if plan is None or plan.fingerprint != fingerprint:
-            plan = self._plan = self._build_plan(weights, biases, bns)
+            plan = self._plan = self._build_plan(layers, weights, biases, bns)
         return plan
 
-    def _fingerprint(self, weights, biases, bns):
+    def _fingerprint(self, layers, weights, biases, bns):
         """What the plan is built from, compared by identity and value at every call."""
         model, optimizer = self.model, self.optimizer
         tensors = [*weights, *biases]
@@ -433,12 +433,11 @@ class TrainStep:
         grads = tuple(id(p.grad) for p in tensors if p is not None) if self.keep_grads else ()
         groups = tuple(id(g["params"]) for g in optimizer.param_groups)
         # The modules the plan's checks walk: a layer replaced around the same tensors is a new plan.
-        top = model._modules
-        layers = tuple(top["hidden"]._modules.values())
-        modules = (*top.values(), *layers, *(child for layer in layers for child in layer._modules.values()))
+        children = (child for layer in layers for child in layer._modules.values())
+        modules = (*model._modules.values(), *layers, *children)
         return (tuple(map(id, tensors)), tuple(map(id, modules)), modes, id(state), state_ids, grads, groups)
 
-    def _build_plan(self, weights, biases, bns):
+    def _build_plan(self, layers, weights, biases, bns):
         model, optimizer = self.model, self.optimizer
         plan = _Plan()
         plan.reason = None
@@ -465,7 +464,7 @@ class TrainStep:
             for p in group["params"]:
                 group_of[id(p)] = index
         plan.reason = self._structure_reason(flat, bns)
-        plan.fingerprint = self._fingerprint(weights, biases, bns)
+        plan.fingerprint = self._fingerprint(layers, weights, biases, bns)
         if plan.reason is not None:
             return plan
         if bns:
@@ -536,7 +535,7 @@ class TrainStep:
                 if p.grad is None or p.grad.shape != p.shape or not p.grad.is_contiguous():
                     p.grad = torch.zeros_like(p, memory_format=torch.contiguous_format)
             plan.grads = [p.grad for p in flat]
-        plan.fingerprint = self._fingerprint(weights, biases, bns)  # what the build itself may have set
+        plan.fingerprint = self._fingerprint(layers, weights, biases, bns)  # what the build itself may have set
         return plan
 
 
