@@ -140,6 +140,24 @@ inline void bump_versions(const OptimizerArgs& opt, int64_t k, const at::Tensor&
 // Advances a step counter kept on the host (where torch.optim keeps it unless the optimizer is fused
 // or capturable) and returns its new value, which the update's bias corrections take.
 inline double advance_host_step(const at::Tensor& step) {
+  // A float32 or float64 counter (what torch.optim keeps) is read and written in place, with its
+  // version moved as fill_ would move it: two dispatched ops per parameter per step cost more than
+  // the rest of a small parameter's update.
+  const auto dtype = step.scalar_type();
+  if (step.device().is_cpu() && step.numel() == 1 && (dtype == at::kFloat || dtype == at::kDouble)) {
+    double t = 0.0;
+    if (dtype == at::kFloat) {
+      float* p = step.mutable_data_ptr<float>();
+      t = static_cast<double>(*p) + 1.0;
+      *p = static_cast<float>(t);
+    } else {
+      double* p = step.mutable_data_ptr<double>();
+      t = *p + 1.0;
+      *p = t;
+    }
+    step.unsafeGetTensorImpl()->bump_version();
+    return t;
+  }
   const double t = step.item<double>() + 1.0;
   step.fill_(t);
   return t;

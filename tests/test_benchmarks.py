@@ -9,6 +9,7 @@ sys.path.insert(0, ROOT)
 
 from benchmarks import (  # noqa: E402
     bench_cross_entropy,
+    bench_gemm,
     bench_linear_bn_relu,
     bench_overhead,
     bench_training_epoch,
@@ -34,6 +35,15 @@ def test_cross_entropy_benchmark_quick(capsys):
         assert all(t > 0 for m in orders.values() for t in m.values())
     out = capsys.readouterr().out
     assert "| (64, 10) |" in out and "| THP_MEM_ALLOC_ENABLE=1 | eager first |" in out
+
+
+def test_gemm_benchmark_quick(capsys):
+    rows = bench_gemm.main(["--quick"])
+    assert [(batch, k, n) for batch, k, n, _ in rows] == [(64, k, n) for k, n in bench_gemm.SHAPES]
+    for *_, gflops in rows:
+        assert set(gflops) == {"owned forward", "torch forward", "owned backward", "torch backward"}
+        assert all(g > 0 for g in gflops.values())
+    assert "| 64 | 784-512 |" in capsys.readouterr().out
 
 
 def test_overhead_benchmark_once(capsys):

@@ -210,10 +210,13 @@ def test_dropout_mask_same_in_cpp_and_reference(numel, seed, offset):
 
 @pytest.mark.cpu_parity
 @needs_extension
-def test_layer_mask_is_the_philox_mask_and_backward_reuses_it():
-    # Identity-like setup: with p > 0, out == 0 wherever the mask drops an active unit.
-    x = torch.randn(12, 8)
-    w = torch.randn(24, 8)
+@pytest.mark.parametrize("rows, features", [(12, 24), (700, 4), (300, 100)])
+def test_layer_mask_is_the_philox_mask_and_backward_reuses_it(rows, features):
+    # Identity-like setup: with p > 0, out == 0 wherever the mask drops an active unit. Narrow
+    # layers take the mask of many rows from one call to the generator.
+    torch.manual_seed(0)
+    x = torch.randn(rows, 8)
+    w = torch.randn(features, 8)
     so = torch.tensor([99, 5])
     out, pre_bn, mean, invstd, _ = torch.ops.fused_mlp.linear_bn_relu_forward(
         x, w, None, None, None, None, None, True, 1e-5, 0.25, so
@@ -351,6 +354,51 @@ def test_statistics_epilogue_and_backward_sums_are_the_same_at_any_thread_count(
     for other in others:
         for name, a, b in zip(("mean", "invstd", "var", "out", "grad_bn_weight", "grad_bn_bias"), first, other):
             assert torch.equal(a, b), name
+
+
+@needs_extension
+@pytest.mark.cpu_parity
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("rows", [64, 300, 1000])
+def test_each_features_statistics_and_sums_do_not_depend_on_the_layers_width(dtype, rows):
+    """The reductions over the batch split the features into blocks whose width follows the
+    shapes; a feature's sums run over the rows in the same order whatever the blocks, so a
+    feature's statistics, output and backward sums are bitwise the same in a layer of 300
+    features and in one of the 64 of them (no dropout: its mask follows the flat index)."""
+    g = torch.Generator().manual_seed(1)
+    K, C = 16, 300
+    pre_bn = (torch.randn(rows, C, generator=g) * 2 - 1).to(dtype)
+    x, w = torch.randn(rows, K, generator=g).to(dtype), torch.randn(C, K, generator=g).to(dtype)
+    gamma, beta = (torch.rand(C, generator=g) + 0.5).to(dtype), torch.randn(C, generator=g).to(dtype)
+    grad = torch.randn(rows, C, generator=g).to(dtype)
+    so = torch.tensor([5, 0])
+
+    def run(cols):
+        z = pre_bn[:, cols].contiguous()
+        mean, invstd, var = torch.ops.fused_mlp.bn_batch_stats(z, 1e-5)
+        out = torch.ops.fused_mlp.bn_relu_dropout(z, mean, invstd, gamma[cols], beta[cols], 0.0, so)
+        grads = torch.ops.fused_mlp.linear_bn_relu_backward(
+            grad[:, cols].contiguous(),
+            x,
+            w[cols].contiguous(),
+            None,
+            gamma[cols],
+            beta[cols],
+            z,
+            mean,
+            invstd,
+            True,
+            0.0,
+            so,
+            False,
+        )
+        return mean, invstd, var, out, grads[3], grads[4]
+
+    part = slice(37, 101)
+    for name, whole, alone in zip(
+        ("mean", "invstd", "var", "out", "grad_bn_weight", "grad_bn_bias"), run(slice(None)), run(part)
+    ):
+        assert torch.equal(whole[..., part], alone), name
 
 
 @needs_extension

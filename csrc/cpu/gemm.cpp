@@ -147,6 +147,32 @@ int64_t grain_for(int64_t macs_per_item) {
   return std::max<int64_t>(1, kGrainMacs / std::max<int64_t>(macs_per_item, 1));
 }
 
+// body(t0, t1) over items [0, count) of `macs` multiply-adds in all, one contiguous run of items per
+// thread, the runs of about equal cost(t): at::parallel_for would give each thread as many items,
+// and the items of a GEMM differ (a remainder block of rows or of columns costs less). As many
+// threads as there are kGrainMacs of work, at most one per item. Which thread computes an item
+// changes no bit of it.
+template <typename Cost, typename Body>
+void parallel_items(int64_t count, int64_t macs, const Cost& cost, const Body& body) {
+  const int64_t threads = std::min<int64_t>({at::get_num_threads(), count, std::max<int64_t>(1, macs / kGrainMacs)});
+  if (threads <= 1 || at::in_parallel_region()) return body(0, count);
+  std::vector<int64_t> prefix(count + 1, 0);
+  for (int64_t t = 0; t < count; ++t) prefix[t + 1] = prefix[t] + cost(t);
+  // Run k: the items whose cost starts in [k total / threads, (k + 1) total / threads).
+  std::vector<int64_t> bounds(threads + 1, count);
+  bounds[0] = 0;
+  for (int64_t k = 1, t = 0; k < threads; ++k) {
+    const int64_t start = prefix[count] * k / threads;
+    while (t < count && prefix[t] < start) ++t;
+    bounds[k] = t;
+  }
+  at::parallel_for(0, threads, 1, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      if (bounds[k] < bounds[k + 1]) body(bounds[k], bounds[k + 1]);
+    }
+  });
+}
+
 // C (M x N) = A (M x K) B^T, B (N x K); threads take groups of kNtCols columns (rows of B), and
 // walk A in blocks of kNtRowBlock rows.
 void gemm_nt_f32(const float* a, const float* b, Epilogue epi, float* c, int64_t M, int64_t N, int64_t K) {
@@ -191,8 +217,16 @@ void outer_blocks(const float* a, int64_t a_row, int64_t a_red, const float* b, 
   constexpr int64_t block = kVecs * W;
   const int64_t col_blocks = (cols + block - 1) / block;
   const int64_t row_blocks = (rows + kOuterRowBlock - 1) / kOuterRowBlock;
-  const int64_t item_macs = std::min(rows, kOuterRowBlock) * R * block;
-  at::parallel_for(0, col_blocks * row_blocks, grain_for(item_macs), [&](int64_t t0, int64_t t1) {
+  // An item's cost: its tiles' steps, each weighed by the larger of its multiply-adds (two vectors a
+  // cycle) and its loads (the vectors of B and kOuterRows broadcasts), in half cycles. The last row
+  // block and the last column block are usually smaller than the rest.
+  const auto cost = [&](int64_t t) {
+    const int64_t col = (t / row_blocks) * block, vecs = (std::min(block, cols - col) + W - 1) / W;
+    const int64_t i0 = (t % row_blocks) * kOuterRowBlock;
+    const int64_t tiles = (std::min(rows - i0, kOuterRowBlock) + kOuterRows - 1) / kOuterRows;
+    return tiles * std::max<int64_t>(kOuterRows * vecs, vecs + kOuterRows);
+  };
+  parallel_items(col_blocks * row_blocks, rows * cols * R, cost, [&](int64_t t0, int64_t t1) {
     std::vector<float> panel;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t col = (t / row_blocks) * block, n = std::min(block, cols - col);

@@ -22,6 +22,7 @@
 #include <ATen/ops/zeros.h>
 #include <c10/util/irange.h>
 
+#include <algorithm>
 #include <cmath>
 #include <optional>
 #include <tuple>
@@ -40,10 +41,17 @@ namespace fused_mlp::cpu {
 FUSED_MLP_ISA_BEGIN
 namespace {
 
-// A reduction unit: kRowBlock rows by kFeatureVecs vectors of features, at most 32 KiB of float
-// input (with AVX-512), read twice while it sits in the L1 / L2 cache of any of these CPUs.
+// A reduction unit: kRowBlock rows (the last block fewer) by a block of features. Each feature's
+// sums run over the unit's rows in row order, and the units' results merge in row-block order, so
+// the width of the feature blocks changes no bit: it is chosen from the shapes for the memory
+// traffic. Rows read whole are one contiguous stream; rows read in narrow blocks jump by a row's
+// length at every row, which the hardware prefetchers follow poorly (measured here: the backward's
+// first pass over 1024 x 512 took most of its time waiting on loads with 64-feature blocks). So a
+// block is as wide as the rows, split only until there are kUnitsWanted units to share among the
+// threads, and never below kMinFeatureVecs vectors.
 constexpr int64_t kRowBlock = 128;
-constexpr int64_t kFeatureVecs = 4;
+constexpr int64_t kMinFeatureVecs = 4;
+constexpr int64_t kUnitsWanted = 8;
 // Two threads from 8K elements up: below that the work costs less than starting a parallel region.
 constexpr int64_t kGrainElements = 8192;
 
@@ -122,12 +130,13 @@ inline Vec grad_through_output(const Vec& g, const Vec& out, const Vec& kept_sca
 // The (feature block, row block) units of an (N, C) reduction.
 struct Units {
   int64_t rows, features, width, feature_blocks, row_blocks;
-  Units(int64_t N, int64_t C, int64_t vec_width)
-      : rows(N),
-        features(C),
-        width(vec_width * kFeatureVecs),
-        feature_blocks((C + width - 1) / width),
-        row_blocks((N + kRowBlock - 1) / kRowBlock) {}
+  Units(int64_t N, int64_t C, int64_t vec_width) : rows(N), features(C), row_blocks((N + kRowBlock - 1) / kRowBlock) {
+    const int64_t vecs = std::max<int64_t>(1, (C + vec_width - 1) / vec_width);
+    const int64_t splits = std::clamp<int64_t>((kUnitsWanted + row_blocks - 1) / std::max<int64_t>(row_blocks, 1), 1,
+                                               std::max<int64_t>(1, vecs / kMinFeatureVecs));
+    width = (vecs + splits - 1) / splits * vec_width;
+    feature_blocks = (C + width - 1) / width;
+  }
   int64_t count() const { return feature_blocks * row_blocks; }
   int64_t grain() const { return std::max<int64_t>(1, kGrainElements / (width * kRowBlock)); }
 };
@@ -144,26 +153,33 @@ void batch_stats(const scalar_t* z, int64_t N, int64_t C, double eps, at::opmath
   constexpr int64_t W = IO::kWidth;
   const Units u(N, C, W);
   // Each unit's block, exactly: its mean, then the squared deviations from it (the block is still
-  // in cache for the second pass).
-  std::vector<acc_t> part_mean(u.row_blocks * C), part_m2(u.row_blocks * C);
+  // in cache for the second pass). Both passes read the block row by row; the per-feature sums
+  // build up in the unit's own slice of part_mean and part_m2.
+  std::vector<acc_t> part_mean(u.row_blocks * C, acc_t(0)), part_m2(u.row_blocks * C, acc_t(0));
   at::parallel_for(0, u.count(), u.grain(), [&](int64_t begin, int64_t end) {
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t fb = unit % u.feature_blocks, rb = unit / u.feature_blocks;
       const int64_t f0 = fb * u.width, nf = std::min(u.width, C - f0);
       const int64_t r0 = rb * kRowBlock, nr = std::min(kRowBlock, N - r0);
+      acc_t* mean_part = part_mean.data() + rb * C + f0;
+      acc_t* m2_part = part_m2.data() + rb * C + f0;
+      const scalar_t* block = z + r0 * C + f0;
+      for (int64_t r = 0; r < nr; ++r) {
+        for (int64_t f = 0; f < nf; f += W) {
+          const int64_t len = std::min(W, nf - f);
+          (load_acc(mean_part + f, len) + load_n(block + r * C + f, len)).store(mean_part + f, len);
+        }
+      }
       for (int64_t f = 0; f < nf; f += W) {
         const int64_t len = std::min(W, nf - f);
-        const scalar_t* col = z + r0 * C + f0 + f;
-        Vec sum(acc_t(0));
-        for (int64_t r = 0; r < nr; ++r) sum = sum + load_n(col + r * C, len);
-        const Vec m = sum / Vec(static_cast<acc_t>(nr));
-        Vec m2(acc_t(0));
-        for (int64_t r = 0; r < nr; ++r) {
-          const Vec d = load_n(col + r * C, len) - m;
-          m2 = at::vec::fmadd(d, d, m2);
+        (load_acc(mean_part + f, len) / Vec(static_cast<acc_t>(nr))).store(mean_part + f, len);
+      }
+      for (int64_t r = 0; r < nr; ++r) {
+        for (int64_t f = 0; f < nf; f += W) {
+          const int64_t len = std::min(W, nf - f);
+          const Vec d = load_n(block + r * C + f, len) - load_acc(mean_part + f, len);
+          at::vec::fmadd(d, d, load_acc(m2_part + f, len)).store(m2_part + f, len);
         }
-        m.store(part_mean.data() + rb * C + f0 + f, len);
-        m2.store(part_m2.data() + rb * C + f0 + f, len);
       }
     }
   });
@@ -193,10 +209,19 @@ void affine_relu_dropout(const scalar_t* z, scalar_t* out, int64_t N, int64_t C,
   using acc_t = typename IO::acc_t;
   using Vec = typename IO::Vec;
   constexpr int64_t W = IO::kWidth;
+  // The mask is a function of the flat index, so the multipliers of several consecutive rows come
+  // from one call: at least kMaskElements of them, which the mask generator takes many Philox
+  // blocks at a time, instead of a call per (perhaps short) row.
+  constexpr int64_t kMaskElements = 2048;
+  const int64_t mask_rows = std::max<int64_t>(1, kMaskElements / std::max<int64_t>(C, 1));
   at::parallel_for(0, N, std::max<int64_t>(1, kGrainElements / C), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> mult(dropout.active ? C : 0);
+    std::vector<acc_t> mult(dropout.active ? std::min(mask_rows, end - begin) * C : 0);
     for (int64_t n = begin; n < end; ++n) {
-      if (dropout.active) dropout.multipliers(static_cast<uint64_t>(n * C), C, mult.data());
+      const int64_t mask_row = (n - begin) % mask_rows;
+      if (dropout.active && mask_row == 0) {
+        dropout.multipliers(static_cast<uint64_t>(n * C), std::min(mask_rows, end - n) * C, mult.data());
+      }
+      const acc_t* row_mult = mult.data() + mask_row * C;
       const scalar_t* zr = z + n * C;
       scalar_t* orow = out + n * C;
       for (int64_t f = 0; f < C; f += W) {
@@ -205,7 +230,7 @@ void affine_relu_dropout(const scalar_t* z, scalar_t* out, int64_t N, int64_t C,
         if (A) y = at::vec::fmadd(y, load_acc(A + f, len), load_acc(B + f, len));
         y = relu(y);
         // A product, as nn.Dropout's: a dropped NaN or inf becomes NaN.
-        if (dropout.active) y = y * load_acc(mult.data() + f, len);
+        if (dropout.active) y = y * load_acc(row_mult + f, len);
         IO::store(orow + f, y, len);
       }
     }
@@ -372,7 +397,8 @@ void grad_through_relu_dropout(const scalar_t* g, const scalar_t* saved, const s
   using Vec = typename IO::Vec;
   constexpr int64_t W = IO::kWidth;
   const Units u(N, C, W);
-  std::vector<acc_t> part_dy(u.row_blocks * C), part_dyz(use_batch_stats ? u.row_blocks * C : 0);
+  // Each unit sums into its own slice of part_dy and part_dyz, row by row.
+  std::vector<acc_t> part_dy(u.row_blocks * C, acc_t(0)), part_dyz(use_batch_stats ? u.row_blocks * C : 0, acc_t(0));
   at::parallel_for(0, u.count(), u.grain(), [&](int64_t begin, int64_t end) {
     constexpr int64_t kMaskRows = 4;  // rows of multipliers generated together
     std::vector<acc_t> mult(kMaskRows * u.width);
@@ -382,8 +408,8 @@ void grad_through_relu_dropout(const scalar_t* g, const scalar_t* saved, const s
       const int64_t fb = unit % u.feature_blocks, rb = unit / u.feature_blocks;
       const int64_t f0 = fb * u.width, nf = std::min(u.width, C - f0);
       const int64_t r0 = rb * kRowBlock, nr = std::min(kRowBlock, N - r0);
-      Vec s_dy[kFeatureVecs], s_dyz[kFeatureVecs];
-      for (int64_t v = 0; v < kFeatureVecs; ++v) s_dy[v] = zero, s_dyz[v] = zero;
+      acc_t* s_dy = part_dy.data() + rb * C + f0;
+      acc_t* s_dyz = use_batch_stats ? part_dyz.data() + rb * C + f0 : nullptr;
       for (int64_t n = r0; n < r0 + nr; ++n) {
         const bool regenerate = use_batch_stats && dropout.active && kept == nullptr;
         const int64_t mask_row = (n - r0) % kMaskRows;
@@ -392,7 +418,7 @@ void grad_through_relu_dropout(const scalar_t* g, const scalar_t* saved, const s
                                    std::min(kMaskRows, r0 + nr - n), nf, mult.data());
         }
         const acc_t* row_mult = mult.data() + mask_row * nf;
-        for (int64_t v = 0, f = 0; f < nf; ++v, f += W) {
+        for (int64_t f = 0; f < nf; f += W) {
           const int64_t len = std::min(W, nf - f), idx = n * C + f0 + f;
           const Vec gv = load_n(g + idx, len);
           const Vec sv = load_n(saved + idx, len);
@@ -407,18 +433,13 @@ void grad_through_relu_dropout(const scalar_t* g, const scalar_t* saved, const s
                                         : gv;
             dy = Vec::blendv(gm, zero, y <= zero);
             const Vec zhat = (sv - load_acc(mean + f0 + f, len)) * load_acc(invstd + f0 + f, len);
-            s_dyz[v] = at::vec::fmadd(dy, zhat, s_dyz[v]);
+            at::vec::fmadd(dy, zhat, load_acc(s_dyz + f, len)).store(s_dyz + f, len);
           } else {
             dy = grad_through_output(gv, sv, kept_scale, dropout, idx, len);
           }
-          s_dy[v] = s_dy[v] + dy;
+          (load_acc(s_dy + f, len) + dy).store(s_dy + f, len);
           dy.store(dy_out + idx, len);
         }
-      }
-      for (int64_t v = 0, f = 0; f < nf; ++v, f += W) {
-        const int64_t len = std::min(W, nf - f);
-        s_dy[v].store(part_dy.data() + rb * C + f0 + f, len);
-        if (use_batch_stats) s_dyz[v].store(part_dyz.data() + rb * C + f0 + f, len);
       }
     }
   });
