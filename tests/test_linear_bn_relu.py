@@ -359,6 +359,53 @@ def test_statistics_epilogue_and_backward_sums_are_the_same_at_any_thread_count(
 @needs_extension
 @pytest.mark.cpu_parity
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "rows, in_features, features", [(128, 784, 512), (1000, 64, 300), (130, 20, 33), (64, 50, 70), (1024, 64, 10)]
+)
+def test_forward_statistics_are_bn_batch_stats_of_its_pre_bn(dtype, rows, in_features, features):
+    """From 128 rows up, the float32 forward takes each block's statistics in its GEMM's epilogue,
+    while the block is in cache; below, and for other dtypes, in a pass over pre_bn. Either way the
+    blocks and the arithmetic are bn_batch_stats': the same bits, at any thread count, with a NaN
+    feature and an infinite one where they fall."""
+    g = torch.Generator().manual_seed(rows + features)
+    x = torch.randn(rows, in_features, generator=g).to(dtype)
+    w = torch.randn(features, in_features, generator=g).to(dtype)
+    b = torch.randn(features, generator=g).to(dtype)
+    nan_feature, inf_feature = features // 2, features // 3
+    w[nan_feature, 0] = float("nan")
+    w[inf_feature, 1] = float("inf")
+    so = torch.tensor([1, 2])
+
+    def run():
+        _, pre_bn, mean, invstd, var = torch.ops.fused_mlp.linear_bn_relu_forward(
+            x, w, b, None, None, None, None, True, 1e-5, 0.0, so
+        )
+        return pre_bn, (mean, invstd, var), torch.ops.fused_mlp.bn_batch_stats(pre_bn, 1e-5)
+
+    def same(a, c):  # bitwise, NaN included
+        return torch.equal(a.isnan(), c.isnan()) and torch.equal(a.nan_to_num(), c.nan_to_num())
+
+    results = at_thread_counts(run)
+    for pre_bn, fused, separate in results:
+        # ATen's GEMM (the DEFAULT build's) may round pre_bn differently at another thread count;
+        # the statistics of one pre_bn may not differ.
+        same_pre_bn = same(pre_bn, results[0][0])
+        for name, a, c, first in zip(("mean", "invstd", "var"), fused, separate, results[0][1]):
+            assert same(a, c), name
+            assert same(a, first) or not same_pre_bn, name
+    pre_bn, (mean, _, var) = results[0][0], results[0][1]
+    assert mean[nan_feature].isnan() and not mean[inf_feature].isfinite()
+    finite = torch.ones(features, dtype=torch.bool)
+    finite[[nan_feature, inf_feature]] = False
+    assert mean[finite].isfinite().all()
+    want = pre_bn[:, finite].double()
+    torch.testing.assert_close(mean[finite].double(), want.mean(0), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(var[finite].double(), want.var(0), rtol=1e-5, atol=1e-5)
+
+
+@needs_extension
+@pytest.mark.cpu_parity
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("rows", [64, 300, 1000])
 def test_each_features_statistics_and_sums_do_not_depend_on_the_layers_width(dtype, rows):
     """The reductions over the batch split the features into blocks whose width follows the

@@ -101,9 +101,11 @@ void nt_tile(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t K
 
 // What a tile does to its sums before it stores them: add the bias (per column), then ReLU as
 // torch.relu (y < 0 ? +0 : y; NaN, +inf and -0 pass).
+// Then, for a whole work item of the outer-product kernel, the observer (if any) is told of it.
 struct Epilogue {
   const float* bias = nullptr;
   bool relu = false;
+  BlockObserver* observer = nullptr;
 };
 
 // C[i][j] = sum_r A(i, r) B[r][j] (then the epilogue) for kOuterRows rows by cols <= kVecs * W
@@ -192,10 +194,20 @@ void gemm_nt_f32(const float* a, const float* b, Epilogue epi, float* c, int64_t
 }
 
 // Rows of C per work item of the outer-product loop: 16 tiles. A block of B's columns (R x kOuterCols
-// floats) stays in the L2 cache while its thread walks its rows.
+// floats) stays in the L2 cache while its thread walks its rows. Where the columns make fewer than
+// kOuterItemsWanted blocks, the rows are cut finer (whole tiles), so that a narrow product still
+// makes enough items, small enough, to share evenly among the threads: 256 rows of a 64-column
+// layer in blocks of 96 would make 3 items, two for one thread and one (of 64 rows) for the other.
 constexpr int64_t kOuterRowBlock = 16 * kOuterRows;
+constexpr int64_t kOuterItemsWanted = 16;
 
-// Rows kOuterRowBlock-wide from i0 of C's columns [col, col + n), in tiles of kVecs vectors whose
+int64_t outer_row_block(int64_t rows, int64_t col_blocks) {
+  const int64_t row_blocks = (kOuterItemsWanted + col_blocks - 1) / col_blocks;
+  const int64_t tiles = ((rows + row_blocks - 1) / row_blocks + kOuterRows - 1) / kOuterRows;
+  return std::clamp<int64_t>(tiles * kOuterRows, kOuterRows, kOuterRowBlock);
+}
+
+// Rows from i0 to i1 (a work item's) of C's columns [col, col + n), in tiles of kVecs vectors whose
 // B (R x kVecs * W, row stride ldb) is readable in full.
 template <int kVecs>
 void outer_rows(const float* a, int64_t a_row, int64_t a_red, const float* b, int64_t ldb, Epilogue epi, float* c,
@@ -207,7 +219,8 @@ void outer_rows(const float* a, int64_t a_row, int64_t a_red, const float* b, in
 }
 
 // C (rows x cols) = sum_r A(i, r) B[r][j], then the epilogue, in blocks of kVecs vectors of columns.
-// A work item is a block of columns by kOuterRowBlock rows, numbered column block by column block,
+// A work item is a block of columns by a block of rows (outer_row_block), numbered column block by
+// column block,
 // so a thread's run of items mostly shares one block of B; it walks its rows in tiles of kOuterRows.
 // The last block's columns, when fewer, are copied into a zero-padded panel as wide as the vectors
 // they need, and take a tile that wide: no masked loads in the loop, no lanes summed for nothing.
@@ -216,24 +229,29 @@ void outer_blocks(const float* a, int64_t a_row, int64_t a_red, const float* b, 
                   int64_t rows, int64_t cols, int64_t R) {
   constexpr int64_t block = kVecs * W;
   const int64_t col_blocks = (cols + block - 1) / block;
-  const int64_t row_blocks = (rows + kOuterRowBlock - 1) / kOuterRowBlock;
+  const int64_t row_block = epi.observer ? epi.observer->row_block : outer_row_block(rows, col_blocks);
+  const int64_t row_blocks = (rows + row_block - 1) / row_block;
   // An item's cost: its tiles' steps, each weighed by the larger of its multiply-adds (two vectors a
   // cycle) and its loads (the vectors of B and kOuterRows broadcasts), in half cycles. The last row
   // block and the last column block are usually smaller than the rest.
   const auto cost = [&](int64_t t) {
     const int64_t col = (t / row_blocks) * block, vecs = (std::min(block, cols - col) + W - 1) / W;
-    const int64_t i0 = (t % row_blocks) * kOuterRowBlock;
-    const int64_t tiles = (std::min(rows - i0, kOuterRowBlock) + kOuterRows - 1) / kOuterRows;
+    const int64_t i0 = (t % row_blocks) * row_block;
+    const int64_t tiles = (std::min(rows - i0, row_block) + kOuterRows - 1) / kOuterRows;
     return tiles * std::max<int64_t>(kOuterRows * vecs, vecs + kOuterRows);
   };
   parallel_items(col_blocks * row_blocks, rows * cols * R, cost, [&](int64_t t0, int64_t t1) {
     std::vector<float> panel;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t col = (t / row_blocks) * block, n = std::min(block, cols - col);
-      const int64_t i0 = (t % row_blocks) * kOuterRowBlock, i1 = std::min(rows, i0 + kOuterRowBlock);
+      const int64_t i0 = (t % row_blocks) * row_block, i1 = std::min(rows, i0 + row_block);
       const Epilogue tile_epi{epi.bias ? epi.bias + col : nullptr, epi.relu};
+      const auto observe = [&] {
+        if (epi.observer) epi.observer->on_block(epi.observer->context, c + i0 * cols + col, cols, i0, i1 - i0, col, n);
+      };
       if (n == block) {
         outer_rows<kVecs>(a, a_row, a_red, b + col, ldb, tile_epi, c + col, cols, i0, i1, n, R);
+        observe();
         continue;
       }
       const int64_t vecs = (n + W - 1) / W, width = vecs * W;
@@ -255,6 +273,7 @@ void outer_blocks(const float* a, int64_t a_row, int64_t a_red, const float* b, 
         default:
           outer_rows<kVecs>(a, a_row, a_red, p, width, tile_epi, c + col, cols, i0, i1, n, R);
       }
+      observe();
     }
   });
 }
@@ -331,8 +350,10 @@ bool owned(const at::Tensor& a, const at::Tensor& b) {
 }
 
 // input weight^T + bias, then ReLU if asked: in the owned kernels' epilogue, else torch.relu in place
-// on the output of oneDNN's or ATen's GEMM.
-at::Tensor linear(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias, bool relu) {
+// on the output of oneDNN's or ATen's GEMM. The outer-product kernel tells the observer, if any, of
+// its blocks.
+at::Tensor linear(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias, bool relu,
+                  BlockObserver* observer = nullptr) {
   if (gemm_mode() == GemmMode::kOneDnn) {
     at::Tensor out = onednn_linear(input, weight, bias);
     if (out.defined()) return relu ? at::relu_(out) : out;
@@ -346,9 +367,11 @@ at::Tensor linear(const at::Tensor& input, const at::Tensor& weight, const std::
   const int64_t M = a.size(0), K = a.size(1), N = weight.size(0);
   at::Tensor c = buffer({M, N}, a.options());
   if (M * N == 0) return c;
-  const Epilogue epi{bias_c.defined() ? bias_c.const_data_ptr<float>() : nullptr, relu};
   const bool held_by_columns = columns_contiguous(weight);
-  if (held_by_columns || M >= kTransposeFromRows) {
+  const bool outer = held_by_columns || M >= kTransposeFromRows;
+  if (observer != nullptr) observer->seen = outer;
+  const Epilogue epi{bias_c.defined() ? bias_c.const_data_ptr<float>() : nullptr, relu, outer ? observer : nullptr};
+  if (outer) {
     // B^T = weight^T (K x N), as it is held or transposed here: the outer-product kernel, A read
     // along its rows.
     const at::Tensor bt = held_by_columns ? weight.t() : transposed(weight.contiguous());
@@ -369,6 +392,12 @@ at::Tensor gemm_nt(const at::Tensor& input, const at::Tensor& weight, const std:
 
 at::Tensor gemm_nt_relu(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   return linear(input, weight, bias, true);
+}
+
+at::Tensor gemm_nt_observed(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                            BlockObserver& observer) {
+  observer.seen = false;
+  return linear(input, weight, bias, false, &observer);
 }
 
 at::Tensor gemm_nn(const at::Tensor& a_, const at::Tensor& b_) {

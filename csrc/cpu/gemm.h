@@ -15,6 +15,22 @@ FUSED_MLP_ISA_BEGIN
 // input (M x K) times weight^T (weight: N x K, row-major or held column by column), plus bias (N): a
 // Linear's forward.
 at::Tensor gemm_nt(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
+
+// Told of each block of a forward's float32 output as soon as the owned outer-product kernel has
+// stored it, while it is still in cache: rows [row0, row0 + rows) by columns [col, col + cols), at c
+// (row stride ldc). The blocks are row_block rows tall (the last one fewer) and cover the output
+// once, each block told once, from whichever thread computed it. `seen` is set when the kernel tells
+// it of the blocks; the other kernels (ATen's, the inner-product kernel below 128 rows) do not, and
+// leave it false.
+struct BlockObserver {
+  int64_t row_block;
+  void (*on_block)(void* context, const float* c, int64_t ldc, int64_t row0, int64_t rows, int64_t col, int64_t cols);
+  void* context;
+  bool seen;
+};
+// gemm_nt, telling the observer of each block of the output where the kernel can.
+at::Tensor gemm_nt_observed(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                            BlockObserver& observer);
 // relu(input weight^T + bias): the ReLU in the owned kernels' epilogue, else torch.relu in place.
 at::Tensor gemm_nt_relu(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
 // a (M x R) times b (R x N): a Linear's input gradient, dz W.

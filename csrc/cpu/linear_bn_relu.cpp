@@ -41,7 +41,9 @@ namespace fused_mlp::cpu {
 FUSED_MLP_ISA_BEGIN
 namespace {
 
-// A reduction unit: kRowBlock rows (the last block fewer) by a block of features. Each feature's
+// A reduction unit: kRowBlock rows (the last block fewer) by a block of features. 96 rows: 16 tiles
+// of the outer-product GEMM's, whose work items the forward's statistics are taken from while they
+// are in cache (kRowBlock rows each then). Each feature's
 // sums run over the unit's rows in row order, and the units' results merge in row-block order, so
 // the width of the feature blocks changes no bit: it is chosen from the shapes for the memory
 // traffic. Rows read whole are one contiguous stream; rows read in narrow blocks jump by a row's
@@ -49,7 +51,7 @@ namespace {
 // first pass over 1024 x 512 took most of its time waiting on loads with 64-feature blocks). So a
 // block is as wide as the rows, split only until there are kUnitsWanted units to share among the
 // threads, and never below kMinFeatureVecs vectors.
-constexpr int64_t kRowBlock = 128;
+constexpr int64_t kRowBlock = 96;
 constexpr int64_t kMinFeatureVecs = 4;
 constexpr int64_t kUnitsWanted = 8;
 // Two threads from 8K elements up: below that the work costs less than starting a parallel region.
@@ -144,56 +146,70 @@ struct Units {
 // ---------------------------------------------------------------------------------------------
 // Batch statistics: per feature, the mean and the biased and unbiased variances of z's columns.
 
+// The moments of one block of z, exactly: nr rows (row stride ldz) by nf features, into mean_part
+// and m2_part (zero on entry): per feature, the block's mean, then the sum of the squared
+// deviations from it. Both passes read the block row by row; the second finds it still in cache.
+// The forward's GEMM epilogue and the pass below take each block's moments through this one
+// function, so they agree to the bit.
 template <typename scalar_t>
-void batch_stats(const scalar_t* z, int64_t N, int64_t C, double eps, at::opmath_type<scalar_t>* mean,
-                 at::opmath_type<scalar_t>* invstd, at::opmath_type<scalar_t>* var_unbiased) {
+void block_moments(const scalar_t* block, int64_t ldz, int64_t nr, int64_t nf, at::opmath_type<scalar_t>* mean_part,
+                   at::opmath_type<scalar_t>* m2_part) {
   using IO = VecIO<scalar_t>;
   using acc_t = typename IO::acc_t;
   using Vec = typename IO::Vec;
   constexpr int64_t W = IO::kWidth;
-  const Units u(N, C, W);
-  // Each unit's block, exactly: its mean, then the squared deviations from it (the block is still
-  // in cache for the second pass). Both passes read the block row by row; the per-feature sums
-  // build up in the unit's own slice of part_mean and part_m2.
-  std::vector<acc_t> part_mean(u.row_blocks * C, acc_t(0)), part_m2(u.row_blocks * C, acc_t(0));
+  for (int64_t r = 0; r < nr; ++r) {
+    for (int64_t f = 0; f < nf; f += W) {
+      const int64_t len = std::min(W, nf - f);
+      (load_acc(mean_part + f, len) + load_n(block + r * ldz + f, len)).store(mean_part + f, len);
+    }
+  }
+  for (int64_t f = 0; f < nf; f += W) {
+    const int64_t len = std::min(W, nf - f);
+    (load_acc(mean_part + f, len) / Vec(static_cast<acc_t>(nr))).store(mean_part + f, len);
+  }
+  for (int64_t r = 0; r < nr; ++r) {
+    for (int64_t f = 0; f < nf; f += W) {
+      const int64_t len = std::min(W, nf - f);
+      const Vec d = load_n(block + r * ldz + f, len) - load_acc(mean_part + f, len);
+      at::vec::fmadd(d, d, load_acc(m2_part + f, len)).store(m2_part + f, len);
+    }
+  }
+}
+
+// The row blocks' moments (part_*[rb * C + f]) merged per feature in row-block order, then the
+// mean, invstd = 1 / sqrt(biased variance + eps) and the unbiased variance.
+template <typename acc_t>
+void merge_moments(const acc_t* part_mean, const acc_t* part_m2, int64_t N, int64_t C, double eps, acc_t* mean,
+                   acc_t* invstd, acc_t* var_unbiased) {
+  const int64_t row_blocks = (N + kRowBlock - 1) / kRowBlock;
+  // The merge is small (C x row_blocks states): a parallel region would cost more than it saves.
+  at::parallel_for(
+      0, C, std::max<int64_t>(C, 65536 / std::max<int64_t>(row_blocks, 1)), [&](int64_t begin, int64_t end) {
+        for (int64_t f = begin; f < end; ++f) {
+          WelfordState<acc_t, acc_t> s{part_mean[f], part_m2[f], static_cast<acc_t>(std::min(kRowBlock, N))};
+          for (int64_t rb = 1; rb < row_blocks; ++rb) {
+            const acc_t count = static_cast<acc_t>(std::min(kRowBlock, N - rb * kRowBlock));
+            s = welford_merge(s, WelfordState<acc_t, acc_t>{part_mean[rb * C + f], part_m2[rb * C + f], count});
+          }
+          mean[f] = s.mean;
+          invstd[f] = static_cast<acc_t>(1.0 / std::sqrt(static_cast<double>(s.m2 / s.count) + eps));
+          var_unbiased[f] = s.m2 / (s.count - 1);
+        }
+      });
+}
+
+// Each row block's moments (part_mean, part_m2: row_blocks x C, zero on entry), in units.
+template <typename scalar_t>
+void block_moments_pass(const scalar_t* z, int64_t N, int64_t C, at::opmath_type<scalar_t>* part_mean,
+                        at::opmath_type<scalar_t>* part_m2) {
+  const Units u(N, C, VecIO<scalar_t>::kWidth);
   at::parallel_for(0, u.count(), u.grain(), [&](int64_t begin, int64_t end) {
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t fb = unit % u.feature_blocks, rb = unit / u.feature_blocks;
       const int64_t f0 = fb * u.width, nf = std::min(u.width, C - f0);
       const int64_t r0 = rb * kRowBlock, nr = std::min(kRowBlock, N - r0);
-      acc_t* mean_part = part_mean.data() + rb * C + f0;
-      acc_t* m2_part = part_m2.data() + rb * C + f0;
-      const scalar_t* block = z + r0 * C + f0;
-      for (int64_t r = 0; r < nr; ++r) {
-        for (int64_t f = 0; f < nf; f += W) {
-          const int64_t len = std::min(W, nf - f);
-          (load_acc(mean_part + f, len) + load_n(block + r * C + f, len)).store(mean_part + f, len);
-        }
-      }
-      for (int64_t f = 0; f < nf; f += W) {
-        const int64_t len = std::min(W, nf - f);
-        (load_acc(mean_part + f, len) / Vec(static_cast<acc_t>(nr))).store(mean_part + f, len);
-      }
-      for (int64_t r = 0; r < nr; ++r) {
-        for (int64_t f = 0; f < nf; f += W) {
-          const int64_t len = std::min(W, nf - f);
-          const Vec d = load_n(block + r * C + f, len) - load_acc(mean_part + f, len);
-          at::vec::fmadd(d, d, load_acc(m2_part + f, len)).store(m2_part + f, len);
-        }
-      }
-    }
-  });
-  // The merge is small (C x row_blocks states): a parallel region would cost more than it saves.
-  at::parallel_for(0, C, std::max<int64_t>(C, 65536 / u.row_blocks), [&](int64_t begin, int64_t end) {
-    for (int64_t f = begin; f < end; ++f) {
-      WelfordState<acc_t, acc_t> s{part_mean[f], part_m2[f], static_cast<acc_t>(std::min(kRowBlock, N))};
-      for (int64_t rb = 1; rb < u.row_blocks; ++rb) {
-        const acc_t count = static_cast<acc_t>(std::min(kRowBlock, N - rb * kRowBlock));
-        s = welford_merge(s, WelfordState<acc_t, acc_t>{part_mean[rb * C + f], part_m2[rb * C + f], count});
-      }
-      mean[f] = s.mean;
-      invstd[f] = static_cast<acc_t>(1.0 / std::sqrt(static_cast<double>(s.m2 / s.count) + eps));
-      var_unbiased[f] = s.m2 / (s.count - 1);
+      block_moments<scalar_t>(z + r0 * C + f0, C, nr, nf, part_mean + rb * C + f0, part_m2 + rb * C + f0);
     }
   });
 }
@@ -287,10 +303,46 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_stats_of(const at::Tensor& 
   at::Tensor mean = at::empty({C}, options), invstd = at::empty({C}, options), var = at::empty({C}, options);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "bn_batch_stats", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    batch_stats<scalar_t>(z.const_data_ptr<scalar_t>(), N, C, eps, mean.mutable_data_ptr<acc_t>(),
-                          invstd.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>());
+    const int64_t row_blocks = (N + kRowBlock - 1) / kRowBlock;
+    std::vector<acc_t> part_mean(row_blocks * C, acc_t(0)), part_m2(row_blocks * C, acc_t(0));
+    block_moments_pass<scalar_t>(z.const_data_ptr<scalar_t>(), N, C, part_mean.data(), part_m2.data());
+    merge_moments<acc_t>(part_mean.data(), part_m2.data(), N, C, eps, mean.mutable_data_ptr<acc_t>(),
+                         invstd.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>());
   });
   return {mean, invstd, var};
+}
+
+// z = x W^T + b and its batch statistics. For float32 the outer-product GEMM hands each finished
+// block of z (kRowBlock rows) to block_moments while the block is in cache; where another kernel
+// ran, the moments are taken in a pass over z. Either way the same blocks, the same arithmetic.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_with_batch_stats(
+    const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, double eps) {
+  if (input.scalar_type() != at::kFloat || weight.scalar_type() != at::kFloat) {
+    at::Tensor z = gemm_nt(input, weight, defined(bias) ? bias : std::nullopt);
+    auto [mean, invstd, var] = batch_stats_of(z, eps);
+    return {z, mean, invstd, var};
+  }
+  const int64_t N = input.size(0), C = weight.size(0);
+  const int64_t row_blocks = (N + kRowBlock - 1) / kRowBlock;
+  struct Parts {
+    std::vector<float> mean, m2;
+    int64_t C;
+  } parts{std::vector<float>(row_blocks * C, 0.f), std::vector<float>(row_blocks * C, 0.f), C};
+  BlockObserver observer{
+      kRowBlock,
+      [](void* context, const float* c, int64_t ldc, int64_t row0, int64_t rows, int64_t col, int64_t cols) {
+        auto& p = *static_cast<Parts*>(context);
+        const int64_t at = row0 / kRowBlock * p.C + col;
+        block_moments<float>(c, ldc, rows, cols, p.mean.data() + at, p.m2.data() + at);
+      },
+      &parts, false};
+  at::Tensor z = gemm_nt_observed(input, weight, defined(bias) ? bias : std::nullopt, observer);
+  if (!observer.seen) block_moments_pass<float>(z.const_data_ptr<float>(), N, C, parts.mean.data(), parts.m2.data());
+  const auto options = z.options();
+  at::Tensor mean = at::empty({C}, options), invstd = at::empty({C}, options), var = at::empty({C}, options);
+  merge_moments<float>(parts.mean.data(), parts.m2.data(), N, C, eps, mean.mutable_data_ptr<float>(),
+                       invstd.mutable_data_ptr<float>(), var.mutable_data_ptr<float>());
+  return {z, mean, invstd, var};
 }
 
 // relu(gamma * (z - mean) * invstd + beta) * dropout into a fresh tensor; gamma and beta are acc
@@ -325,8 +377,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn
   const Dropout dropout(dropout_p, seed_offset_.contiguous());
 
   if (use_batch_stats) {
-    at::Tensor pre_bn = gemm_nt(input, weight, defined(bias) ? bias : std::nullopt);
-    auto [mean, invstd, var] = batch_stats_of(pre_bn, eps);
+    auto [pre_bn, mean, invstd, var] = linear_with_batch_stats(input, weight, bias, eps);
     at::Tensor out = normalize_relu_dropout(pre_bn, mean, invstd, gamma, beta, dropout);
     return {out, pre_bn, mean, invstd, var};
   }
