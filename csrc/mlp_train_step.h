@@ -143,8 +143,14 @@ inline double advance_host_step(const at::Tensor& step) {
   // A float32 or float64 counter (what torch.optim keeps) is read and written in place, with its
   // version moved as fill_ would move it: two dispatched ops per parameter per step cost more than
   // the rest of a small parameter's update.
+  // Anything else (an inference tensor, one that requires grad, a subclass, another layout) takes
+  // fill_, with its checks.
   const auto dtype = step.scalar_type();
-  if (step.device().is_cpu() && step.numel() == 1 && (dtype == at::kFloat || dtype == at::kDouble)) {
+  const bool plain = step.device().is_cpu() && step.layout() == at::kStrided && step.has_storage() &&
+                     !step.is_inference() && !step.requires_grad() && !step.key_set().has(c10::DispatchKey::Python) &&
+                     step.numel() == 1;
+  if (plain && (dtype == at::kFloat || dtype == at::kDouble)) {
+    step.unsafeGetTensorImpl()->bump_version();
     double t = 0.0;
     if (dtype == at::kFloat) {
       float* p = step.mutable_data_ptr<float>();
@@ -155,7 +161,6 @@ inline double advance_host_step(const at::Tensor& step) {
       t = *p + 1.0;
       *p = t;
     }
-    step.unsafeGetTensorImpl()->bump_version();
     return t;
   }
   const double t = step.item<double>() + 1.0;

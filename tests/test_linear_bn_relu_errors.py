@@ -160,3 +160,32 @@ def test_non_finite_values_give_what_stock_gives(value, where, training):
         torch.testing.assert_close(xa.grad, xb.grad, equal_nan=True, rtol=1e-5, atol=1e-6)
     for a, b in zip(layer.buffers(), stock.buffers()):
         torch.testing.assert_close(a, b, equal_nan=True, rtol=1e-5, atol=1e-6)
+
+
+LAYER_WITHOUT_FEATURES = """
+import torch, fused_mlp
+from fused_mlp.functional import linear_bn_relu
+for training in (True, False):
+    for p in (0.0, 0.3):
+        x = torch.randn(4, 3, requires_grad=True)
+        w = torch.randn(0, 3, requires_grad=True)
+        kw = dict(bn_weight=torch.ones(0, requires_grad=True), bn_bias=torch.zeros(0, requires_grad=True))
+        if not training:
+            kw.update(running_mean=torch.zeros(0), running_var=torch.ones(0))
+        y = linear_bn_relu(x, w, torch.zeros(0, requires_grad=True), training=training, dropout=p, **kw)
+        y.sum().backward()
+        assert y.shape == (4, 0) and w.grad.shape == (0, 3)
+        assert torch.equal(x.grad, torch.zeros(4, 3))
+print("ok")
+"""
+
+
+@needs_extension
+def test_a_layer_without_features_gives_empty_results():
+    """Zero output features: empty outputs and gradients (and zero for the input's), in training and
+    eval, with and without dropout. In a process of its own: this used to divide by zero."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", LAYER_WITHOUT_FEATURES], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]

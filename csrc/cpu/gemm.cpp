@@ -160,12 +160,13 @@ void parallel_items(int64_t count, int64_t macs, const Cost& cost, const Body& b
   if (threads <= 1 || at::in_parallel_region()) return body(0, count);
   std::vector<int64_t> prefix(count + 1, 0);
   for (int64_t t = 0; t < count; ++t) prefix[t + 1] = prefix[t] + cost(t);
-  // Run k: the items whose cost starts in [k total / threads, (k + 1) total / threads).
+  // Run k starts at the item boundary nearest to k total / threads (never before run k - 1's start).
   std::vector<int64_t> bounds(threads + 1, count);
   bounds[0] = 0;
   for (int64_t k = 1, t = 0; k < threads; ++k) {
     const int64_t start = prefix[count] * k / threads;
     while (t < count && prefix[t] < start) ++t;
+    if (t - 1 > bounds[k - 1] && start - prefix[t - 1] < prefix[t] - start) --t;
     bounds[k] = t;
   }
   at::parallel_for(0, threads, 1, [&](int64_t k0, int64_t k1) {
@@ -229,6 +230,7 @@ void outer_blocks(const float* a, int64_t a_row, int64_t a_red, const float* b, 
                   int64_t rows, int64_t cols, int64_t R) {
   constexpr int64_t block = kVecs * W;
   const int64_t col_blocks = (cols + block - 1) / block;
+  TORCH_INTERNAL_ASSERT(epi.observer == nullptr || epi.observer->row_block > 0);
   const int64_t row_block = epi.observer ? epi.observer->row_block : outer_row_block(rows, col_blocks);
   const int64_t row_blocks = (rows + row_block - 1) / row_block;
   // An item's cost: its tiles' steps, each weighed by the larger of its multiply-adds (two vectors a
@@ -276,6 +278,13 @@ void outer_blocks(const float* a, int64_t a_row, int64_t a_red, const float* b, 
       observe();
     }
   });
+}
+
+// The columns of the outer-product GEMM's blocks for a product `cols` wide (see gemm_outer_f32).
+int64_t outer_block_cols(int64_t cols) {
+  if (cols <= W) return W;
+  if (kOuterVecs > 2 && cols <= 2 * W) return 2 * W;
+  return kOuterCols;
 }
 
 // The outer-product GEMM: blocks of kOuterVecs vectors of columns, or, where all the columns fit in
@@ -349,6 +358,8 @@ bool owned(const at::Tensor& a, const at::Tensor& b) {
          b.scalar_type() == at::kFloat;
 }
 
+constexpr int64_t kFewestObservedItems = 4;
+
 // input weight^T + bias, then ReLU if asked: in the owned kernels' epilogue, else torch.relu in place
 // on the output of oneDNN's or ATen's GEMM. The outer-product kernel tells the observer, if any, of
 // its blocks.
@@ -369,8 +380,16 @@ at::Tensor linear(const at::Tensor& input, const at::Tensor& weight, const std::
   if (M * N == 0) return c;
   const bool held_by_columns = columns_contiguous(weight);
   const bool outer = held_by_columns || M >= kTransposeFromRows;
-  if (observer != nullptr) observer->seen = outer;
-  const Epilogue epi{bias_c.defined() ? bias_c.const_data_ptr<float>() : nullptr, relu, outer ? observer : nullptr};
+  // The observer's blocks fix the items' rows; a narrow product (fewer than kFewestObservedItems
+  // items of them, e.g. 256 rows of 64 columns: 3) keeps its finer items, and the observer is not
+  // told (the caller then reads the output once more: the same results).
+  if (observer != nullptr) {
+    const int64_t col_blocks = (N + outer_block_cols(N) - 1) / outer_block_cols(N);
+    const int64_t items = col_blocks * ((M + observer->row_block - 1) / observer->row_block);
+    observer->seen = outer && items >= kFewestObservedItems;
+  }
+  const Epilogue epi{bias_c.defined() ? bias_c.const_data_ptr<float>() : nullptr, relu,
+                     observer != nullptr && observer->seen ? observer : nullptr};
   if (outer) {
     // B^T = weight^T (K x N), as it is held or transposed here: the outer-product kernel, A read
     // along its rows.

@@ -230,27 +230,28 @@ void affine_relu_dropout(const scalar_t* z, scalar_t* out, int64_t N, int64_t C,
   // blocks at a time, instead of a call per (perhaps short) row.
   constexpr int64_t kMaskElements = 2048;
   const int64_t mask_rows = std::max<int64_t>(1, kMaskElements / std::max<int64_t>(C, 1));
-  at::parallel_for(0, N, std::max<int64_t>(1, kGrainElements / C), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> mult(dropout.active ? std::min(mask_rows, end - begin) * C : 0);
-    for (int64_t n = begin; n < end; ++n) {
-      const int64_t mask_row = (n - begin) % mask_rows;
-      if (dropout.active && mask_row == 0) {
-        dropout.multipliers(static_cast<uint64_t>(n * C), std::min(mask_rows, end - n) * C, mult.data());
-      }
-      const acc_t* row_mult = mult.data() + mask_row * C;
-      const scalar_t* zr = z + n * C;
-      scalar_t* orow = out + n * C;
-      for (int64_t f = 0; f < C; f += W) {
-        const int64_t len = std::min(W, C - f);
-        Vec y = load_n(zr + f, len);
-        if (A) y = at::vec::fmadd(y, load_acc(A + f, len), load_acc(B + f, len));
-        y = relu(y);
-        // A product, as nn.Dropout's: a dropped NaN or inf becomes NaN.
-        if (dropout.active) y = y * load_acc(row_mult + f, len);
-        IO::store(orow + f, y, len);
-      }
-    }
-  });
+  at::parallel_for(
+      0, N, std::max<int64_t>(1, kGrainElements / std::max<int64_t>(C, 1)), [&](int64_t begin, int64_t end) {
+        std::vector<acc_t> mult(dropout.active ? std::min(mask_rows, end - begin) * C : 0);
+        for (int64_t n = begin; n < end; ++n) {
+          const int64_t mask_row = (n - begin) % mask_rows;
+          if (dropout.active && mask_row == 0) {
+            dropout.multipliers(static_cast<uint64_t>(n * C), std::min(mask_rows, end - n) * C, mult.data());
+          }
+          const acc_t* row_mult = mult.data() + mask_row * C;
+          const scalar_t* zr = z + n * C;
+          scalar_t* orow = out + n * C;
+          for (int64_t f = 0; f < C; f += W) {
+            const int64_t len = std::min(W, C - f);
+            Vec y = load_n(zr + f, len);
+            if (A) y = at::vec::fmadd(y, load_acc(A + f, len), load_acc(B + f, len));
+            y = relu(y);
+            // A product, as nn.Dropout's: a dropped NaN or inf becomes NaN.
+            if (dropout.active) y = y * load_acc(row_mult + f, len);
+            IO::store(orow + f, y, len);
+          }
+        }
+      });
 }
 
 // relu(x W^T + b) * dropout: one GEMM with the ReLU in its epilogue, or with dropout the GEMM, then
@@ -337,6 +338,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_with_batch_sta
       },
       &parts, false};
   at::Tensor z = gemm_nt_observed(input, weight, defined(bias) ? bias : std::nullopt, observer);
+  TORCH_INTERNAL_ASSERT(z.is_contiguous(), "the forward's GEMM returned a non-contiguous output");
   if (!observer.seen) block_moments_pass<float>(z.const_data_ptr<float>(), N, C, parts.mean.data(), parts.m2.data());
   const auto options = z.options();
   at::Tensor mean = at::empty({C}, options), invstd = at::empty({C}, options), var = at::empty({C}, options);
