@@ -140,11 +140,10 @@ inline void bump_versions(const OptimizerArgs& opt, int64_t k, const at::Tensor&
 // Advances a step counter kept on the host (where torch.optim keeps it unless the optimizer is fused
 // or capturable) and returns its new value, which the update's bias corrections take.
 inline double advance_host_step(const at::Tensor& step) {
-  // A float32 or float64 counter (what torch.optim keeps) is read and written in place, with its
-  // version moved as fill_ would move it: two dispatched ops per parameter per step cost more than
-  // the rest of a small parameter's update.
-  // Anything else (an inference tensor, one that requires grad, a subclass, another layout) takes
-  // fill_, with its checks.
+  // A plain float32 or float64 counter (what torch.optim keeps) is read and written in place, with
+  // its version moved as fill_ would move it: two dispatched ops per parameter per step cost more
+  // than the rest of a small parameter's update. Anything else (an inference tensor, one that
+  // requires grad, a subclass, another layout) takes item() and fill_, with their checks.
   const auto dtype = step.scalar_type();
   const bool plain = step.device().is_cpu() && step.layout() == at::kStrided && step.has_storage() &&
                      !step.is_inference() && !step.requires_grad() && !step.key_set().has(c10::DispatchKey::Python) &&

@@ -280,7 +280,8 @@ void outer_blocks(const float* a, int64_t a_row, int64_t a_red, const float* b, 
   });
 }
 
-// The columns of the outer-product GEMM's blocks for a product `cols` wide (see gemm_outer_f32).
+// The columns of the outer-product GEMM's blocks for a product `cols` wide: kOuterVecs vectors, or
+// fewer where all the columns fit in fewer.
 int64_t outer_block_cols(int64_t cols) {
   if (cols <= W) return W;
   if (kOuterVecs > 2 && cols <= 2 * W) return 2 * W;
@@ -293,8 +294,9 @@ int64_t outer_block_cols(int64_t cols) {
 // tile's width and the split among threads: the same bits at any thread count.
 void gemm_outer_f32(const float* a, int64_t a_row, int64_t a_red, const float* b, int64_t ldb, Epilogue epi, float* c,
                     int64_t rows, int64_t cols, int64_t R) {
-  if (cols <= W) return outer_blocks<1>(a, a_row, a_red, b, ldb, epi, c, rows, cols, R);
-  if (kOuterVecs > 2 && cols <= 2 * W) return outer_blocks<2>(a, a_row, a_red, b, ldb, epi, c, rows, cols, R);
+  const int64_t vecs = outer_block_cols(cols) / W;
+  if (vecs == 1) return outer_blocks<1>(a, a_row, a_red, b, ldb, epi, c, rows, cols, R);
+  if (vecs == 2) return outer_blocks<std::min(2, kOuterVecs)>(a, a_row, a_red, b, ldb, epi, c, rows, cols, R);
   outer_blocks<kOuterVecs>(a, a_row, a_red, b, ldb, epi, c, rows, cols, R);
 }
 

@@ -43,17 +43,20 @@ namespace {
 
 // A reduction unit: kRowBlock rows (the last block fewer) by a block of features. 96 rows: 16 tiles
 // of the outer-product GEMM's, whose work items the forward's statistics are taken from while they
-// are in cache (kRowBlock rows each then). Each feature's
-// sums run over the unit's rows in row order, and the units' results merge in row-block order, so
-// the width of the feature blocks changes no bit: it is chosen from the shapes for the memory
-// traffic. Rows read whole are one contiguous stream; rows read in narrow blocks jump by a row's
-// length at every row, which the hardware prefetchers follow poorly (measured here: the backward's
-// first pass over 1024 x 512 took most of its time waiting on loads with 64-feature blocks). So a
+// are in cache (kRowBlock rows each then). Each feature's sums run over the unit's rows in row
+// order, and the units' results merge in row-block order, so the width of the feature blocks
+// changes no bit: it is chosen from the shapes for the memory traffic. Rows read whole are one contiguous stream; rows
+// read in narrow blocks jump by a row's length at every row, which the hardware prefetchers follow poorly (measured
+// here: the backward's first pass over 1024 x 512 took most of its time waiting on loads with 64-feature blocks). So a
 // block is as wide as the rows, split only until there are kUnitsWanted units to share among the
 // threads, and never below kMinFeatureVecs vectors.
 constexpr int64_t kRowBlock = 96;
 constexpr int64_t kMinFeatureVecs = 4;
 constexpr int64_t kUnitsWanted = 8;
+
+int64_t row_blocks_of(int64_t N) {
+  return (N + kRowBlock - 1) / kRowBlock;
+}
 // Two threads from 8K elements up: below that the work costs less than starting a parallel region.
 constexpr int64_t kGrainElements = 8192;
 
@@ -132,7 +135,7 @@ inline Vec grad_through_output(const Vec& g, const Vec& out, const Vec& kept_sca
 // The (feature block, row block) units of an (N, C) reduction.
 struct Units {
   int64_t rows, features, width, feature_blocks, row_blocks;
-  Units(int64_t N, int64_t C, int64_t vec_width) : rows(N), features(C), row_blocks((N + kRowBlock - 1) / kRowBlock) {
+  Units(int64_t N, int64_t C, int64_t vec_width) : rows(N), features(C), row_blocks(row_blocks_of(N)) {
     const int64_t vecs = std::max<int64_t>(1, (C + vec_width - 1) / vec_width);
     const int64_t splits = std::clamp<int64_t>((kUnitsWanted + row_blocks - 1) / std::max<int64_t>(row_blocks, 1), 1,
                                                std::max<int64_t>(1, vecs / kMinFeatureVecs));
@@ -177,39 +180,57 @@ void block_moments(const scalar_t* block, int64_t ldz, int64_t nr, int64_t nf, a
   }
 }
 
-// The row blocks' moments (part_*[rb * C + f]) merged per feature in row-block order, then the
-// mean, invstd = 1 / sqrt(biased variance + eps) and the unbiased variance.
+// Every row block's moments of the features of an (N, C) matrix (mean[rb * C + f], m2[...]), zero
+// until block_moments fills them.
 template <typename acc_t>
-void merge_moments(const acc_t* part_mean, const acc_t* part_m2, int64_t N, int64_t C, double eps, acc_t* mean,
-                   acc_t* invstd, acc_t* var_unbiased) {
-  const int64_t row_blocks = (N + kRowBlock - 1) / kRowBlock;
-  // The merge is small (C x row_blocks states): a parallel region would cost more than it saves.
-  at::parallel_for(
-      0, C, std::max<int64_t>(C, 65536 / std::max<int64_t>(row_blocks, 1)), [&](int64_t begin, int64_t end) {
-        for (int64_t f = begin; f < end; ++f) {
-          WelfordState<acc_t, acc_t> s{part_mean[f], part_m2[f], static_cast<acc_t>(std::min(kRowBlock, N))};
-          for (int64_t rb = 1; rb < row_blocks; ++rb) {
-            const acc_t count = static_cast<acc_t>(std::min(kRowBlock, N - rb * kRowBlock));
-            s = welford_merge(s, WelfordState<acc_t, acc_t>{part_mean[rb * C + f], part_m2[rb * C + f], count});
-          }
-          mean[f] = s.mean;
-          invstd[f] = static_cast<acc_t>(1.0 / std::sqrt(static_cast<double>(s.m2 / s.count) + eps));
-          var_unbiased[f] = s.m2 / (s.count - 1);
-        }
-      });
-}
+struct BlockMoments {
+  int64_t N, C;
+  std::vector<acc_t> mean, m2;
 
-// Each row block's moments (part_mean, part_m2: row_blocks x C, zero on entry), in units.
+  BlockMoments(int64_t rows, int64_t features)
+      : N(rows), C(features), mean(row_blocks_of(rows) * features, acc_t(0)), m2(mean.size(), acc_t(0)) {}
+
+  // Row block rb's from feature f on.
+  acc_t* mean_at(int64_t rb, int64_t f) { return mean.data() + rb * C + f; }
+  acc_t* m2_at(int64_t rb, int64_t f) { return m2.data() + rb * C + f; }
+
+  // The blocks merged per feature in row-block order: (mean, invstd = 1 / sqrt(biased variance +
+  // eps), unbiased variance), tensors of `options`.
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> merged(double eps, const at::TensorOptions& options) const {
+    at::Tensor mean_t = at::empty({C}, options), invstd_t = at::empty({C}, options), var_t = at::empty({C}, options);
+    acc_t* out_mean = mean_t.mutable_data_ptr<acc_t>();
+    acc_t* out_invstd = invstd_t.mutable_data_ptr<acc_t>();
+    acc_t* out_var = var_t.mutable_data_ptr<acc_t>();
+    const int64_t row_blocks = row_blocks_of(N);
+    // The merge is small (C x row_blocks states): a parallel region would cost more than it saves.
+    at::parallel_for(0, C, std::max<int64_t>(C, 65536 / std::max<int64_t>(row_blocks, 1)),
+                     [&](int64_t begin, int64_t end) {
+                       for (int64_t f = begin; f < end; ++f) {
+                         WelfordState<acc_t, acc_t> s{mean[f], m2[f], static_cast<acc_t>(std::min(kRowBlock, N))};
+                         for (int64_t rb = 1; rb < row_blocks; ++rb) {
+                           const acc_t count = static_cast<acc_t>(std::min(kRowBlock, N - rb * kRowBlock));
+                           s = welford_merge(s, WelfordState<acc_t, acc_t>{mean[rb * C + f], m2[rb * C + f], count});
+                         }
+                         out_mean[f] = s.mean;
+                         out_invstd[f] = static_cast<acc_t>(1.0 / std::sqrt(static_cast<double>(s.m2 / s.count) + eps));
+                         out_var[f] = s.m2 / (s.count - 1);
+                       }
+                     });
+    return {mean_t, invstd_t, var_t};
+  }
+};
+
+// Each row block's moments of z (N, C), in units.
 template <typename scalar_t>
-void block_moments_pass(const scalar_t* z, int64_t N, int64_t C, at::opmath_type<scalar_t>* part_mean,
-                        at::opmath_type<scalar_t>* part_m2) {
+void block_moments_pass(const scalar_t* z, BlockMoments<at::opmath_type<scalar_t>>& moments) {
+  const int64_t N = moments.N, C = moments.C;
   const Units u(N, C, VecIO<scalar_t>::kWidth);
   at::parallel_for(0, u.count(), u.grain(), [&](int64_t begin, int64_t end) {
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t fb = unit % u.feature_blocks, rb = unit / u.feature_blocks;
       const int64_t f0 = fb * u.width, nf = std::min(u.width, C - f0);
       const int64_t r0 = rb * kRowBlock, nr = std::min(kRowBlock, N - r0);
-      block_moments<scalar_t>(z + r0 * C + f0, C, nr, nf, part_mean + rb * C + f0, part_m2 + rb * C + f0);
+      block_moments<scalar_t>(z + r0 * C + f0, C, nr, nf, moments.mean_at(rb, f0), moments.m2_at(rb, f0));
     }
   });
 }
@@ -299,18 +320,14 @@ void scale_rows(const scalar_t* w, const at::opmath_type<scalar_t>* scale, int64
 // Per feature of z (N, C): the mean, invstd = 1 / sqrt(biased variance + eps), and the unbiased
 // variance, in the accumulation dtype.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_stats_of(const at::Tensor& z, double eps) {
-  const int64_t N = z.size(0), C = z.size(1);
   const auto options = z.options().dtype(at::toOpMathType(z.scalar_type()));
-  at::Tensor mean = at::empty({C}, options), invstd = at::empty({C}, options), var = at::empty({C}, options);
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> stats;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "bn_batch_stats", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const int64_t row_blocks = (N + kRowBlock - 1) / kRowBlock;
-    std::vector<acc_t> part_mean(row_blocks * C, acc_t(0)), part_m2(row_blocks * C, acc_t(0));
-    block_moments_pass<scalar_t>(z.const_data_ptr<scalar_t>(), N, C, part_mean.data(), part_m2.data());
-    merge_moments<acc_t>(part_mean.data(), part_m2.data(), N, C, eps, mean.mutable_data_ptr<acc_t>(),
-                         invstd.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>());
+    BlockMoments<at::opmath_type<scalar_t>> moments(z.size(0), z.size(1));
+    block_moments_pass<scalar_t>(z.const_data_ptr<scalar_t>(), moments);
+    stats = moments.merged(eps, options);
   });
-  return {mean, invstd, var};
+  return stats;
 }
 
 // z = x W^T + b and its batch statistics. For float32 the outer-product GEMM hands each finished
@@ -323,27 +340,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_with_batch_sta
     auto [mean, invstd, var] = batch_stats_of(z, eps);
     return {z, mean, invstd, var};
   }
-  const int64_t N = input.size(0), C = weight.size(0);
-  const int64_t row_blocks = (N + kRowBlock - 1) / kRowBlock;
-  struct Parts {
-    std::vector<float> mean, m2;
-    int64_t C;
-  } parts{std::vector<float>(row_blocks * C, 0.f), std::vector<float>(row_blocks * C, 0.f), C};
+  BlockMoments<float> moments(input.size(0), weight.size(0));
   BlockObserver observer{
       kRowBlock,
       [](void* context, const float* c, int64_t ldc, int64_t row0, int64_t rows, int64_t col, int64_t cols) {
-        auto& p = *static_cast<Parts*>(context);
-        const int64_t at = row0 / kRowBlock * p.C + col;
-        block_moments<float>(c, ldc, rows, cols, p.mean.data() + at, p.m2.data() + at);
+        auto& m = *static_cast<BlockMoments<float>*>(context);
+        const int64_t rb = row0 / kRowBlock;
+        block_moments<float>(c, ldc, rows, cols, m.mean_at(rb, col), m.m2_at(rb, col));
       },
-      &parts, false};
+      &moments, false};
   at::Tensor z = gemm_nt_observed(input, weight, defined(bias) ? bias : std::nullopt, observer);
   TORCH_INTERNAL_ASSERT(z.is_contiguous(), "the forward's GEMM returned a non-contiguous output");
-  if (!observer.seen) block_moments_pass<float>(z.const_data_ptr<float>(), N, C, parts.mean.data(), parts.m2.data());
-  const auto options = z.options();
-  at::Tensor mean = at::empty({C}, options), invstd = at::empty({C}, options), var = at::empty({C}, options);
-  merge_moments<float>(parts.mean.data(), parts.m2.data(), N, C, eps, mean.mutable_data_ptr<float>(),
-                       invstd.mutable_data_ptr<float>(), var.mutable_data_ptr<float>());
+  if (!observer.seen) block_moments_pass<float>(z.const_data_ptr<float>(), moments);
+  auto [mean, invstd, var] = moments.merged(eps, z.options());
   return {z, mean, invstd, var};
 }
 
