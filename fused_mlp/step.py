@@ -19,6 +19,8 @@ is ``step.fallback_reason`` (None on the fast path), and a UserWarning names it 
 """
 
 import warnings
+from itertools import chain, repeat
+from operator import attrgetter, is_, is_not, itemgetter
 
 import torch
 import torch.optim.optimizer as torch_optimizer
@@ -56,6 +58,14 @@ def _optimizer_hooks(optimizer):
     return any(hooks) or any(global_hooks)
 
 
+# Read over every parameter, module or state entry at every call: C-level maps over these, no Python
+# per item.
+_VALUES = dict.values
+_GRAD = attrgetter("grad")
+_BN_MODES = attrgetter("training", "track_running_stats", "momentum", "eps")
+_GROUP_PARAMS = itemgetter("params")
+
+
 class _Plan:
     """What one call of the op needs that does not change from step to step: the model's tensors in
     the op's lists, the optimizer's state tensors in the parameters' flat order, and what they were
@@ -89,6 +99,7 @@ class _Plan:
         "modules",
         "bns",
         "sync_capable",
+        "watched",
         "fingerprint",
         "hyper_rows",
         "hyper",
@@ -172,7 +183,7 @@ class TrainStep:
         for p in plan.params:
             if not p.requires_grad:
                 return "a parameter does not require grad (a frozen layer)"
-            if p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None):
+            if p._backward_hooks or p._post_accumulate_grad_hooks:
                 return "a parameter has hooks"
         if _global_hooks():
             return "a module has hooks"
@@ -283,10 +294,9 @@ class TrainStep:
             if x.is_cuda:
                 hyper = hyper.to(x.device, non_blocking=True)
             loss = self._run_op(plan, x, target, momenta, hyper)
-        if not self.keep_grads:
+        if not self.keep_grads and any(map(is_not, map(_GRAD, plan.params), repeat(None))):
             for p in plan.params:
-                if p.grad is not None:
-                    p.grad = None  # left by a standard step: not this step's gradient
+                p.grad = None  # left by a standard step: not this step's gradient
         # Done: the state the op has written joins the optimizer's (a first step's new tensors).
         if plan.new_state:
             state = self.optimizer.state
@@ -300,7 +310,11 @@ class TrainStep:
         """One mlp_train_step call, and the BatchNorm counters' increment after it: what a CUDA
         graph captures."""
         seed_offset = functional.dropout_seed_offset(plan.dropout, None, x)
-        loss = ops.mlp_train_step(*self.op_arguments(plan, x, target, momenta, hyper, seed_offset))
+        # Below autograd: nothing to record (the parameters require grad, so autograd's fallback for
+        # an op without a backward would otherwise walk every argument and hand back a loss with a
+        # grad_fn), and the loss comes back detached, as the standard path's does.
+        with torch._C._AutoDispatchBelowAutograd():
+            loss = ops.mlp_train_step(*self.op_arguments(plan, x, target, momenta, hyper, seed_offset))
         if plan.update:
             torch._foreach_add_(plan.counters, 1)
         return loss
@@ -411,31 +425,36 @@ class TrainStep:
         return layers, weights, biases, bns
 
     def _current_plan(self):
-        layers, weights, biases, bns = self._gather()
-        fingerprint = self._fingerprint(layers, weights, biases, bns)
         plan = self._plan
-        if plan is None or plan.fingerprint != fingerprint:
-            plan = self._plan = self._build_plan(layers, weights, biases, bns)
+        if plan is not None:
+            objects, values = self._fingerprint(plan)
+            known_objects, known_values = plan.fingerprint
+            # By identity, never ==: a tensor's == is elementwise.
+            if values == known_values and len(objects) == len(known_objects) and all(map(is_, objects, known_objects)):
+                return plan
+        plan = self._plan = self._build_plan(*self._gather())
         return plan
 
-    def _fingerprint(self, layers, weights, biases, bns):
-        """What the plan is built from, compared by identity and value at every call."""
+    def _fingerprint(self, plan):
+        """What the plan is built from, compared at every call. The objects, by identity: the entries
+        of the dicts it read the model through (the submodules, and every Linear's and BatchNorm's
+        parameters and buffers: a replaced layer or tensor), the optimizer's state (its dict, the
+        parameters it keys and the tensors of their entries), the groups' parameter lists and, with
+        keep_grads, the .grad tensors. The values: the modes and the entries' sizes. C-level maps
+        over C-level iterators: no Python runs per tensor."""
         model, optimizer = self.model, self.optimizer
-        tensors = [*weights, *biases]
-        modes = (model.training, model._modules["drop"].p)
-        for bn in bns:
-            tensors += [bn._parameters.get("weight"), bn._parameters.get("bias")]
-            tensors += [bn._buffers.get("running_mean"), bn._buffers.get("running_var")]
-            modes += (bn.training, bn.track_running_stats, bn.momentum, bn.eps)
         state = optimizer.state
-        # Every state entry's tensors by identity, read off the state's own items (no tensor hashed).
-        state_ids = tuple((id(p), *map(id, entries.values())) for p, entries in state.items())
-        grads = tuple(id(p.grad) for p in tensors if p is not None) if self.keep_grads else ()
-        groups = tuple(id(g["params"]) for g in optimizer.param_groups)
-        # The modules the plan's checks walk: a layer replaced around the same tensors is a new plan.
-        children = (child for layer in layers for child in layer._modules.values())
-        modules = (*model._modules.values(), *layers, *children)
-        return (tuple(map(id, tensors)), tuple(map(id, modules)), modes, id(state), state_ids, grads, groups)
+        entries = state.values()
+        objects = (
+            *chain.from_iterable(map(_VALUES, plan.watched)),
+            state,
+            *state,
+            *chain.from_iterable(map(_VALUES, entries)),
+            *map(_GROUP_PARAMS, optimizer.param_groups),
+            *(map(_GRAD, plan.params) if self.keep_grads else ()),
+        )
+        values = (model.training, model._modules["drop"].p, *map(_BN_MODES, plan.bns), *map(len, entries))
+        return objects, values
 
     def _build_plan(self, layers, weights, biases, bns):
         model, optimizer = self.model, self.optimizer
@@ -463,8 +482,12 @@ class TrainStep:
         for index, group in enumerate(optimizer.param_groups):
             for p in group["params"]:
                 group_of[id(p)] = index
+        linears = [layer._modules["linear"] for layer in layers] + [model._modules["out"]]
+        plan.watched = [model._modules, model._modules["hidden"]._modules, *(layer._modules for layer in layers)]
+        for module in (*linears, *bns):
+            plan.watched += [module._parameters, module._buffers]
         plan.reason = self._structure_reason(flat, bns)
-        plan.fingerprint = self._fingerprint(layers, weights, biases, bns)
+        plan.fingerprint = self._fingerprint(plan)
         if plan.reason is not None:
             return plan
         if bns:
@@ -535,7 +558,7 @@ class TrainStep:
                 if p.grad is None or p.grad.shape != p.shape or not p.grad.is_contiguous():
                     p.grad = torch.zeros_like(p, memory_format=torch.contiguous_format)
             plan.grads = [p.grad for p in flat]
-        plan.fingerprint = self._fingerprint(layers, weights, biases, bns)  # what the build itself may have set
+        plan.fingerprint = self._fingerprint(plan)  # what the build itself may have set
         return plan
 
 

@@ -178,11 +178,13 @@ def test_column_held_weight_the_same_bits_at_any_thread_count():
     assert torch.equal(one, many)
 
 
-def test_row_major_weight_from_128_rows_takes_the_outer_product_kernel():
-    """From 128 rows up the forward transposes a row-major weight and runs the outer-product kernel:
-    the very bits of the same weight held column by column; NaN and inf as torch; any thread count."""
-    x, w1, b1, _ = operands(200, 100, 70, seed=7)
-    _, w2, b2, _ = operands(200, 70, 13, seed=8)
+@pytest.mark.parametrize("rows", [64, 200])
+def test_row_major_weight_from_64_rows_takes_the_outer_product_kernel(rows):
+    """From 64 rows up the forward packs each block of a row-major weight's rows into a panel and runs
+    the outer-product kernel on it: the very bits of the same weight held column by column (whose
+    sums run in the same order); NaN and inf as torch; any thread count."""
+    x, w1, b1, _ = operands(rows, 100, 70, seed=7)
+    _, w2, b2, _ = operands(rows, 70, 13, seed=8)
     x[3, 4], w1[5, 6], w2[2, 9] = float("nan"), float("inf"), -float("inf")
     got = inference(x, [w1, w2], [b1, b2])
     torch.testing.assert_close(got, inference(x, [packed(w1), packed(w2)], [b1, b2]), rtol=0, atol=0, equal_nan=True)

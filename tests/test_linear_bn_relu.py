@@ -360,10 +360,11 @@ def test_statistics_epilogue_and_backward_sums_are_the_same_at_any_thread_count(
 @pytest.mark.cpu_parity
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize(
-    "rows, in_features, features", [(128, 784, 512), (1000, 64, 300), (130, 20, 33), (64, 50, 70), (1024, 64, 10)]
+    "rows, in_features, features",
+    [(128, 784, 512), (1000, 64, 300), (130, 20, 33), (64, 50, 70), (64, 100, 300), (48, 50, 70), (1024, 64, 10)],
 )
 def test_forward_statistics_are_bn_batch_stats_of_its_pre_bn(dtype, rows, in_features, features):
-    """From 128 rows up, the float32 forward takes each block's statistics in its GEMM's epilogue,
+    """From 64 rows up, the float32 forward takes each block's statistics in its GEMM's epilogue,
     while the block is in cache; below, and for other dtypes, in a pass over pre_bn. Either way the
     blocks and the arithmetic are bn_batch_stats': the same bits, at any thread count, with a NaN
     feature and an infinite one where they fall."""

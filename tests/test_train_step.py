@@ -206,6 +206,17 @@ def test_state_dict_and_schedulers_work_unchanged():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("net", NETS)
+def test_the_loss_comes_back_detached(net):
+    """As the standard path's loss.detach(): no grad_fn, nothing for a stray loss.backward() to reach."""
+    model, opt = make(net, "adam")
+    step = TrainStep(model, opt, strict=True)
+    for k in range(2):
+        loss = step(*batch(k))
+        assert step.fallback_reason is None
+        assert not loss.requires_grad and loss.grad_fn is None and loss.dim() == 0
+
+
 def test_keep_grads_fills_grad_and_default_leaves_none():
     model, opt = make("no-batchnorm", "sgd")
     TrainStep(model, opt)(*batch(0))
@@ -287,6 +298,52 @@ def test_a_layer_replaced_around_the_same_tensors_is_seen():
     new.register_forward_hook(lambda *a: None)
     with pytest.raises(ValueError, match="TrainStep: a module has hooks"):
         step(*batch(3))
+
+
+def replace_exp_avg(model, opt):
+    p = model.out.weight
+    opt.state[p]["exp_avg"] = opt.state[p]["exp_avg"].clone()
+
+
+def replace_counter(model, opt):
+    bn = model.hidden[1].bn
+    bn.num_batches_tracked = bn.num_batches_tracked.clone()
+
+
+def change_momentum(model, opt):
+    model.hidden[0].bn.momentum = 0.5
+
+
+def replace_state(model, opt):
+    opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+
+
+@pytest.mark.parametrize("change", [replace_exp_avg, replace_counter, change_momentum, replace_state])
+def test_what_the_plan_was_built_from_replaced_or_changed_between_steps_is_seen(change):
+    """A state tensor, a BatchNorm counter or the whole optimizer state replaced, or a BatchNorm
+    momentum changed, between two steps: the next step reads and writes the new ones, as the standard
+    path does."""
+    model, opt = make("batchnorm-dropout", "adam")
+    twin = copy.deepcopy(model)
+    twin_opt = OPTIMIZERS["adam"](twin.parameters())
+
+    def after_one(model, opt, twin, twin_opt):
+        change(model, opt)
+        change(twin, twin_opt)
+
+    run_against_the_standard_path(model, opt, twin, twin_opt, 3, batch, after_one)
+    for a, b in zip(model.buffers(), twin.buffers()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert_state_close(opt, twin_opt, 1e-4, 1e-5)
+
+
+def test_a_parameter_replaced_outside_the_optimizer_is_seen():
+    model, opt = make("no-batchnorm", "sgd")
+    step = TrainStep(model, opt, strict=True)
+    step(*batch(0))
+    model.out.weight = torch.nn.Parameter(model.out.weight.detach().clone())
+    with pytest.raises(ValueError, match="the optimizer's parameters are not exactly the model's"):
+        step(*batch(1))
 
 
 def test_call_fallbacks_and_strict():

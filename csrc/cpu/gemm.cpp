@@ -8,8 +8,9 @@
 //   nt: C = A B^T (+ bias)   the forward, x W^T: an inner-product kernel, each output the dot
 //                            product of a row of A and a row of B, both read along K; or, where B
 //                            is held column by column (B^T contiguous: the inference caches pack
-//                            their folded weights so, once) or A has 128 rows or more (B is then
-//                            transposed per call), the outer-product kernel below on B^T;
+//                            their folded weights so, once) or A has 64 rows or more (each block
+//                            of B^T's columns is then packed from B's rows by the thread that
+//                            takes it), the outer-product kernel below on B^T;
 //   nn: C = A B              grad_input = dz W: an outer-product kernel, each step a scalar of A
 //                            broadcast against a vector of B's row;
 //   tn: C = A^T B            grad_weight = dz^T x: the same outer-product kernel, A read down its
@@ -29,6 +30,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <memory>
 #include <optional>
 #include <string>
 #include <type_traits>
@@ -219,15 +221,69 @@ void outer_rows(const float* a, int64_t a_row, int64_t a_red, const float* b, in
   }
 }
 
+// Rows [0, rows) by columns [0, cols) of src (row stride ld_src) into dst transposed (dst[j][i] =
+// src[i][j], row stride ld_dst): ATen's in-register blocks, 16 x 16 with AVX-512, 8 x 8 with AVX2
+// (whose transpose of any size is element by element), element by element at the edges there.
+void transpose_into(const float* src, int64_t ld_src, float* dst, int64_t ld_dst, int64_t rows, int64_t cols) {
+  if constexpr (W == 16) {
+    at::vec::transpose_mxn<float>(src, ld_src, dst, ld_dst, static_cast<int>(rows), static_cast<int>(cols));
+  } else {
+    constexpr int64_t kBlock = 8;
+    const int64_t full_rows = rows / kBlock * kBlock, full_cols = cols / kBlock * kBlock;
+    for (int64_t i = 0; i < full_rows; i += kBlock) {
+      for (int64_t j = 0; j < full_cols; j += kBlock) {
+        at::vec::transpose_mxn<float, kBlock, kBlock>(src + i * ld_src + j, ld_src, dst + j * ld_dst + i, ld_dst);
+      }
+    }
+    for (int64_t i = 0; i < rows; ++i) {
+      for (int64_t j = i < full_rows ? full_cols : 0; j < cols; ++j) dst[j * ld_dst + i] = src[i * ld_src + j];
+    }
+  }
+}
+
+// A thread's panel: grown as needed, never zero-filled (pack_panel writes every element a tile reads).
+struct Panel {
+  std::unique_ptr<float[]> data;
+  int64_t size = 0;
+  float* at_least(int64_t n) {
+    if (n > size) {
+      data.reset(new float[n]);
+      size = n;
+    }
+    return data.get();
+  }
+};
+
+// The panel of B's columns [col, col + n) that a tile `width` columns wide reads (R x width, the
+// columns past n zero): copied from B's rows, or, where B is given by its transpose bt (cols x R,
+// row-major: a Linear's weight as training holds it), transposed from bt's rows. Packing a block
+// just before its tiles read it costs a fraction of what a separate transposed copy of the whole
+// weight did: the block's rows of bt are read once either way, and the panel is still in the cache
+// when the tiles read it.
+void pack_panel(const float* b, int64_t ldb, const float* bt, int64_t col, int64_t n, int64_t width, int64_t R,
+                Panel& panel) {
+  float* p = panel.at_least(R * width);
+  if (bt != nullptr) {
+    transpose_into(bt + col * R, R, p, width, n, R);
+  } else {
+    for (int64_t r = 0; r < R; ++r) std::copy(b + r * ldb + col, b + r * ldb + col + n, p + r * width);
+  }
+  if (n < width) {
+    for (int64_t r = 0; r < R; ++r) std::fill(p + r * width + n, p + (r + 1) * width, 0.f);
+  }
+}
+
 // C (rows x cols) = sum_r A(i, r) B[r][j], then the epilogue, in blocks of kVecs vectors of columns.
 // A work item is a block of columns by a block of rows (outer_row_block), numbered column block by
 // column block,
 // so a thread's run of items mostly shares one block of B; it walks its rows in tiles of kOuterRows.
 // The last block's columns, when fewer, are copied into a zero-padded panel as wide as the vectors
 // they need, and take a tile that wide: no masked loads in the loop, no lanes summed for nothing.
+// Where B is given by its transpose bt (a row-major weight in the forward), every block is packed
+// into a panel first, by the thread that takes it, once for its run of items in that block.
 template <int kVecs>
-void outer_blocks(const float* a, int64_t a_row, int64_t a_red, const float* b, int64_t ldb, Epilogue epi, float* c,
-                  int64_t rows, int64_t cols, int64_t R) {
+void outer_blocks(const float* a, int64_t a_row, int64_t a_red, const float* b, int64_t ldb, const float* bt,
+                  Epilogue epi, float* c, int64_t rows, int64_t cols, int64_t R) {
   constexpr int64_t block = kVecs * W;
   const int64_t col_blocks = (cols + block - 1) / block;
   TORCH_INTERNAL_ASSERT(epi.observer == nullptr || epi.observer->row_block > 0);
@@ -243,7 +299,8 @@ void outer_blocks(const float* a, int64_t a_row, int64_t a_red, const float* b, 
     return tiles * std::max<int64_t>(kOuterRows * vecs, vecs + kOuterRows);
   };
   parallel_items(col_blocks * row_blocks, rows * cols * R, cost, [&](int64_t t0, int64_t t1) {
-    std::vector<float> panel;
+    Panel panel;
+    int64_t panel_col = -1;  // the block of columns the panel holds
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t col = (t / row_blocks) * block, n = std::min(block, cols - col);
       const int64_t i0 = (t % row_blocks) * row_block, i1 = std::min(rows, i0 + row_block);
@@ -251,17 +308,17 @@ void outer_blocks(const float* a, int64_t a_row, int64_t a_red, const float* b, 
       const auto observe = [&] {
         if (epi.observer) epi.observer->on_block(epi.observer->context, c + i0 * cols + col, cols, i0, i1 - i0, col, n);
       };
-      if (n == block) {
+      if (n == block && bt == nullptr) {
         outer_rows<kVecs>(a, a_row, a_red, b + col, ldb, tile_epi, c + col, cols, i0, i1, n, R);
         observe();
         continue;
       }
       const int64_t vecs = (n + W - 1) / W, width = vecs * W;
-      if (panel.empty()) {
-        panel.assign(R * width, 0.f);
-        for (int64_t r = 0; r < R; ++r) std::copy(b + r * ldb + col, b + r * ldb + col + n, panel.data() + r * width);
+      if (panel_col != col) {
+        pack_panel(b, ldb, bt, col, n, width, R, panel);
+        panel_col = col;
       }
-      const float* p = panel.data();
+      const float* p = panel.data.get();
       switch (vecs) {
         case 1:
           outer_rows<1>(a, a_row, a_red, p, width, tile_epi, c + col, cols, i0, i1, n, R);
@@ -292,12 +349,12 @@ int64_t outer_block_cols(int64_t cols) {
 // fewer, a tile just that wide (a narrow layer, such as the 10 classes of the output, would leave
 // most lanes idle). Every element is summed by one tile in one order (r = 0, 1, ...), whatever the
 // tile's width and the split among threads: the same bits at any thread count.
-void gemm_outer_f32(const float* a, int64_t a_row, int64_t a_red, const float* b, int64_t ldb, Epilogue epi, float* c,
-                    int64_t rows, int64_t cols, int64_t R) {
+void gemm_outer_f32(const float* a, int64_t a_row, int64_t a_red, const float* b, int64_t ldb, const float* bt,
+                    Epilogue epi, float* c, int64_t rows, int64_t cols, int64_t R) {
   const int64_t vecs = outer_block_cols(cols) / W;
-  if (vecs == 1) return outer_blocks<1>(a, a_row, a_red, b, ldb, epi, c, rows, cols, R);
-  if (vecs == 2) return outer_blocks<std::min(2, kOuterVecs)>(a, a_row, a_red, b, ldb, epi, c, rows, cols, R);
-  outer_blocks<kOuterVecs>(a, a_row, a_red, b, ldb, epi, c, rows, cols, R);
+  if (vecs == 1) return outer_blocks<1>(a, a_row, a_red, b, ldb, bt, epi, c, rows, cols, R);
+  if (vecs == 2) return outer_blocks<std::min(2, kOuterVecs)>(a, a_row, a_red, b, ldb, bt, epi, c, rows, cols, R);
+  outer_blocks<kOuterVecs>(a, a_row, a_red, b, ldb, bt, epi, c, rows, cols, R);
 }
 
 // weight (N x K) held column by column: weight^T is a contiguous K x N matrix.
@@ -305,33 +362,15 @@ bool columns_contiguous(const at::Tensor& weight) {
   return weight.dim() == 2 && !weight.is_contiguous() && weight.t().is_contiguous();
 }
 
-// From this many rows of A up, the forward transposes a row-major weight and runs the outer-product
-// kernel on it: the copy (N x K floats, in 16 x 16 blocks in registers; about 60 us for 784-512)
-// costs less than what the faster kernel saves. Measured here (AMD EPYC, AVX-512, 2 threads), the
-// 784-512 forward in GFLOP/s, inner-product kernel / copy and outer-product kernel: 321-370 /
-// 336-417 at 128 rows, 374-390 / 426-466 at 256, 378-397 / 462-484 at 1024; at 64 rows the copy
-// would cost more than the 20 us it saves. A rule of the shapes, never of timing: the same program
-// always takes the same kernel.
-constexpr int64_t kTransposeFromRows = 128;
-
-// The transpose of a row-major (N x K) float matrix, (K x N) row-major (ATen's in-register 16 x 16
-// transposes); threads take blocks of 16 rows of the source, a copied element weighed as 4
-// multiply-adds in the grain.
-at::Tensor transposed(const at::Tensor& w) {
-  const int64_t N = w.size(0), K = w.size(1);
-  at::Tensor t = buffer({K, N}, w.options());
-  const float* src = w.const_data_ptr<float>();
-  float* dst = t.mutable_data_ptr<float>();
-  constexpr int64_t kBlock = 16;
-  at::parallel_for(0, (N + kBlock - 1) / kBlock, grain_for(kBlock * K * 4), [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t n0 = b * kBlock;
-      at::vec::transpose_mxn<float>(src + n0 * K, K, dst + n0, N, static_cast<int>(std::min(kBlock, N - n0)),
-                                    static_cast<int>(K));
-    }
-  });
-  return t;
-}
+// From this many rows of A up, the forward runs the outer-product kernel on a row-major weight too,
+// each block of 64 of the weight's rows transposed into a panel by the thread that takes it: the
+// packing (16 x 16 blocks in registers; about 16 us of the 784-512 layer's 117 at batch 64, 2
+// threads) then costs less than the faster kernel saves. Measured here (AMD EPYC, AVX-512, 2
+// threads; microseconds, inner-product kernel / packed outer-product kernel / weight held column by
+// column): 784-512 at 32 rows 73.9 / 84.6 / 69, at 48 102.1 / 103.5 / 88, at 64 134.5 / 133.4 / 119,
+// at 256 526 (transposed first: 538) / 422 / 443; 256-128 at 64 22.6 / 17.1 / 14.9. A rule of the
+// shapes, never of timing: the same program always takes the same kernel.
+constexpr int64_t kPackFromRows = 64;
 
 // Which GEMM the kernels run, fixed for the process by FUSED_MLP_GEMM and never chosen by timing,
 // so the same program gives the same bits on every run:
@@ -381,7 +420,7 @@ at::Tensor linear(const at::Tensor& input, const at::Tensor& weight, const std::
   at::Tensor c = buffer({M, N}, a.options());
   if (M * N == 0) return c;
   const bool held_by_columns = columns_contiguous(weight);
-  const bool outer = held_by_columns || M >= kTransposeFromRows;
+  const bool outer = held_by_columns || M >= kPackFromRows;
   // The observer's blocks fix the items' rows; a narrow product (fewer than kFewestObservedItems
   // items of them, e.g. 256 rows of 64 columns: 3) keeps its finer items, and the observer is not
   // told (the caller then reads the output once more: the same results).
@@ -392,12 +431,16 @@ at::Tensor linear(const at::Tensor& input, const at::Tensor& weight, const std::
   }
   const Epilogue epi{bias_c.defined() ? bias_c.const_data_ptr<float>() : nullptr, relu,
                      observer != nullptr && observer->seen ? observer : nullptr};
-  if (outer) {
-    // B^T = weight^T (K x N), as it is held or transposed here: the outer-product kernel, A read
-    // along its rows.
-    const at::Tensor bt = held_by_columns ? weight.t() : transposed(weight.contiguous());
-    gemm_outer_f32(a.const_data_ptr<float>(), K, 1, bt.const_data_ptr<float>(), N, epi, c.mutable_data_ptr<float>(), M,
-                   N, K);
+  if (held_by_columns) {
+    // B = weight^T (K x N) as it is held: the outer-product kernel, A read along its rows.
+    gemm_outer_f32(a.const_data_ptr<float>(), K, 1, weight.t().const_data_ptr<float>(), N, nullptr, epi,
+                   c.mutable_data_ptr<float>(), M, N, K);
+  } else if (outer) {
+    // The same kernel, each block of B's columns packed from the weight's rows by the thread that
+    // takes it.
+    const at::Tensor w = weight.contiguous();
+    gemm_outer_f32(a.const_data_ptr<float>(), K, 1, nullptr, N, w.const_data_ptr<float>(), epi,
+                   c.mutable_data_ptr<float>(), M, N, K);
   } else {
     const at::Tensor b = weight.contiguous();
     gemm_nt_f32(a.const_data_ptr<float>(), b.const_data_ptr<float>(), epi, c.mutable_data_ptr<float>(), M, N, K);
@@ -427,8 +470,8 @@ at::Tensor gemm_nn(const at::Tensor& a_, const at::Tensor& b_) {
   const int64_t M = a.size(0), R = a.size(1), N = b.size(1);
   at::Tensor c = buffer({M, N}, a.options());
   if (M * N == 0) return c;
-  gemm_outer_f32(a.const_data_ptr<float>(), R, 1, b.const_data_ptr<float>(), N, {}, c.mutable_data_ptr<float>(), M, N,
-                 R);
+  gemm_outer_f32(a.const_data_ptr<float>(), R, 1, b.const_data_ptr<float>(), N, nullptr, {},
+                 c.mutable_data_ptr<float>(), M, N, R);
   return c;
 }
 
@@ -438,8 +481,8 @@ at::Tensor gemm_tn(const at::Tensor& a_, const at::Tensor& b_) {
   const int64_t R = a.size(0), M = a.size(1), N = b.size(1);
   at::Tensor c = buffer({M, N}, a.options());
   if (M * N == 0) return c;
-  gemm_outer_f32(a.const_data_ptr<float>(), 1, M, b.const_data_ptr<float>(), N, {}, c.mutable_data_ptr<float>(), M, N,
-                 R);
+  gemm_outer_f32(a.const_data_ptr<float>(), 1, M, b.const_data_ptr<float>(), N, nullptr, {},
+                 c.mutable_data_ptr<float>(), M, N, R);
   return c;
 }
 

@@ -21,7 +21,7 @@ at::Tensor gemm_nt(const at::Tensor& input, const at::Tensor& weight, const std:
 // (row stride ldc). The blocks are row_block rows tall (the last one fewer) and cover the output
 // once, each block told once, from whichever thread computed it. `seen` is set when the kernel tells
 // it of the blocks; where another kernel runs (ATen's or oneDNN's; the inner-product kernel, for a
-// row-major weight below 128 rows) or the product makes too few blocks to share among the threads,
+// row-major weight below 64 rows) or the product makes too few blocks to share among the threads,
 // it is not told, and `seen` stays false.
 struct BlockObserver {
   int64_t row_block;
