@@ -303,8 +303,7 @@ class FusedMLP(torch.nn.Module):
         # Read through the submodules' own dicts: a Module attribute lookup is a Python call, and
         # the network has a few dozen tensors to gather on every call.
         layers = list(self.hidden._modules.values())
-        linears = [layer._modules["linear"] for layer in layers]
-        linears.append(self._modules["out"])
+        linears = _linears(self, layers)
         weights = [_tensor(lin, "weight") for lin in linears]
         checks.network_input(input, weights[0], type(self).__name__)
         dropout = self.drop.p if self.training else 0.0
@@ -406,6 +405,12 @@ def _packed(weight):
     if weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.dim() == 2:
         return weight.t().contiguous().t()
     return weight
+
+
+def _linears(model, layers):
+    """A FusedMLP's Linears, first to last (its hidden `layers`, then `out`), read through the
+    modules' dicts."""
+    return [layer._modules["linear"] for layer in layers] + [model._modules["out"]]
 
 
 def _tensor(module, name):

@@ -26,7 +26,7 @@ import torch
 import torch.optim.optimizer as torch_optimizer
 
 from . import autograd, checks, functional, ops, reference
-from .nn import FusedMLP, SyncBatchNorm1d, _batch_norm_mode, _synchronized, _tensor
+from .nn import FusedMLP, SyncBatchNorm1d, _batch_norm_mode, _linears, _synchronized, _tensor
 
 __all__ = ["TrainStep"]
 
@@ -418,7 +418,7 @@ class TrainStep:
         """The model's tensors and modes as the op takes them, read through the modules' dicts."""
         model = self.model
         layers = list(model._modules["hidden"]._modules.values())
-        linears = [layer._modules["linear"] for layer in layers] + [model._modules["out"]]
+        linears = _linears(model, layers)
         weights = [_tensor(lin, "weight") for lin in linears]
         biases = [_tensor(lin, "bias") for lin in linears]
         bns = [layer._modules["bn"] for layer in layers] if model.batch_norm else []
@@ -482,13 +482,12 @@ class TrainStep:
         for index, group in enumerate(optimizer.param_groups):
             for p in group["params"]:
                 group_of[id(p)] = index
-        linears = [layer._modules["linear"] for layer in layers] + [model._modules["out"]]
         plan.watched = [model._modules, model._modules["hidden"]._modules, *(layer._modules for layer in layers)]
-        for module in (*linears, *bns):
+        for module in (*_linears(model, layers), *bns):
             plan.watched += [module._parameters, module._buffers]
         plan.reason = self._structure_reason(flat, bns)
-        plan.fingerprint = self._fingerprint(plan)
         if plan.reason is not None:
+            plan.fingerprint = self._fingerprint(plan)
             return plan
         if bns:
             bn_training, track, eps = _batch_norm_mode(bns)

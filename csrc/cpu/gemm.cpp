@@ -431,16 +431,14 @@ at::Tensor linear(const at::Tensor& input, const at::Tensor& weight, const std::
   }
   const Epilogue epi{bias_c.defined() ? bias_c.const_data_ptr<float>() : nullptr, relu,
                      observer != nullptr && observer->seen ? observer : nullptr};
-  if (held_by_columns) {
-    // B = weight^T (K x N) as it is held: the outer-product kernel, A read along its rows.
-    gemm_outer_f32(a.const_data_ptr<float>(), K, 1, weight.t().const_data_ptr<float>(), N, nullptr, epi,
-                   c.mutable_data_ptr<float>(), M, N, K);
-  } else if (outer) {
-    // The same kernel, each block of B's columns packed from the weight's rows by the thread that
-    // takes it.
-    const at::Tensor w = weight.contiguous();
-    gemm_outer_f32(a.const_data_ptr<float>(), K, 1, nullptr, N, w.const_data_ptr<float>(), epi,
-                   c.mutable_data_ptr<float>(), M, N, K);
+  if (outer) {
+    // The outer-product kernel on B = weight^T (K x N), A read along its rows: B as the weight holds
+    // it (column by column), or each block of B's columns packed from the weight's rows by the thread
+    // that takes it.
+    const at::Tensor w = held_by_columns ? weight : weight.contiguous();
+    const float* data = w.const_data_ptr<float>();
+    gemm_outer_f32(a.const_data_ptr<float>(), K, 1, held_by_columns ? data : nullptr, N,
+                   held_by_columns ? nullptr : data, epi, c.mutable_data_ptr<float>(), M, N, K);
   } else {
     const at::Tensor b = weight.contiguous();
     gemm_nt_f32(a.const_data_ptr<float>(), b.const_data_ptr<float>(), epi, c.mutable_data_ptr<float>(), M, N, K);
