@@ -86,6 +86,25 @@ def test_the_same_bits_at_any_thread_count():
         assert torch.equal(a, c)
 
 
+@pytest.mark.parametrize("M,K,N", [(64, 784, 512), (300, 100, 70), (33, 130, 64)])
+def test_weight_gradient_columns_past_the_last_whole_block_are_the_bits_of_a_whole_block(M, K, N):
+    """g^T x where x's columns end in a part of a block of 64 (784 = 12 x 64 + 16): with AVX-512 that
+    part is computed transposed (its own whole tiles) and transposed into place, summing in the same
+    order, so its columns are bit for bit those of the same product with x padded by zero columns to
+    whole blocks; NaN and inf there as well. ATen's GEMM (the DEFAULT build) to float32 rounding."""
+    x, w, b, g = operands(M, K, N, seed=3)
+    x[3, K - 2], x[5, K - 1], x[1, 2] = float("nan"), float("inf"), -float("inf")
+    pad = -K % 64
+    padded = products(torch.cat([x, torch.zeros(M, pad)], 1), torch.cat([w, torch.zeros(N, pad)], 1), b, g)[1]
+    got = products(x, w, b, g)[1]
+    assert got[:, K - 2].isnan().all() and not torch.isfinite(got[:, K - 1]).any()
+    from fused_mlp import _C
+
+    exact = _C.cpu_capability() != "DEFAULT"
+    tol = dict(rtol=0, atol=0) if exact else dict(rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(got, padded[:, :K], equal_nan=True, **tol)
+
+
 def test_aten_override_agrees_to_float32_rounding():
     """FUSED_MLP_GEMM=aten (a fresh process: the variable is read once) against the default."""
     program = (

@@ -128,6 +128,38 @@ def run_against_the_standard_path(model, opt, twin, twin_opt, steps, batches, af
             torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize(
+    "optimizer", ["adam-foreach-wd-amsgrad", "adam-maximize", "adamw", "sgd-nesterov-wd", "sgd-dampening-maximize"]
+)
+def test_an_update_split_among_threads_matches_the_standard_path(optimizer):
+    """A weight of 41 x 1001 = 41041 elements: its update is split among two threads, and it ends in
+    a partial vector (of AVX-512's 16 lanes and AVX2's 8), which the last thread's range holds.
+    Every element against the standard path after one step and after three, as the small nets'."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(0)
+        model = MLP(in_features=1001, num_classes=5, hidden=(41,), batch_norm=False, dropout=0.0)
+        opt = OPTIMIZERS[optimizer](model.parameters())
+        twin = copy.deepcopy(model)
+        twin_opt = OPTIMIZERS[optimizer](twin.parameters())
+        assert model.hidden[0].linear.weight.numel() % 16 and model.hidden[0].linear.weight.numel() > 2 * 16384
+
+        def batches(k):
+            g = torch.Generator().manual_seed(200 + k)
+            return torch.randn(32, 1001, generator=g), torch.randint(0, 5, (32,), generator=g)
+
+        def after_one(model, opt, twin, twin_opt):
+            for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+                torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=name)
+            assert_state_close(opt, twin_opt, 1e-6, 1e-7)
+
+        run_against_the_standard_path(model, opt, twin, twin_opt, 3, batches, after_one)
+        assert_state_close(opt, twin_opt, 1e-5, 1e-6)
+    finally:
+        torch.set_num_threads(threads)
+
+
 @needs_extension
 def test_one_op_and_no_optimizer_step():
     model, opt = make("batchnorm-dropout", "adam")

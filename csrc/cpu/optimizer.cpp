@@ -21,69 +21,143 @@ namespace {
 // costs about as much as updating a few thousand elements.
 constexpr int64_t kGrainElements = 16384;
 
+// body(i, len) over the vectors of n elements, split among threads: whole vectors (len == W, a
+// compile-time constant, so plain loads and stores) then the last partial one (masked). The body's
+// state is copied into each thread's locals, so the loop reads no captured references.
 template <typename T, typename Body>
-void for_each_vector(int64_t n, Body body) {
+void for_each_vector(int64_t n, const Body& body) {
   using Vec = at::vec::Vectorized<T>;
   constexpr int64_t W = Vec::size();
-  const int64_t vectors = (n + W - 1) / W;
+  const int64_t vectors = (n + W - 1) / W, whole = n / W;
   at::parallel_for(0, vectors, std::max<int64_t>(1, kGrainElements / W), [&](int64_t begin, int64_t end) {
-    for (int64_t v = begin; v < end; ++v) body(v * W, std::min(W, n - v * W));
+    const Body local = body;
+    const int64_t whole_end = std::min(end, whole);
+    for (int64_t v = begin; v < whole_end; ++v) local.template apply<true>(v * W, W);
+    if (end > whole_end) local.template apply<false>(whole_end * W, n - whole_end * W);
   });
 }
 
+// A vector of len elements at ptr: a whole one (len == W) with plain loads and stores, else masked.
+template <bool kWhole, typename T>
+C10_ALWAYS_INLINE at::vec::Vectorized<T> load(const T* ptr, int64_t len) {
+  return kWhole ? at::vec::Vectorized<T>::loadu(ptr) : at::vec::Vectorized<T>::loadu(ptr, len);
+}
+template <bool kWhole, typename T>
+C10_ALWAYS_INLINE void store(const at::vec::Vectorized<T>& x, T* ptr, int64_t len) {
+  if constexpr (kWhole) {
+    x.store(ptr);
+  } else {
+    x.store(ptr, len);
+  }
+}
+
+// Adam's update (AdamElement's expressions, in its order) of the vector at element i of each array.
 template <typename T>
-void adam_update(T* p, const T* grad, T* m, T* v, T* v_max, int64_t n, const AdamScalars& s) {
+struct AdamVectors {
   using Vec = at::vec::Vectorized<T>;
-  const AdamElement<T> e(s);
-  const Vec lr_wd(e.lr_wd), weight_decay(e.weight_decay), beta1_complement(e.beta1_complement), beta2(e.beta2);
-  const Vec beta2_complement(e.beta2_complement), eps(e.eps), step_size(e.step_size);
-  const Vec bias_correction2_sqrt(e.bias_correction2_sqrt);
-  for_each_vector<T>(n, [&](int64_t i, int64_t len) {
-    Vec pv = Vec::loadu(p + i, len), g = Vec::loadu(grad + i, len);
-    if (e.maximize) g = g.neg();
-    if (e.weight_decay != T(0)) {
-      if (e.decoupled) {
+  T* p;
+  const T* grad;
+  T* m;
+  T* v;
+  T* v_max;
+  Vec lr_wd, weight_decay, beta1_complement, beta2, beta2_complement, eps, step_size, bias_correction2_sqrt;
+  bool maximize, decay, decoupled, amsgrad;
+
+  AdamVectors(T* p_, const T* grad_, T* m_, T* v_, T* v_max_, const AdamElement<T>& e)
+      : p(p_),
+        grad(grad_),
+        m(m_),
+        v(v_),
+        v_max(v_max_),
+        lr_wd(e.lr_wd),
+        weight_decay(e.weight_decay),
+        beta1_complement(e.beta1_complement),
+        beta2(e.beta2),
+        beta2_complement(e.beta2_complement),
+        eps(e.eps),
+        step_size(e.step_size),
+        bias_correction2_sqrt(e.bias_correction2_sqrt),
+        maximize(e.maximize),
+        decay(e.weight_decay != T(0)),
+        decoupled(e.decoupled),
+        amsgrad(e.amsgrad) {}
+
+  template <bool kWhole>
+  C10_ALWAYS_INLINE void apply(int64_t i, int64_t len) const {
+    Vec pv = load<kWhole>(p + i, len), g = load<kWhole>(grad + i, len);
+    if (maximize) g = g.neg();
+    if (decay) {
+      if (decoupled) {
         pv = pv * lr_wd;
       } else {
         g = g + pv * weight_decay;
       }
     }
-    Vec mv = Vec::loadu(m + i, len);
+    Vec mv = load<kWhole>(m + i, len);
     mv = mv + beta1_complement * (g - mv);
-    Vec vv = Vec::loadu(v + i, len);
+    Vec vv = load<kWhole>(v + i, len);
     vv = vv * beta2 + g * g * beta2_complement;
     Vec second = vv;
-    if (e.amsgrad) {
-      const Vec old = Vec::loadu(v_max + i, len);
+    if (amsgrad) {
+      const Vec old = load<kWhole>(v_max + i, len);
       second = Vec::blendv(old, vv, old < vv);
-      second.store(v_max + i, len);
+      store<kWhole>(second, v_max + i, len);
     }
     const Vec denom = second.sqrt() / bias_correction2_sqrt + eps;
     pv = pv - step_size * mv / denom;
-    pv.store(p + i, len);
-    mv.store(m + i, len);
-    vv.store(v + i, len);
-  });
+    store<kWhole>(pv, p + i, len);
+    store<kWhole>(mv, m + i, len);
+    store<kWhole>(vv, v + i, len);
+  }
+};
+
+template <typename T>
+void adam_update(T* p, const T* grad, T* m, T* v, T* v_max, int64_t n, const AdamScalars& s) {
+  for_each_vector<T>(n, AdamVectors<T>(p, grad, m, v, v_max, AdamElement<T>(s)));
 }
+
+// SGD's update (SgdElement's expressions, in its order) of the vector at element i of each array.
+template <typename T>
+struct SgdVectors {
+  using Vec = at::vec::Vectorized<T>;
+  T* p;
+  const T* grad;
+  T* buf;
+  Vec lr, weight_decay, momentum, dampening_complement;
+  bool maximize, decay, has_momentum, first, nesterov;
+
+  SgdVectors(T* p_, const T* grad_, T* buf_, const SgdElement<T>& e)
+      : p(p_),
+        grad(grad_),
+        buf(buf_),
+        lr(e.lr),
+        weight_decay(e.weight_decay),
+        momentum(e.momentum),
+        dampening_complement(e.dampening_complement),
+        maximize(e.maximize),
+        decay(e.weight_decay != T(0)),
+        has_momentum(e.has_momentum),
+        first(e.first),
+        nesterov(e.nesterov) {}
+
+  template <bool kWhole>
+  C10_ALWAYS_INLINE void apply(int64_t i, int64_t len) const {
+    Vec pv = load<kWhole>(p + i, len), g = load<kWhole>(grad + i, len);
+    if (maximize) g = g.neg();
+    if (decay) g = g + pv * weight_decay;
+    if (has_momentum) {
+      const Vec b = first ? g : momentum * load<kWhole>(buf + i, len) + dampening_complement * g;
+      store<kWhole>(b, buf + i, len);
+      g = nesterov ? g + momentum * b : b;
+    }
+    pv = pv - lr * g;
+    store<kWhole>(pv, p + i, len);
+  }
+};
 
 template <typename T>
 void sgd_update(T* p, const T* grad, T* buf, int64_t n, const SgdScalars& s) {
-  using Vec = at::vec::Vectorized<T>;
-  const SgdElement<T> e(s);
-  const Vec lr(e.lr), weight_decay(e.weight_decay), momentum(e.momentum);
-  const Vec dampening_complement(e.dampening_complement);
-  for_each_vector<T>(n, [&](int64_t i, int64_t len) {
-    Vec pv = Vec::loadu(p + i, len), g = Vec::loadu(grad + i, len);
-    if (e.maximize) g = g.neg();
-    if (e.weight_decay != T(0)) g = g + pv * weight_decay;
-    if (e.has_momentum) {
-      Vec b = e.first ? g : momentum * Vec::loadu(buf + i, len) + dampening_complement * g;
-      b.store(buf + i, len);
-      g = e.nesterov ? g + momentum * b : b;
-    }
-    pv = pv - lr * g;
-    pv.store(p + i, len);
-  });
+  for_each_vector<T>(n, SgdVectors<T>(p, grad, buf, SgdElement<T>(s)));
 }
 
 // The tensors are contiguous, of one float or double dtype and of one size (checked by the caller).
