@@ -21,9 +21,10 @@ namespace {
 // costs about as much as updating a few thousand elements.
 constexpr int64_t kGrainElements = 16384;
 
-// body(i, len) over the vectors of n elements, split among threads: whole vectors (len == W, a
-// compile-time constant, so plain loads and stores) then the last partial one (masked). The body's
-// state is copied into each thread's locals, so the loop reads no captured references.
+// body.apply(i, len) over the vectors of n elements, split among threads: whole vectors (len == W, a
+// compile-time constant there, so the inlined loads and stores are plain ones) then the last partial
+// one (masked). The body's state is copied into each thread's locals, so the loop reads no captured
+// references.
 template <typename T, typename Body>
 void for_each_vector(int64_t n, const Body& body) {
   using Vec = at::vec::Vectorized<T>;
@@ -32,23 +33,9 @@ void for_each_vector(int64_t n, const Body& body) {
   at::parallel_for(0, vectors, std::max<int64_t>(1, kGrainElements / W), [&](int64_t begin, int64_t end) {
     const Body local = body;
     const int64_t whole_end = std::min(end, whole);
-    for (int64_t v = begin; v < whole_end; ++v) local.template apply<true>(v * W, W);
-    if (end > whole_end) local.template apply<false>(whole_end * W, n - whole_end * W);
+    for (int64_t v = begin; v < whole_end; ++v) local.apply(v * W, W);
+    if (end > whole_end) local.apply(whole_end * W, n - whole_end * W);
   });
-}
-
-// A vector of len elements at ptr: a whole one (len == W) with plain loads and stores, else masked.
-template <bool kWhole, typename T>
-C10_ALWAYS_INLINE at::vec::Vectorized<T> load(const T* ptr, int64_t len) {
-  return kWhole ? at::vec::Vectorized<T>::loadu(ptr) : at::vec::Vectorized<T>::loadu(ptr, len);
-}
-template <bool kWhole, typename T>
-C10_ALWAYS_INLINE void store(const at::vec::Vectorized<T>& x, T* ptr, int64_t len) {
-  if constexpr (kWhole) {
-    x.store(ptr);
-  } else {
-    x.store(ptr, len);
-  }
 }
 
 // Adam's update (AdamElement's expressions, in its order) of the vector at element i of each array.
@@ -82,9 +69,8 @@ struct AdamVectors {
         decoupled(e.decoupled),
         amsgrad(e.amsgrad) {}
 
-  template <bool kWhole>
   C10_ALWAYS_INLINE void apply(int64_t i, int64_t len) const {
-    Vec pv = load<kWhole>(p + i, len), g = load<kWhole>(grad + i, len);
+    Vec pv = Vec::loadu(p + i, len), g = Vec::loadu(grad + i, len);
     if (maximize) g = g.neg();
     if (decay) {
       if (decoupled) {
@@ -93,21 +79,21 @@ struct AdamVectors {
         g = g + pv * weight_decay;
       }
     }
-    Vec mv = load<kWhole>(m + i, len);
+    Vec mv = Vec::loadu(m + i, len);
     mv = mv + beta1_complement * (g - mv);
-    Vec vv = load<kWhole>(v + i, len);
+    Vec vv = Vec::loadu(v + i, len);
     vv = vv * beta2 + g * g * beta2_complement;
     Vec second = vv;
     if (amsgrad) {
-      const Vec old = load<kWhole>(v_max + i, len);
+      const Vec old = Vec::loadu(v_max + i, len);
       second = Vec::blendv(old, vv, old < vv);
-      store<kWhole>(second, v_max + i, len);
+      second.store(v_max + i, len);
     }
     const Vec denom = second.sqrt() / bias_correction2_sqrt + eps;
     pv = pv - step_size * mv / denom;
-    store<kWhole>(pv, p + i, len);
-    store<kWhole>(mv, m + i, len);
-    store<kWhole>(vv, v + i, len);
+    pv.store(p + i, len);
+    mv.store(m + i, len);
+    vv.store(v + i, len);
   }
 };
 
@@ -140,18 +126,17 @@ struct SgdVectors {
         first(e.first),
         nesterov(e.nesterov) {}
 
-  template <bool kWhole>
   C10_ALWAYS_INLINE void apply(int64_t i, int64_t len) const {
-    Vec pv = load<kWhole>(p + i, len), g = load<kWhole>(grad + i, len);
+    Vec pv = Vec::loadu(p + i, len), g = Vec::loadu(grad + i, len);
     if (maximize) g = g.neg();
     if (decay) g = g + pv * weight_decay;
     if (has_momentum) {
-      const Vec b = first ? g : momentum * load<kWhole>(buf + i, len) + dampening_complement * g;
-      store<kWhole>(b, buf + i, len);
+      const Vec b = first ? g : momentum * Vec::loadu(buf + i, len) + dampening_complement * g;
+      b.store(buf + i, len);
       g = nesterov ? g + momentum * b : b;
     }
     pv = pv - lr * g;
-    store<kWhole>(pv, p + i, len);
+    pv.store(p + i, len);
   }
 };
 
