@@ -217,3 +217,48 @@ def test_row_major_weight_from_64_rows_takes_the_outer_product_kernel(rows):
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one.isnan(), got.isnan()) and torch.equal(one.nan_to_num(), got.nan_to_num())
+
+
+@pytest.mark.parametrize("rows", [32, 40, 48, 64])
+def test_small_batch_forward_taken_transposed_is_the_bits_of_the_forward_proper(rows):
+    """From 32 to 64 rows, on a weight of 512 rows or more, the forward takes its transpose (the
+    weight's rows times the packed input, with AVX-512): each element the same sum in the same order
+    as the forward of a larger batch holding these rows, NaN and inf included; the bias, and a
+    hidden layer's ReLU, as there; the same bits at any thread count. With BatchNorm, the batch
+    statistics it gathers on the way are those of a separate pass over its output."""
+    from fused_mlp import _C
+
+    exact = _C.cpu_capability() == "AVX512"  # elsewhere the small batch runs another kernel
+    tol = dict(rtol=0, atol=0) if exact else dict(rtol=1e-5, atol=1e-4)
+    x, w1, b1, _ = operands(200, 100, 520, seed=9)
+    _, w2, b2, _ = operands(200, 520, 13, seed=10)
+    x[3, 4], x[7, 0], w1[5, 6] = float("nan"), float("inf"), -float("inf")
+
+    def forward(inp):  # (the hidden layer: ReLU in the epilogue, the output Linear)
+        logits, hidden = torch.ops.fused_mlp.mlp_forward(
+            inp, [w1, w2], [b1, b2], [], [], [], [], False, False, 1e-5, 0.0, NO_SEED
+        )[:2]
+        return hidden[0], inference(inp, [w1], [b1])
+
+    whole = forward(x)
+    got = forward(x[:rows])
+    assert got[0].isnan().any() and got[1].isinf().any() and (got[0] == 0).any()
+    for a, e in zip(got, whole):
+        torch.testing.assert_close(a, e[:rows], equal_nan=True, **tol)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = forward(x[:rows])
+    finally:
+        torch.set_num_threads(threads)
+    for a, e in zip(got, one):
+        torch.testing.assert_close(a, e, rtol=0, atol=0, equal_nan=True)
+
+    xc, w, b, _ = operands(rows, 100, 520, seed=11)
+    gamma, beta = torch.rand(520) + 0.5, torch.randn(520)
+    out, pre_bn, mean, invstd, var = torch.ops.fused_mlp.linear_bn_relu_forward(
+        xc, w, b, gamma, beta, None, None, True, 1e-5, 0.0, NO_SEED
+    )
+    torch.testing.assert_close(pre_bn, inference(torch.cat([xc, xc, xc]), [w], [b])[:rows], **tol)
+    for a, e in zip((mean, invstd, var), torch.ops.fused_mlp.bn_batch_stats(pre_bn, 1e-5)):
+        assert torch.equal(a, e)
