@@ -385,6 +385,7 @@ constexpr int64_t kSwapItemRows = 4 * kOuterRows;
 template <int kVecs>
 void swapped_forward(const float* a, const float* b, const Epilogue& epi, float* c, int64_t M, int64_t N, int64_t K) {
   constexpr int64_t width = kVecs * W;
+  TORCH_INTERNAL_ASSERT(epi.observer == nullptr || epi.observer->row_block > 0);
   const int64_t items = (N + kSwapItemRows - 1) / kSwapItemRows;
   const auto cost = [&](int64_t t) { return std::min(kSwapItemRows, N - t * kSwapItemRows); };
   parallel_items(items, M * N * K, cost, [&](int64_t t0, int64_t t1) {

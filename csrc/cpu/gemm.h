@@ -20,9 +20,10 @@ at::Tensor gemm_nt(const at::Tensor& input, const at::Tensor& weight, const std:
 // stored it, while it is still in cache: rows [row0, row0 + rows) by columns [col, col + cols), at c
 // (row stride ldc). The blocks are row_block rows tall (the last one fewer) and cover the output
 // once, each block told once, from whichever thread computed it. `seen` is set when the kernel tells
-// it of the blocks; where another kernel runs (ATen's or oneDNN's; the inner-product kernel, for a
-// row-major weight below 64 rows) or the product makes too few blocks to share among the threads,
-// it is not told, and `seen` stays false.
+// it of the blocks (the forward taken transposed, for 32 to 64 rows on a row-major weight of 512
+// rows or more, tells it too); where another kernel runs (ATen's or oneDNN's; the inner-product
+// kernel, for a row-major weight below 64 rows otherwise) or the product makes too few blocks to
+// share among the threads, it is not told, and `seen` stays false.
 struct BlockObserver {
   int64_t row_block;
   void (*on_block)(void* context, const float* c, int64_t ldc, int64_t row0, int64_t rows, int64_t col, int64_t cols);
