@@ -113,6 +113,13 @@ struct Epilogue {
   BlockObserver* observer = nullptr;
 };
 
+// What the epilogue stores for the sums y of a vector of columns whose bias (where there is one) is
+// b: the outer-product tile and the transposed forward store through this one expression.
+inline Vec finish(const Epilogue& epi, Vec y, const Vec& b) {
+  if (epi.bias) y = y + b;
+  return epi.relu ? relu(y) : y;
+}
+
 // C[i][j] = sum_r A(i, r) B[r][j] (then the epilogue) for kOuterRows rows by cols <= kVecs * W
 // columns, A(i, r) = a[i * a_row + r * a_red]; B holds kVecs * W readable columns (a remainder
 // block is padded first), and only `cols` are stored. Rows past `rows` repeat the last one's and are
@@ -140,11 +147,7 @@ C10_NOINLINE void outer_tile(const float* a, int64_t a_row, int64_t a_red, const
   for (int v = 0; v < kVecs && v * W < cols; ++v) {
     const int64_t n = std::min<int64_t>(W, cols - v * W);
     const Vec bias = epi.bias ? load(epi.bias + v * W, n) : Vec(0.f);
-    for (int i = 0; i < rows && i < kOuterRows; ++i) {
-      Vec y = epi.bias ? acc[i][v] + bias : acc[i][v];
-      if (epi.relu) y = relu(y);
-      y.store(c + i * ldc + v * W, n);
-    }
+    for (int i = 0; i < rows && i < kOuterRows; ++i) finish(epi, acc[i][v], bias).store(c + i * ldc + v * W, n);
   }
 }
 
@@ -401,10 +404,8 @@ void swapped_forward(const float* a, const float* b, const Epilogue& epi, float*
         for (int64_t i = 0; i < M; ++i) {
           for (int64_t j = 0; j < n; j += W) {
             const int64_t len = std::min<int64_t>(W, n - j);
-            Vec y = load(cc + i * N + j, len);
-            if (epi.bias) y = y + load(epi.bias + col + j, len);
-            if (epi.relu) y = relu(y);
-            y.store(cc + i * N + j, len);
+            const Vec bias = epi.bias ? load(epi.bias + col + j, len) : Vec(0.f);
+            finish(epi, load(cc + i * N + j, len), bias).store(cc + i * N + j, len);
           }
         }
       }
