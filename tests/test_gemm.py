@@ -72,8 +72,9 @@ def test_non_finite_values_propagate_as_in_torch_mm():
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5, equal_nan=True)
 
 
-def test_the_same_bits_at_any_thread_count():
-    x, w, b, g = operands(64, 784, 130)
+@pytest.mark.parametrize("M,K,N", [(64, 784, 130), (1030, 200, 130)])
+def test_the_same_bits_at_any_thread_count(M, K, N):
+    x, w, b, g = operands(M, K, N)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -103,6 +104,34 @@ def test_weight_gradient_columns_past_the_last_whole_block_are_the_bits_of_a_who
     exact = _C.cpu_capability() != "DEFAULT"
     tol = dict(rtol=0, atol=0) if exact else dict(rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(got, padded[:, :K], equal_nan=True, **tol)
+
+
+@pytest.mark.parametrize("M,K,N", [(1030, 100, 70), (700, 784, 130)])
+def test_weight_gradient_over_more_than_512_rows_is_one_sum_in_row_order(M, K, N):
+    """With AVX-512, g^T x over more than 512 rows is taken 512 rows at a time, each block's sums
+    resumed from the previous block's as stored: the same sums in the same order as one pass. So with
+    g zero from row 512 on, it is bit for bit the product of the first 512 rows alone (NaN and inf
+    there included); with g zero before row 512, that of the rows from 512 on alone. Against
+    float64 too, to float32 rounding. ATen's GEMM (the DEFAULT build) to float32 rounding."""
+    from fused_mlp import _C
+
+    exact = _C.cpu_capability() != "DEFAULT"
+    tol = dict(rtol=0, atol=0) if exact else dict(rtol=1e-5, atol=1e-4)
+    x, w, b, g = operands(M, K, N, seed=5)
+    want = g.double().T @ x.double()
+    torch.testing.assert_close(products(x, w, b, g)[1].double(), want, rtol=1e-5, atol=1e-6 * M**0.5 * 8)
+
+    head = g.clone()
+    head[512:] = 0
+    x_head = x.clone()
+    x_head[3, 5], x_head[7, K - 1] = float("nan"), float("inf")
+    got = products(x_head, w, b, head)[1]
+    assert got[:, 5].isnan().all() and not torch.isfinite(got[:, K - 1]).any()
+    torch.testing.assert_close(got, products(x_head[:512], w, b, head[:512])[1], equal_nan=True, **tol)
+
+    tail = g.clone()
+    tail[:512] = 0
+    torch.testing.assert_close(products(x, w, b, tail)[1], products(x[512:], w, b, tail[512:])[1], **tol)
 
 
 def test_aten_override_agrees_to_float32_rounding():
