@@ -62,6 +62,14 @@ def test_products_match_torch_mm(M, K, N):
         torch.testing.assert_close(a.double(), e, rtol=1e-5, atol=1e-6 * depth**0.5 * 8)
 
 
+def test_an_empty_reduction_gives_zeros():
+    """A layer without output features: g W sums over nothing, and is zero (not left unwritten)."""
+    x, w, b, g = torch.randn(4, 3), torch.randn(0, 3), torch.randn(0), torch.randn(4, 0)
+    logits, grad_w, grad_x = products(x, w, b, g)
+    assert logits.shape == (4, 0) and grad_w.shape == (0, 3)
+    assert torch.equal(grad_x, torch.zeros(4, 3))
+
+
 def test_non_finite_values_propagate_as_in_torch_mm():
     x, w, b, g = operands(9, 37, 21)
     x[2, 5], x[4, 0], w[3, 7], g[1, 2] = float("nan"), float("inf"), -float("inf"), float("nan")

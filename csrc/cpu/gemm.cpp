@@ -367,7 +367,9 @@ void outer_blocks(const float* a, int64_t a_row, int64_t a_red, const float* b, 
       const int64_t col = (g0 / row_blocks) * block, n = std::min(block, cols - col);
       const int64_t vecs = (n + W - 1) / W, width = vecs * W;
       const bool packed = n < block || bt != nullptr || reduction_block < R;
-      for (int64_t r0 = 0; r0 < R; r0 += reduction_block) {
+      // At least one block: an empty reduction (R = 0) still stores its zeros.
+      int64_t r0 = 0;
+      do {
         const int64_t rc = std::min(reduction_block, R - r0);
         if (packed) pack_panel(b + r0 * ldb, ldb, bt, col, n, width, rc, panel);
         const float* p = packed ? panel.data.get() : b + col;
@@ -391,7 +393,8 @@ void outer_blocks(const float* a, int64_t a_row, int64_t a_red, const float* b, 
           }
           if (epi.observer) epi.observer->on_block(epi.observer->context, c + i0 * ldc + col, ldc, i0, i1 - i0, col, n);
         }
-      }
+        r0 += rc;
+      } while (r0 < R);
     }
   });
 }
