@@ -16,9 +16,9 @@
 //   nn: C = A B              grad_input = dz W: an outer-product kernel, each step a scalar of A
 //                            broadcast against a vector of B's row;
 //   tn: C = A^T B            grad_weight = dz^T x: the same outer-product kernel, A read down its
-//                            columns; over more than kReductionBlock rows (batch 1024), in blocks
-//                            of that many rows, each block of B's columns packed, and each tile's
-//                            sums resumed from the previous block's.
+//                            columns; with AVX-512, over more than kReductionBlock rows (batch
+//                            1024), in blocks of that many rows, each block of B's columns packed,
+//                            and each tile's sums resumed from the previous block's.
 // Each output element is one thread's, summed over the whole of K in one fixed order (per vector
 // lane, then across the lanes): the same bits at any thread count. Why these kernels and not
 // oneDNN's brgemm: docs/cpu_dispatch.md.
@@ -316,13 +316,13 @@ void pack_panel(const float* b, int64_t ldb, const float* bt, int64_t col, int64
   }
 }
 
-// Where A is read down its columns (the weight gradient, dz^T x) and the reduction is longer than
-// this, it is taken in blocks of this many rows of B, each block of B's columns packed into a panel
-// (kReductionBlock x kOuterCols floats, 128 KiB) before its tiles read it. Read in place, a block of
-// B's columns at 1024 rows is 256 KiB of rows a whole row of B apart (2 KiB for a 512-wide layer:
-// in the L2 cache's sets, too few of them), and every tile of the item reads it again: the
-// 512 x 256 weight gradient at batch 1024 ran at 380 GFLOP/s against the forward's 470 (AMD EPYC,
-// AVX-512, 2 threads). A rule of the shapes, never of timing.
+// Where A is read down its columns (the weight gradient, dz^T x, or on its narrow path x^T dz) and
+// the reduction is longer than this, with AVX-512, it is taken in blocks of this many rows of B, each block of B's
+// columns packed into a panel (kReductionBlock x kOuterCols floats, 128 KiB) before its tiles read it. Read in place, a
+// block of B's columns at 1024 rows is 256 KiB of rows a whole row of B apart (2 KiB for a 512-wide layer: in the L2
+// cache's sets, too few of them), and every tile of the item reads it again: the 512 x 256 weight gradient at batch
+// 1024 ran at 380 GFLOP/s against the forward's 470 (AMD EPYC, AVX-512, 2 threads). A rule of the shapes, never of
+// timing.
 constexpr int64_t kReductionBlock = 512;
 
 // C (rows x cols) = sum_r A(i, r) B[r][j], then the epilogue, in blocks of kVecs vectors of columns.
